@@ -1,0 +1,442 @@
+"""The DFT loss (DESIGN.md sec. 3-5) on top of the kernel primitive.
+
+``dft_loss`` (logits path) and ``fused_linear_dft_loss`` (hidden @ lm_head path)
+validate their input, ask a kernel for the per-row log-sum-exp and the logits
+gathered at the teacher ids and the label, and do the rest -- small [N, K]
+tensors -- in plain differentiable PyTorch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from . import ops
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TAILS = ("bucket", "renorm", "raw")
+ACCURACIES = ("ce", "dft")
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch", "reference")
+
+#: float32's smallest normal number: the floor of both tails inside logarithms.
+TINY = float(torch.finfo(torch.float32).tiny)
+LOG_TINY = math.log(TINY)
+
+
+class DFTLossOutput(NamedTuple):
+    """What ``return_components=True`` returns; every field but ``loss`` is detached.
+
+    ``divergence`` and ``accuracy`` are reduced like the loss (``loss = divergence +
+    lam * accuracy``); ``n_tokens`` counts the positions that count;
+    ``teacher_mass`` / ``student_mass`` are the mean P and Q over positions with
+    at least one valid slot (NaN when there is none)."""
+
+    loss: torch.Tensor
+    divergence: torch.Tensor
+    accuracy: torch.Tensor
+    n_tokens: torch.Tensor
+    teacher_mass: torch.Tensor
+    student_mass: torch.Tensor
+
+
+# --------------------------------------------------------------------------- options
+
+
+def check_options(*, lam, divergence, beta, tail, accuracy, temperature, softcap, reduction, impl):
+    """Checks that cost nothing: option values. Raises ValueError naming the option."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
+    if tail not in TAILS:
+        raise ValueError(f"tail={tail!r} is not one of {TAILS}")
+    if accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy={accuracy!r} is not one of {ACCURACIES}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta={beta!r} must be a number in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if not isinstance(temperature, (int, float)) or not float(temperature) > 0.0 or math.isinf(temperature):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if not isinstance(lam, (int, float)) or not float(lam) >= 0.0 or math.isinf(lam):
+        raise ValueError(f"lam={lam!r} must be a finite number >= 0 (0 turns the accuracy term off)")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not float(softcap) > 0.0):
+        raise ValueError(f"softcap={softcap!r} must be None or a number > 0")
+    kind = effective_divergence(divergence, beta)
+    if tail == "raw" and kind != "forward_kl":
+        raise ValueError(f"tail='raw' is defined for forward KL only, not divergence={divergence!r} "
+                         f"(beta={beta}); use tail='bucket'")
+    if tail == "renorm" and kind == "reverse_kl":
+        raise ValueError("reverse KL is undefined with tail='renorm' (the teacher's tail mass is 0 "
+                         "where the student's is not); use tail='bucket'")
+
+
+def effective_divergence(divergence: str, beta: float) -> str:
+    """JSD at beta = 0 / 1 is forward / reverse KL (TRL's GKD special cases)."""
+    if divergence == "jsd" and float(beta) == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and float(beta) == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """"auto" -> $DFT_KERNELS_IMPL if set, else Triton on CUDA, chunked PyTorch elsewhere."""
+    if impl == "auto":
+        env = os.environ.get("DFT_KERNELS_IMPL", "").strip()
+        if env:
+            if env not in IMPLS or env == "auto":
+                raise ValueError(f"DFT_KERNELS_IMPL={env!r} is not one of ('triton', 'torch', 'reference')")
+            return env
+        return "triton" if (device.type == "cuda" and ops.HAS_TRITON) else "torch"
+    return impl
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def check_targets(lead: tuple, target_index, target_logprobs, labels, *, what: str):
+    """Shape / dtype checks (no data read). ``lead`` = leading dims of the student."""
+    if (target_index is None) != (target_logprobs is None):
+        raise ValueError("target_index and target_logprobs go together: pass both or neither")
+    if target_index is not None:
+        if not isinstance(target_index, torch.Tensor) or not _is_int(target_index):
+            raise TypeError(f"target_index must be an integer tensor (int32 or int64 token ids), got "
+                            f"{getattr(target_index, 'dtype', type(target_index))}")
+        if not isinstance(target_logprobs, torch.Tensor) or not target_logprobs.is_floating_point():
+            raise TypeError(f"target_logprobs must be a floating-point tensor of log-probabilities, got "
+                            f"{getattr(target_logprobs, 'dtype', type(target_logprobs))}")
+        if target_index.shape != target_logprobs.shape:
+            raise ValueError(f"target_index {tuple(target_index.shape)} and target_logprobs "
+                             f"{tuple(target_logprobs.shape)} must have the same shape [..., K]")
+        if target_index.dim() < 1 or tuple(target_index.shape[:-1]) != tuple(lead):
+            raise ValueError(f"target_index has shape {tuple(target_index.shape)}; expected "
+                             f"{tuple(lead)} + (K,) to match the leading dims of {what}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or not _is_int(labels):
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if tuple(labels.shape) != tuple(lead):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(lead)} "
+                             f"(the leading dims of {what})")
+
+
+def validate_target_data(index: torch.Tensor, logprobs: torch.Tensor, vocab_size: int | None,
+                         *, name: str = "target") -> None:
+    """The checks that read the data (host sync): run with ``validate=True``."""
+    if index.numel() == 0:
+        return
+    if vocab_size is not None:
+        hi = int(index.max())
+        if hi >= vocab_size:
+            raise ValueError(f"{name}_index holds id {hi} >= the student's vocab size {vocab_size}: "
+                             "is the teacher's vocab larger than the student's? Map or drop those ids")
+    lo = int(index.min())
+    if lo < -1:
+        raise ValueError(f"{name}_index holds id {lo} < -1; only -1 marks an empty slot")
+    lp = logprobs.float()
+    if bool(torch.isnan(lp).any()):
+        raise ValueError(f"{name}_logprobs holds NaN")
+    if bool((lp > 1e-6).any()):
+        raise ValueError(f"{name}_logprobs holds positive values ({float(lp.max()):.4g}): log-probabilities "
+                         "are <= 0 -- did you pass logits instead of log-probs?")
+    valid = index >= 0
+    mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
+    if bool((mass > 1 + 1e-3).any()):
+        raise ValueError(f"{name}_logprobs: probabilities of a position sum to {float(mass.max()):.4g} > 1 + 1e-3 "
+                         "-- did you pass logits instead of log-probs (apply log_softmax first)?")
+
+
+def validate_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    lab = labels[labels != ignore_index]
+    if lab.numel() and (int(lab.max()) >= vocab_size or int(lab.min()) < 0):
+        raise ValueError(f"labels hold ids outside [0, {vocab_size}) other than ignore_index={ignore_index}")
+
+
+# --------------------------------------------------------------------------- math
+
+
+def _xlogy_terms(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of w * (a - b), terms with w == 0 exactly 0."""
+    pos = w > 0
+    zero = torch.zeros_like(w)
+    return torch.where(pos, w * (torch.where(pos, a, zero) - torch.where(pos, b, zero)), zero).sum(-1)
+
+
+def divergence_terms(lq: torch.Tensor, lp: torch.Tensor, ok: torch.Tensor, *, kind: str, beta: float,
+                     tail: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row divergence on the K+1 buckets (DESIGN.md sec. 3), fp32.
+
+    ``lq`` [N, K] student log-probs at the slots (at temperature), ``lp`` [N, K]
+    teacher log-probs, ``ok`` [N, K] valid slots. Returns (div, P, Q) per row."""
+    zero = torch.zeros_like(lq)
+    neg = torch.full_like(lq, -torch.inf)
+    lq_m = torch.where(ok, lq, neg)
+    lp_m = torch.where(ok, lp, neg)
+    q = torch.where(ok, lq.exp(), zero)
+    p = torch.where(ok, lp_m.exp(), zero)
+    P = p.sum(-1)
+    # log Q with a guard for rows without a valid slot (logsumexp of all -inf)
+    any_ok = ok.any(-1)
+    lQ = torch.logsumexp(torch.where(any_ok.unsqueeze(-1), lq_m, zero), dim=-1)
+    lQ = torch.where(any_ok, lQ, torch.full_like(lQ, -torch.inf))
+    Q = lQ.exp()
+    log_q_tail = torch.log(torch.clamp(-torch.expm1(torch.clamp(lQ, max=0.0)), min=TINY))
+    q_tail = log_q_tail.exp()
+
+    if tail == "renorm":
+        P_safe = torch.where(P > 0, P, torch.ones_like(P))
+        p = p / P_safe.unsqueeze(-1)
+        lp_m = lp_m - P_safe.log().unsqueeze(-1)
+        p_tail = torch.zeros_like(P)
+        log_p_tail = torch.full_like(P, -torch.inf)
+    else:
+        p_tail = torch.clamp(1.0 - P, min=0.0)
+        log_p_tail = torch.log(torch.clamp(1.0 - P, min=TINY))
+
+    if kind == "forward_kl":
+        div = _xlogy_terms(p, lp_m, lq_m)
+        if tail == "bucket":
+            div = div + _xlogy_terms(p_tail.unsqueeze(-1), log_p_tail.unsqueeze(-1), log_q_tail.unsqueeze(-1))
+    elif kind == "reverse_kl":
+        div = _xlogy_terms(q, lq_m, lp_m) + q_tail * (log_q_tail - log_p_tail)
+    else:  # jsd, 0 < beta < 1
+        lb, l1b = math.log(beta), math.log1p(-beta)
+        lm = torch.logaddexp(lp_m + lb, lq_m + l1b)
+        lm_tail = torch.logaddexp(log_p_tail + lb, log_q_tail + l1b)
+        kl_pm = _xlogy_terms(p, lp_m, lm) + _xlogy_terms(p_tail.unsqueeze(-1), log_p_tail.unsqueeze(-1),
+                                                         lm_tail.unsqueeze(-1))
+        kl_qm = _xlogy_terms(q, lq_m, lm) + q_tail * (log_q_tail - lm_tail)
+        div = beta * kl_pm + (1.0 - beta) * kl_qm
+    return div, P, Q
+
+
+def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_index, target_logprobs,
+                        labels, V: int, temps: tuple[float, ...], lam: float, divergence: str, beta: float,
+                        tail: str, accuracy: str, temperature: float, ignore_index: int, reduction: str,
+                        num_items_in_batch, return_components: bool, lead: tuple):
+    """Everything after the kernel: sec. 3-5 on [N, M] tensors. ``gathered`` holds the
+    K teacher columns first, then the label column when the accuracy term is on."""
+    N = lse.shape[0]
+    device = lse.device
+    has_div = target_index is not None
+    has_acc = labels is not None and lam > 0
+    K = target_index.shape[-1] if has_div else 0
+
+    if labels is not None:
+        label_ok = labels.reshape(N) != ignore_index
+    div = torch.zeros(N, dtype=torch.float32, device=device)
+    P = Q = None
+    if has_div:
+        idx = target_index.reshape(N, K)
+        lp = target_logprobs.reshape(N, K).float()
+        ok = (idx >= 0) & (idx < V) & (lp > -torch.inf)
+        lse_tau = lse[:, temps.index(temperature)]
+        lq = gathered[:, :K] / temperature - lse_tau.unsqueeze(-1)
+        kind = effective_divergence(divergence, beta)
+        div, P, Q = divergence_terms(lq, lp, ok, kind=kind, beta=float(beta), tail=tail)
+        if temperature != 1.0:
+            div = div * (temperature ** 2)
+        has_slot = ok.any(-1)
+        div = torch.where(has_slot, div, torch.zeros_like(div))
+        counted = label_ok if labels is not None else has_slot
+    else:
+        counted = label_ok if labels is not None else torch.zeros(N, dtype=torch.bool, device=device)
+
+    acc = torch.zeros(N, dtype=torch.float32, device=device)
+    if has_acc:
+        lq_y = gathered[:, K] - lse[:, temps.index(1.0)]
+        if accuracy == "ce":
+            a = -lq_y
+        else:
+            a = -lq_y.detach().exp() * lq_y
+        acc = torch.where(label_ok, a, torch.zeros_like(a))
+
+    div = torch.where(counted, div, torch.zeros_like(div))
+    per_row = div + lam * acc if has_acc else div
+    n_tokens = counted.sum()
+
+    if reduction == "none":
+        loss = per_row.reshape(lead)
+        red_div, red_acc = div.reshape(lead), acc.reshape(lead)
+    else:
+        loss, red_div, red_acc = per_row.sum(), div.sum(), acc.sum()
+        if reduction == "mean":
+            if num_items_in_batch is not None:
+                denom = num_items_in_batch
+                if isinstance(denom, torch.Tensor):
+                    denom = denom.to(device=device, dtype=torch.float32)
+            else:
+                denom = n_tokens.clamp(min=1).float()
+            loss, red_div, red_acc = loss / denom, red_div / denom, red_acc / denom
+    if not return_components:
+        return loss
+    with torch.no_grad():
+        if has_div:
+            sel = counted & has_slot
+            cnt = sel.sum()
+            tm = torch.where(sel, P, torch.zeros_like(P)).sum() / cnt
+            sm = torch.where(sel, Q.detach(), torch.zeros_like(Q)).sum() / cnt
+        else:
+            tm = sm = torch.tensor(float("nan"), device=device)
+    return DFTLossOutput(loss, red_div.detach(), red_acc.detach(), n_tokens, tm, sm)
+
+
+def _plan(target_index, labels, lam, temperature, ignore_index, N: int):
+    """Columns to gather ([N, M] ids: K teacher ids, then the label) and the scales."""
+    has_div = target_index is not None
+    has_acc = labels is not None and lam > 0
+    cols = []
+    if has_div:
+        cols.append(target_index.reshape(N, -1))
+    if has_acc:
+        lab = labels.reshape(N, 1)
+        cols.append(torch.where(lab == ignore_index, torch.full_like(lab, -1), lab).to(
+            cols[0].dtype if cols else lab.dtype))
+    if cols:
+        index = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+    else:
+        index = torch.empty((N, 0), dtype=torch.int64, device=labels.device if labels is not None else None)
+    temps = []
+    if has_acc or not has_div:
+        temps.append(1.0)
+    if has_div and float(temperature) not in temps:
+        temps.append(float(temperature))
+    if not temps:
+        temps.append(1.0)
+    return index.contiguous(), tuple(temps)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, lam=0.2,
+             divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce", temperature=1.0,
+             softcap=None, ignore_index=-100, reduction="mean", num_items_in_batch=None, impl="auto",
+             validate=False, return_components=False, chunk_elems=None):
+    """DFT loss on student logits ``[..., V]``: ``D(P_target || P_model) + lam * L_accuracy``.
+
+    See DESIGN.md sec. 3-5 for the exact math of every option. ``target_index`` /
+    ``target_logprobs`` ``[..., K]`` are the teacher's top-K ids (-1 = empty slot) and
+    log-probs aligned with the logits rows; ``labels`` ``[...]`` the next-token ids
+    (``ignore_index`` skips a position). Returns a scalar (or per-position tensor
+    with ``reduction="none"``), or a :class:`DFTLossOutput` with ``return_components``.
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor [..., V], got "
+                        f"{getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
+    lead = tuple(logits.shape[:-1])
+    check_targets(lead, target_index, target_logprobs, labels, what="logits")
+    V = logits.shape[-1]
+    if validate:
+        if target_index is not None:
+            validate_target_data(target_index, target_logprobs, V)
+        if labels is not None:
+            validate_labels(labels, V, ignore_index)
+    impl = resolve_impl(impl, logits.device)
+    kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+              temperature=float(temperature), softcap=softcap, ignore_index=ignore_index,
+              reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_components=return_components)
+    if impl == "reference":
+        from . import reference
+        return reference.dft_loss(logits, target_index, target_logprobs, labels, **kw)
+    N = math.prod(lead)
+    index, temps = _plan(target_index, labels, lam, float(temperature), ignore_index, N)
+    index = index.to(logits.device)
+    scales = tuple(1.0 / t for t in temps)
+    lse, gathered = ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems)
+    kw.pop("softcap")
+    return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
+                               labels=labels, V=V, temps=temps, lead=lead, **kw)
+
+
+def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=None, labels=None, *,
+                          bias=None, lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket",
+                          accuracy="ce", temperature=1.0, softcap=None, ignore_index=-100,
+                          reduction="mean", num_items_in_batch=None, impl="auto", validate=False,
+                          return_components=False, chunk_elems=None, deterministic=False,
+                          accum_fp32=True, vocab_parallel=None):
+    """DFT loss from the last hidden states ``[..., D]`` and the lm_head ``weight``
+    ``[V, D]`` (+ ``bias`` ``[V]``), never materialising the ``[N, V]`` logits.
+
+    Same options as :func:`dft_loss`. With ``target_index=None`` it is a fused linear
+    cross-entropy (or DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias,
+    labels)``. Gradients flow to ``hidden``, ``weight`` and ``bias`` -- each only if it
+    requires grad (a frozen lm_head allocates no dW). ``deterministic=True`` makes the
+    Triton backward bitwise reproducible; ``accum_fp32`` accumulates dW in fp32 for
+    low-precision inputs. ``vocab_parallel`` (a :class:`dft_kernels.distributed.VocabParallel`)
+    says that ``weight`` / ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor [..., D], got "
+                        f"{getattr(hidden, 'dtype', type(hidden))}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor [V, D], got "
+                        f"{getattr(weight, 'dtype', type(weight))}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D] (the lm_head weight), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden has hidden size {hidden.shape[-1] if hidden.dim() else None} but weight "
+                         f"{tuple(weight.shape)} expects D = {weight.shape[1]}: hidden must be [..., D] "
+                         "and weight [V, D]")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype; "
+                        "cast one of them (e.g. hidden.to(weight.dtype))")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
+    check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
+    lead = tuple(hidden.shape[:-1])
+    check_targets(lead, target_index, target_logprobs, labels, what="hidden")
+    V, D = weight.shape
+    if vocab_parallel is not None:
+        vocab_parallel.check_weight(weight)
+        V = vocab_parallel.vocab_size
+    if validate:
+        if target_index is not None:
+            validate_target_data(target_index, target_logprobs, V)
+        if labels is not None:
+            validate_labels(labels, V, ignore_index)
+    impl = resolve_impl(impl, hidden.device)
+    kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+              temperature=float(temperature), softcap=softcap, ignore_index=ignore_index,
+              reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_components=return_components)
+    if impl == "reference":
+        if vocab_parallel is not None:
+            raise ValueError("impl='reference' does not support vocab_parallel; use impl='torch' or 'triton'")
+        from . import reference
+        return reference.fused_linear_dft_loss(hidden, weight, target_index, target_logprobs, labels,
+                                               bias=bias, **kw)
+    N = math.prod(lead)
+    h = hidden.reshape(N, D)
+    index, temps = _plan(target_index, labels, lam, float(temperature), ignore_index, N)
+    index = index.to(hidden.device)
+    scales = tuple(1.0 / t for t in temps)
+    if vocab_parallel is not None:
+        from .distributed import vocab_parallel_lse_gather
+        lse, gathered = vocab_parallel_lse_gather(h, weight, bias, index, scales, softcap, impl, vocab_parallel,
+                                                  chunk_elems=chunk_elems, deterministic=deterministic,
+                                                  accum_fp32=accum_fp32)
+    else:
+        lse, gathered = ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
+                                                    chunk_elems=chunk_elems, deterministic=deterministic,
+                                                    accum_fp32=accum_fp32)
+    kw.pop("softcap")
+    return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
+                               labels=labels, V=V, temps=temps, lead=lead, **kw)

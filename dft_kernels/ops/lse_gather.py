@@ -1,0 +1,223 @@
+"""Logits path in Triton: per-row log-sum-exp (one or two temperatures) and the
+logits gathered at M column ids, in one pass over vocab tiles; the backward pass
+recomputes the softmax tile by tile and writes dlogits directly.
+
+Primitive (DESIGN.md sec. 6), for logits ``x`` of shape [N, V]:
+
+    z = softcap * tanh(x / softcap)          (or z = x)
+    lse[:, t]  = logsumexp(z * scales[t])   t < T (T = 1 or 2), fp32
+    gathered   = z[row, index[row, m]]       fp32, 0 where index is -1 or out of range
+
+Backward: dz_j = sum_t g_lse[t] * scales[t] * softmax(z * scales[t])_j
+                 + sum_m g_gathered[m] * [index_m == j],   dx = dz * dz/dx (softcap).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dedup_sparse_grad, row_view
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    return (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
+def _lse_gather_fwd_kernel(
+    X, stride_xb, stride_xt, T,
+    IDX, stride_in,
+    LSE, stride_ln,
+    GATH, stride_gn,
+    V, M, scale_a, scale_b, softcap,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + _row_offset(row, T, stride_xb, stride_xt)
+    cols = tl.arange(0, BLOCK_V)
+
+    m_a = tl.zeros([], dtype=tl.float32) - float("inf")
+    s_a = tl.zeros([], dtype=tl.float32)
+    m_b = tl.zeros([], dtype=tl.float32) - float("inf")
+    s_b = tl.zeros([], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        mask = c < V
+        z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        za = tl.where(mask, z * scale_a, float("-inf"))
+        new_m = tl.maximum(m_a, tl.max(za, axis=0))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s_a = s_a * tl.exp(m_a - safe_m) + tl.sum(tl.exp(za - safe_m), axis=0)
+        m_a = new_m
+        if TWO_SCALES:
+            zb = tl.where(mask, z * scale_b, float("-inf"))
+            new_mb = tl.maximum(m_b, tl.max(zb, axis=0))
+            safe_mb = tl.where(new_mb == float("-inf"), 0.0, new_mb)
+            s_b = s_b * tl.exp(m_b - safe_mb) + tl.sum(tl.exp(zb - safe_mb), axis=0)
+            m_b = new_mb
+    tl.store(LSE + row * stride_ln, m_a + tl.log(s_a))
+    if TWO_SCALES:
+        tl.store(LSE + row * stride_ln + 1, m_b + tl.log(s_b))
+
+    offs = tl.arange(0, BLOCK_M)
+    for ms in range(0, M, BLOCK_M):
+        mo = ms + offs
+        mmask = mo < M
+        idx = tl.load(IDX + row * stride_in + mo, mask=mmask, other=-1).to(tl.int64)
+        ok = mmask & (idx >= 0) & (idx < V)
+        zg = tl.load(x_row + tl.where(ok, idx, 0), mask=ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            zg = softcap * _tanh(zg / softcap)
+        tl.store(GATH + row * stride_gn + mo, tl.where(ok, zg, 0.0), mask=mmask)
+
+
+@triton.jit
+def _lse_gather_bwd_kernel(
+    X, stride_xb, stride_xt, T,
+    DX, stride_dn,
+    LSE, stride_ln, GLSE, stride_gln,
+    IDX, stride_in, GG, stride_ggn,
+    V, M, scale_a, scale_b, softcap,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + _row_offset(row, T, stride_xb, stride_xt)
+    dx_row = DX + row * stride_dn
+    cols = tl.arange(0, BLOCK_V)
+
+    lse_a = tl.load(LSE + row * stride_ln)
+    g_a = tl.load(GLSE + row * stride_gln) * scale_a
+    lse_b = lse_a
+    g_b = g_a * 0.0
+    if TWO_SCALES:
+        lse_b = tl.load(LSE + row * stride_ln + 1)
+        g_b = tl.load(GLSE + row * stride_gln + 1) * scale_b
+
+    # dense part: the softmax term, recomputed tile by tile
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        mask = c < V
+        x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_SOFTCAP:
+            t = _tanh(x / softcap)
+            z = softcap * t
+        dz = g_a * tl.exp(z * scale_a - lse_a)
+        if TWO_SCALES:
+            dz += g_b * tl.exp(z * scale_b - lse_b)
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - t * t)
+        tl.store(dx_row + c, dz.to(DX.dtype.element_ty), mask=mask)
+
+    # every dense store of this program must land before the sparse fix-up below
+    tl.debug_barrier()
+
+    # sparse part: ids are unique per row (deduplicated by the launcher), so the
+    # full fp32 value at each id is recomputed and stored once
+    offs = tl.arange(0, BLOCK_M)
+    for ms in range(0, M, BLOCK_M):
+        mo = ms + offs
+        mmask = mo < M
+        idx = tl.load(IDX + row * stride_in + mo, mask=mmask, other=-1).to(tl.int64)
+        ok = mmask & (idx >= 0) & (idx < V)
+        safe = tl.where(ok, idx, 0)
+        gg = tl.load(GG + row * stride_ggn + mo, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_row + safe, mask=ok, other=0.0).to(tl.float32)
+        z = x
+        if HAS_SOFTCAP:
+            t = _tanh(x / softcap)
+            z = softcap * t
+        dz = g_a * tl.exp(z * scale_a - lse_a) + gg
+        if TWO_SCALES:
+            dz += g_b * tl.exp(z * scale_b - lse_b)
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - t * t)
+        tl.store(dx_row + safe, dz.to(DX.dtype.element_ty), mask=ok)
+
+
+def _config(V: int, M: int) -> tuple[int, int, int]:
+    """Block sizes and warps: the one place they are chosen."""
+    block_v = min(triton.next_power_of_2(V), 8192)
+    block_m = min(triton.next_power_of_2(max(M, 1)), 256)
+    num_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
+    return block_v, block_m, num_warps
+
+
+def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
+    if len(scales) == 1:
+        return float(scales[0]), 1.0, False
+    return float(scales[0]), float(scales[1]), True
+
+
+def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
+                       softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``x`` is [..., V] with unit last stride."""
+    xv, T, sb, st = row_view(x)
+    V = x.shape[-1]
+    N = index.shape[0]
+    M = index.shape[1]
+    sa, sbb, two = _scales(scales)
+    lse = torch.empty((N, 2 if two else 1), dtype=torch.float32, device=x.device)
+    gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
+    if N == 0:
+        return lse, gathered
+    block_v, block_m, num_warps = _config(V, M)
+    _lse_gather_fwd_kernel[(N,)](
+        xv, sb, st, T, index, index.stride(0), lse, lse.stride(0), gathered, gathered.stride(0),
+        V, M, sa, sbb, float(softcap or 1.0),
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None,
+        BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
+    )
+    return lse, gathered
+
+
+def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
+                        softcap: float | None, lse: torch.Tensor, g_lse: torch.Tensor,
+                        g_gathered: torch.Tensor) -> torch.Tensor:
+    """Launch the backward kernel; returns dlogits with the shape and dtype of ``x``."""
+    xv, T, sb, st = row_view(x)
+    V = x.shape[-1]
+    N, M = index.shape
+    sa, sbb, two = _scales(scales)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return dx
+    uidx, ug = dedup_sparse_grad(index, g_gathered.float(), V)
+    g_lse = g_lse.float().contiguous()
+    block_v, block_m, num_warps = _config(V, M)
+    _lse_gather_bwd_kernel[(N,)](
+        xv, sb, st, T, dx, V, lse, lse.stride(0), g_lse, g_lse.stride(0),
+        uidx, uidx.stride(0), ug, ug.stride(0),
+        V, M, sa, sbb, float(softcap or 1.0),
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None,
+        BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
+    )
+    return dx
+
+
+class LSEGatherTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, scales, softcap):
+        lse, gathered = lse_gather_forward(x, index, scales, softcap)
+        ctx.save_for_backward(x, index, lse)
+        ctx.scales, ctx.softcap = scales, softcap
+        return lse, gathered
+
+    @staticmethod
+    def backward(ctx, g_lse, g_gathered):
+        x, index, lse = ctx.saved_tensors
+        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered)
+        return dx, None, None, None

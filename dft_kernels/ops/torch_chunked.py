@@ -1,0 +1,154 @@
+"""The primitive of DESIGN.md sec. 6 in chunked PyTorch (CPU and any non-CUDA device).
+
+Same contract as the Triton ops: per-row fp32 log-sum-exp at one or two scales
+(1/temperature) and the (softcapped) logits gathered at M ids, with backward
+passes that recompute each chunk of logits. Peak extra memory is
+O(chunk_rows x V) fp32, never O(N x V) beyond the gradient being returned.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import row_view
+
+#: fp32 elements per chunk temporary (16 MiB); rows per chunk = this // V.
+DEFAULT_CHUNK_ELEMS = 1 << 22
+
+
+def chunk_rows(V: int, chunk_elems: int | None = None) -> int:
+    return max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // max(V, 1))
+
+
+def _rows(base: torch.Tensor, T: int, sb: int, i: int, j: int) -> torch.Tensor:
+    """Rows i:j of a logits tensor described by ``row_view`` as a [j-i, V] tensor."""
+    if base.dim() == 2:
+        return base[i:j]
+    r = torch.arange(i, j, device=base.device)
+    return base[r // T, r % T]
+
+
+def _softcap(z: torch.Tensor, softcap: float | None):
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    V = z.shape[-1]
+    lse = torch.stack([torch.logsumexp(z * s if s != 1.0 else z, dim=-1) for s in scales], dim=1)
+    ok = (idx >= 0) & (idx < V)
+    g = z.gather(1, idx.clamp(0, V - 1).long()).masked_fill_(~ok, 0.0)
+    return lse, g
+
+
+def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered) -> torch.Tensor:
+    """fp32 gradient w.r.t. the raw logits of one chunk."""
+    V = z.shape[-1]
+    dz = None
+    for k, s in enumerate(scales):
+        p = torch.softmax(z * s if s != 1.0 else z, dim=-1)
+        p.mul_((g_lse[:, k] * s).unsqueeze(1))
+        dz = p if dz is None else dz.add_(p)
+    ok = (idx >= 0) & (idx < V)
+    dz.scatter_add_(1, idx.clamp(0, V - 1).long(), torch.where(ok, g_gathered, torch.zeros_like(g_gathered)))
+    if t is not None:
+        dz.mul_(1.0 - t * t)
+    return dz
+
+
+class LSEGatherTorch(torch.autograd.Function):
+    """Logits path: ``x`` [..., V] (any float dtype, any row strides)."""
+
+    @staticmethod
+    def forward(ctx, x, index, scales, softcap, chunk_elems=None):
+        base, T, sb, _ = row_view(x)
+        N, M = index.shape
+        V = x.shape[-1]
+        step = chunk_rows(V, chunk_elems)
+        lse = torch.empty((N, len(scales)), dtype=torch.float32, device=x.device)
+        gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
+        for i in range(0, N, step):
+            j = min(i + step, N)
+            z, _ = _softcap(_rows(base, T, sb, i, j).float(), softcap)
+            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
+        ctx.save_for_backward(x, index, lse)
+        ctx.scales, ctx.softcap, ctx.chunk_elems = scales, softcap, chunk_elems
+        return lse, gathered
+
+    @staticmethod
+    def backward(ctx, g_lse, g_gathered):
+        x, index, lse = ctx.saved_tensors
+        base, T, sb, _ = row_view(x)
+        N = index.shape[0]
+        V = x.shape[-1]
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx2 = dx.view(-1, V)
+        step = chunk_rows(V, ctx.chunk_elems)
+        g_lse = g_lse.float()
+        g_gathered = g_gathered.float()
+        for i in range(0, N, step):
+            j = min(i + step, N)
+            z, t = _softcap(_rows(base, T, sb, i, j).float(), ctx.softcap)
+            dx2[i:j] = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
+        return dx, None, None, None, None
+
+
+class LinearLSEGatherTorch(torch.autograd.Function):
+    """Fused path: logits ``h @ W.T (+ b)`` recomputed chunk by chunk, never stored.
+
+    Gradients are returned only for inputs that require them; dW / db accumulate
+    in fp32 across chunks when ``accum_fp32`` (cast to the weight dtype at the end).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True):
+        N, M = index.shape
+        V = w.shape[0]
+        step = chunk_rows(V, chunk_elems)
+        lse = torch.empty((N, len(scales)), dtype=torch.float32, device=h.device)
+        gathered = torch.empty((N, M), dtype=torch.float32, device=h.device)
+        for i in range(0, N, step):
+            j = min(i + step, N)
+            logits = torch.nn.functional.linear(h[i:j], w, b)
+            z, _ = _softcap(logits.float(), softcap)
+            del logits
+            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
+        ctx.save_for_backward(h, w, b, index, lse)
+        ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
+        return lse, gathered
+
+    @staticmethod
+    def backward(ctx, g_lse, g_gathered):
+        h, w, b, index, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N = index.shape[0]
+        V = w.shape[0]
+        step = chunk_rows(V, ctx.chunk_elems)
+        acc_dtype = torch.float32 if ctx.accum_fp32 else w.dtype
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
+        db = torch.zeros((V,), dtype=torch.float32, device=w.device) if (need_b and b is not None) else None
+        g_lse = g_lse.float()
+        g_gathered = g_gathered.float()
+        for i in range(0, N, step):
+            j = min(i + step, N)
+            logits = torch.nn.functional.linear(h[i:j], w, b)
+            z, t = _softcap(logits.float(), ctx.softcap)
+            del logits
+            dz = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
+            del z, t
+            if db is not None:
+                db += dz.sum(0)
+            dzc = dz.to(h.dtype)
+            del dz
+            if dh is not None:
+                torch.mm(dzc, w, out=dh[i:j]) if dh.is_contiguous() else dh[i:j].copy_(dzc @ w)
+            if dw is not None:
+                part = dzc.t() @ h[i:j]
+                dw += part
+        if dw is not None and dw.dtype != w.dtype:
+            dw = dw.to(w.dtype)
+        if db is not None:
+            db = db.to(b.dtype)
+        return dh, dw, db, None, None, None, None, None
