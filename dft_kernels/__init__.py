@@ -6,5 +6,13 @@ from .targets import SparseTargets, blend
 
 __version__ = "0.1.0"
 
-__all__ = ["dft_loss", "fused_linear_dft_loss", "DFTLoss", "FusedLinearDFTLoss", "SparseTargets", "blend", "blend",
+
+def __getattr__(name):
+    # heavier submodules load on first use: dk.hf (transformers), dk.distributed
+    if name in ("hf", "distributed", "targets", "cli"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dft_kernels' has no attribute {name!r}")
+
+__all__ = ["dft_loss", "fused_linear_dft_loss", "DFTLoss", "FusedLinearDFTLoss", "SparseTargets", "blend",
            "DFTLossOutput", "reference", "__version__"]
