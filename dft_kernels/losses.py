@@ -225,17 +225,18 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     K teacher columns first, then the label column when the accuracy term is on."""
     N = lse.shape[0]
     device = lse.device
+    cdt = lse.dtype  # fp32, or fp64 when the torch path runs on float64 inputs
     has_div = target_index is not None
     has_acc = labels is not None and lam > 0
     K = target_index.shape[-1] if has_div else 0
 
     if labels is not None:
         label_ok = labels.reshape(N) != ignore_index
-    div = torch.zeros(N, dtype=torch.float32, device=device)
+    div = torch.zeros(N, dtype=cdt, device=device)
     P = Q = None
     if has_div:
         idx = target_index.reshape(N, K)
-        lp = target_logprobs.reshape(N, K).float()
+        lp = target_logprobs.reshape(N, K).to(cdt)
         ok = (idx >= 0) & (idx < V) & (lp > -torch.inf)
         lse_tau = lse[:, temps.index(temperature)]
         lq = gathered[:, :K] / temperature - lse_tau.unsqueeze(-1)
@@ -249,7 +250,7 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     else:
         counted = label_ok if labels is not None else torch.zeros(N, dtype=torch.bool, device=device)
 
-    acc = torch.zeros(N, dtype=torch.float32, device=device)
+    acc = torch.zeros(N, dtype=cdt, device=device)
     if has_acc:
         lq_y = gathered[:, K] - lse[:, temps.index(1.0)]
         if accuracy == "ce":
@@ -271,9 +272,9 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
             if num_items_in_batch is not None:
                 denom = num_items_in_batch
                 if isinstance(denom, torch.Tensor):
-                    denom = denom.to(device=device, dtype=torch.float32)
+                    denom = denom.to(device=device, dtype=cdt)
             else:
-                denom = n_tokens.clamp(min=1).float()
+                denom = n_tokens.clamp(min=1).to(cdt)
             loss, red_div, red_acc = loss / denom, red_div / denom, red_acc / denom
     if not return_components:
         return loss

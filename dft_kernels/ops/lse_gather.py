@@ -148,9 +148,13 @@ def _lse_gather_bwd_kernel(
         tl.store(dx_row + safe, dz.to(DX.dtype.element_ty), mask=ok)
 
 
+#: Upper bound of the vocab tile (tests lower it to exercise many tiles at small V).
+MAX_BLOCK_V = 8192
+
+
 def _config(V: int, M: int) -> tuple[int, int, int]:
     """Block sizes and warps: the one place they are chosen."""
-    block_v = min(triton.next_power_of_2(V), 8192)
+    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     block_m = min(triton.next_power_of_2(max(M, 1)), 256)
     num_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
     return block_v, block_m, num_warps

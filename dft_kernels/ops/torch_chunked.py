@@ -34,6 +34,11 @@ def _softcap(z: torch.Tensor, softcap: float | None):
     return t * softcap, t
 
 
+def _cdtype(t: torch.Tensor) -> torch.dtype:
+    """Compute dtype: float64 stays float64 (gradcheck), everything else is fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
     V = z.shape[-1]
     lse = torch.stack([torch.logsumexp(z * s if s != 1.0 else z, dim=-1) for s in scales], dim=1)
@@ -66,11 +71,12 @@ class LSEGatherTorch(torch.autograd.Function):
         N, M = index.shape
         V = x.shape[-1]
         step = chunk_rows(V, chunk_elems)
-        lse = torch.empty((N, len(scales)), dtype=torch.float32, device=x.device)
-        gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
+        cdt = _cdtype(x)
+        lse = torch.empty((N, len(scales)), dtype=cdt, device=x.device)
+        gathered = torch.empty((N, M), dtype=cdt, device=x.device)
         for i in range(0, N, step):
             j = min(i + step, N)
-            z, _ = _softcap(_rows(base, T, sb, i, j).float(), softcap)
+            z, _ = _softcap(_rows(base, T, sb, i, j).to(cdt), softcap)
             lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
         ctx.save_for_backward(x, index, lse)
         ctx.scales, ctx.softcap, ctx.chunk_elems = scales, softcap, chunk_elems
@@ -85,11 +91,12 @@ class LSEGatherTorch(torch.autograd.Function):
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dx2 = dx.view(-1, V)
         step = chunk_rows(V, ctx.chunk_elems)
-        g_lse = g_lse.float()
-        g_gathered = g_gathered.float()
+        cdt = _cdtype(x)
+        g_lse = g_lse.to(cdt)
+        g_gathered = g_gathered.to(cdt)
         for i in range(0, N, step):
             j = min(i + step, N)
-            z, t = _softcap(_rows(base, T, sb, i, j).float(), ctx.softcap)
+            z, t = _softcap(_rows(base, T, sb, i, j).to(cdt), ctx.softcap)
             dx2[i:j] = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
         return dx, None, None, None, None
 
@@ -106,12 +113,13 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         N, M = index.shape
         V = w.shape[0]
         step = chunk_rows(V, chunk_elems)
-        lse = torch.empty((N, len(scales)), dtype=torch.float32, device=h.device)
-        gathered = torch.empty((N, M), dtype=torch.float32, device=h.device)
+        cdt = _cdtype(h)
+        lse = torch.empty((N, len(scales)), dtype=cdt, device=h.device)
+        gathered = torch.empty((N, M), dtype=cdt, device=h.device)
         for i in range(0, N, step):
             j = min(i + step, N)
             logits = torch.nn.functional.linear(h[i:j], w, b)
-            z, _ = _softcap(logits.float(), softcap)
+            z, _ = _softcap(logits.to(cdt), softcap)
             del logits
             lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
         ctx.save_for_backward(h, w, b, index, lse)
@@ -125,16 +133,17 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         N = index.shape[0]
         V = w.shape[0]
         step = chunk_rows(V, ctx.chunk_elems)
-        acc_dtype = torch.float32 if ctx.accum_fp32 else w.dtype
+        cdt = _cdtype(h)
+        acc_dtype = cdt if ctx.accum_fp32 else w.dtype
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
-        db = torch.zeros((V,), dtype=torch.float32, device=w.device) if (need_b and b is not None) else None
-        g_lse = g_lse.float()
-        g_gathered = g_gathered.float()
+        db = torch.zeros((V,), dtype=cdt, device=w.device) if (need_b and b is not None) else None
+        g_lse = g_lse.to(cdt)
+        g_gathered = g_gathered.to(cdt)
         for i in range(0, N, step):
             j = min(i + step, N)
             logits = torch.nn.functional.linear(h[i:j], w, b)
-            z, t = _softcap(logits.float(), ctx.softcap)
+            z, t = _softcap(logits.to(cdt), ctx.softcap)
             del logits
             dz = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
             del z, t
