@@ -170,11 +170,15 @@ def _xlogy_terms(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 
 def divergence_terms(lq: torch.Tensor, lp: torch.Tensor, ok: torch.Tensor, *, kind: str, beta: float,
-                     tail: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     tail: str, log_q_tail: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row divergence on the K+1 buckets (DESIGN.md sec. 3), fp32.
 
     ``lq`` [N, K] student log-probs at the slots (at temperature), ``lp`` [N, K]
-    teacher log-probs, ``ok`` [N, K] valid slots. Returns (div, P, Q) per row."""
+    teacher log-probs, ``ok`` [N, K] valid slots. ``log_q_tail`` [N], when given, is
+    the student's tail log-mass computed by the kernel over the vocab outside the
+    slots (exact where ``1 - Q`` cancels); else it is ``log(-expm1(log Q))``.
+    Returns (div, P, Q) per row."""
     zero = torch.zeros_like(lq)
     neg = torch.full_like(lq, -torch.inf)
     lq_m = torch.where(ok, lq, neg)
@@ -187,7 +191,10 @@ def divergence_terms(lq: torch.Tensor, lp: torch.Tensor, ok: torch.Tensor, *, ki
     lQ = torch.logsumexp(torch.where(any_ok.unsqueeze(-1), lq_m, zero), dim=-1)
     lQ = torch.where(any_ok, lQ, torch.full_like(lQ, -torch.inf))
     Q = lQ.exp()
-    log_q_tail = torch.log(torch.clamp(-torch.expm1(torch.clamp(lQ, max=0.0)), min=TINY))
+    if log_q_tail is None:
+        log_q_tail = torch.log(torch.clamp(-torch.expm1(torch.clamp(lQ, max=0.0)), min=TINY))
+    else:
+        log_q_tail = torch.clamp(log_q_tail, min=LOG_TINY, max=0.0)
     q_tail = log_q_tail.exp()
 
     if tail == "renorm":
@@ -241,7 +248,8 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
         lse_tau = lse[:, temps.index(temperature)]
         lq = gathered[:, :K] / temperature - lse_tau.unsqueeze(-1)
         kind = effective_divergence(divergence, beta)
-        div, P, Q = divergence_terms(lq, lp, ok, kind=kind, beta=float(beta), tail=tail)
+        log_q_tail = lse[:, len(temps)] - lse_tau if lse.shape[1] > len(temps) else None
+        div, P, Q = divergence_terms(lq, lp, ok, kind=kind, beta=float(beta), tail=tail, log_q_tail=log_q_tail)
         if temperature != 1.0:
             div = div * (temperature ** 2)
         has_slot = ok.any(-1)
@@ -289,13 +297,24 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     return DFTLossOutput(loss, red_div.detach(), red_acc.detach(), n_tokens, tm, sm)
 
 
-def _plan(target_index, labels, lam, temperature, ignore_index, N: int):
-    """Columns to gather ([N, M] ids: K teacher ids, then the label) and the scales."""
+def needs_student_tail(divergence: str, beta: float, tail: str) -> bool:
+    """Whether the divergence reads the student's tail bucket q_tail."""
+    kind = effective_divergence(divergence, beta)
+    return tail == "bucket" or (tail == "renorm" and kind == "jsd")
+
+
+def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index, N: int):
+    """Columns to gather ([N, M] ids: K teacher ids, then the label) and the scales.
+
+    Teacher slots with zero mass (-inf log-prob) are passed as empty (-1): their
+    student mass belongs to the tail bucket."""
     has_div = target_index is not None
     has_acc = labels is not None and lam > 0
     cols = []
     if has_div:
-        cols.append(target_index.reshape(N, -1))
+        idx = target_index.reshape(N, -1)
+        zero_mass = target_logprobs.reshape(N, -1) == -torch.inf
+        cols.append(torch.where(zero_mass, torch.full_like(idx, -1), idx))
     if has_acc:
         lab = labels.reshape(N, 1)
         cols.append(torch.where(lab == ignore_index, torch.full_like(lab, -1), lab).to(
@@ -353,10 +372,12 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
         from . import reference
         return reference.dft_loss(logits, target_index, target_logprobs, labels, **kw)
     N = math.prod(lead)
-    index, temps = _plan(target_index, labels, lam, float(temperature), ignore_index, N)
+    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
     index = index.to(logits.device)
     scales = tuple(1.0 / t for t in temps)
-    lse, gathered = ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems)
+    n_slots = target_index.shape[-1] if (target_index is not None and
+                                         needs_student_tail(divergence, beta, tail)) else 0
+    lse, gathered = ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems, n_slots)
     kw.pop("softcap")
     return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
                                labels=labels, V=V, temps=temps, lead=lead, **kw)
@@ -426,9 +447,11 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                                                bias=bias, **kw)
     N = math.prod(lead)
     h = hidden.reshape(N, D)
-    index, temps = _plan(target_index, labels, lam, float(temperature), ignore_index, N)
+    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
     index = index.to(hidden.device)
     scales = tuple(1.0 / t for t in temps)
+    n_slots = target_index.shape[-1] if (target_index is not None and
+                                         needs_student_tail(divergence, beta, tail)) else 0
     if vocab_parallel is not None:
         from .distributed import vocab_parallel_lse_gather
         lse, gathered = vocab_parallel_lse_gather(h, weight, bias, index, scales, softcap, impl, vocab_parallel,
@@ -437,7 +460,7 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
     else:
         lse, gathered = ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
                                                     chunk_elems=chunk_elems, deterministic=deterministic,
-                                                    accum_fp32=accum_fp32)
+                                                    accum_fp32=accum_fp32, n_slots=n_slots)
     kw.pop("softcap")
     return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
                                labels=labels, V=V, temps=temps, lead=lead, **kw)

@@ -153,7 +153,7 @@ def test_every_position_ignored_gives_zero_loss_and_zero_grad(impl):
 def test_leading_dims_and_non_contiguous(impl):
     B, T, V, K = 2, 7, 300, 4
     logits, idx, lp, labels = make_problem(B * (T + 1), V, K, lead=(B, T + 1))
-    sl = logits[:, :-1].float()          # non-contiguous [B, T, V] view, read in place
+    sl = logits.float()[:, :-1]          # non-contiguous [B, T, V] view, read in place
     assert not sl.is_contiguous()
     args = (idx[:, :-1], lp[:, :-1].float(), labels[:, :-1])
     l1, g1 = loss_and_grad(dk.dft_loss, sl, *args, impl=impl, upstream=0.3)

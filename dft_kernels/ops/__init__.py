@@ -36,29 +36,36 @@ def _check_triton(device: torch.device) -> None:
 
 
 def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
-               softcap: float | None, impl: str, chunk_elems: int | None = None):
+                     softcap: float | None, impl: str, chunk_elems: int | None = None, n_slots: int = 0):
     """``x`` [..., V] logits, ``index`` [N, M] ids (N = prod of leading dims).
 
-    Returns ``lse`` [N, len(scales)] fp32 and ``gathered`` [N, M] fp32 (the softcapped
-    logits at ``index``, 0 where an id is -1 or out of range)."""
+    Returns ``lse`` [N, len(scales) (+1)] fp32 and ``gathered`` [N, M] fp32 (the
+    softcapped logits at ``index``, 0 where an id is -1 or out of range). With
+    ``n_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
+    over the vocab outside the first ``n_slots`` ids of each row (``-inf`` if empty)."""
     if impl == "triton":
         _check_triton(x.device)
         from .lse_gather import LSEGatherTriton
-        return LSEGatherTriton.apply(x, index, tuple(scales), softcap)
+        return LSEGatherTriton.apply(x, index, tuple(scales), softcap, n_slots)
     from .torch_chunked import LSEGatherTorch
-    return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems)
+    return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, n_slots)
 
 
 def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
                       scales: tuple[float, ...], softcap: float | None, impl: str, *,
                       chunk_elems: int | None = None, deterministic: bool = False,
-                      accum_fp32: bool = True):
+                      accum_fp32: bool = True, n_slots: int = 0):
     """Same primitive for logits ``h @ w.T + b`` that are never materialised.
 
-    ``h`` [N, D], ``w`` [V, D], ``b`` [V] or None, ``index`` [N, M]."""
+    ``h`` [N, D], ``w`` [V, D], ``b`` [V] or None, ``index`` [N, M]. An op that
+    cannot compute the rest column returns ``lse`` without it (callers check
+    ``lse.shape[1]``)."""
     if impl == "triton":
         _check_triton(h.device)
         from .linear_lse_gather import LinearLSEGatherTriton
+        if getattr(LinearLSEGatherTriton, "SUPPORTS_REST", False):
+            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, deterministic,
+                                               accum_fp32, n_slots)
         return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, deterministic, accum_fp32)
     from .torch_chunked import LinearLSEGatherTorch
-    return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32)
+    return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, n_slots)

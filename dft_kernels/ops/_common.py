@@ -28,12 +28,13 @@ def row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x2, max(x2.shape[0], 1), 0, x2.stride(0)
 
 
-def dedup_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dedup_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int, n_slots: int = 0):
     """Merge gradient entries that hit the same column of a row.
 
     ``index`` [N, M] (``-1`` or out-of-range ids are dropped), ``g`` [N, M] fp32.
-    Returns ``(uidx, ug)``: each id appears at most once per row (others are -1,
-    with gradient 0), and ``ug`` holds the summed gradient. No host sync.
+    Returns ``(uidx, ug, uslot)``: each id appears at most once per row (others are
+    -1, with gradient 0), ``ug`` holds the summed gradient and ``uslot`` (int8) whether
+    the id is among the first ``n_slots`` columns of its row. No host sync.
     """
     index = index.long()
     valid = (index >= 0) & (index < V)
@@ -47,4 +48,20 @@ def dedup_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int) -> tuple[tor
     keep = first & (sk < V)
     uidx = torch.where(keep, sk, torch.full_like(sk, -1)).contiguous()
     ug = torch.where(keep, tot.gather(1, seg), torch.zeros_like(gs)).contiguous()
-    return uidx, ug
+    is_slot = (torch.arange(index.shape[1], device=index.device) < n_slots).expand_as(index) & valid
+    slot_hits = torch.zeros_like(gs).scatter_add_(1, seg, is_slot.gather(1, perm).to(gs.dtype))
+    uslot = (keep & (slot_hits.gather(1, seg) > 0)).to(torch.int8).contiguous()
+    return uidx, ug, uslot
+
+
+#: Sentinel id for empty slots in a sorted slot list (larger than any vocab end).
+SLOT_SENTINEL = 1 << 62
+
+
+def sorted_slots(index: torch.Tensor, V: int, n_slots: int) -> torch.Tensor:
+    """The first ``n_slots`` ids of each row, valid ones ascending, empty ones as
+    ``SLOT_SENTINEL`` at the end ([N, n_slots] int64): kernels walk this list
+    tile by tile to mask the teacher's slots out of the tail log-sum-exp."""
+    slots = index[:, :n_slots].long()
+    ok = (slots >= 0) & (slots < V)
+    return torch.where(ok, slots, torch.full_like(slots, SLOT_SENTINEL)).sort(dim=1).values.contiguous()

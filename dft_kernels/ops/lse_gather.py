@@ -6,9 +6,13 @@ Primitive (DESIGN.md sec. 6), for logits ``x`` of shape [N, V]:
 
     z = softcap * tanh(x / softcap)          (or z = x)
     lse[:, t]  = logsumexp(z * scales[t])   t < T (T = 1 or 2), fp32
+    lse[:, T]  = logsumexp over j not in index[:, :n_slots] of z_j * scales[-1]
+                 (only when n_slots > 0: the student's tail mass, computed exactly
+                 rather than as 1 - Q; the sorted slot ids are walked tile by tile)
     gathered   = z[row, index[row, m]]       fp32, 0 where index is -1 or out of range
 
 Backward: dz_j = sum_t g_lse[t] * scales[t] * softmax(z * scales[t])_j
+                 (+ g_lse[T] * scales[-1] * softmax over the rest, 0 on slots)
                  + sum_m g_gathered[m] * [index_m == j],   dx = dz * dz/dx (softcap).
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dedup_sparse_grad, row_view
+from ._common import dedup_sparse_grad, row_view, sorted_slots
 
 
 @triton.jit
@@ -33,19 +37,39 @@ def _row_offset(row, T, stride_b, stride_t):
 
 
 @triton.jit
+def _slot_hits(slot_row, p, n_slots, c, end, sentinel, BLOCK_V: tl.constexpr):
+    """Mark the columns ``c`` of this tile that are teacher slots. ``slot_row`` is the
+    row's ascending slot list and ``p`` the first entry not consumed yet; ids below
+    ``end`` belong to this tile (on average K * BLOCK_V / V of them)."""
+    hits = tl.zeros([BLOCK_V], dtype=tl.int32)
+    nxt = tl.load(slot_row + p, mask=p < n_slots, other=sentinel)
+    while nxt < end:
+        hits += (c == nxt).to(tl.int32)
+        p += 1
+        nxt = tl.load(slot_row + p, mask=p < n_slots, other=sentinel)
+    return hits, p
+
+
+@triton.jit
 def _lse_gather_fwd_kernel(
     X, stride_xb, stride_xt, T,
     IDX, stride_in,
     LSE, stride_ln,
     GATH, stride_gn,
+    SLOT, stride_sn, n_slots,
     V, M, scale_a, scale_b, softcap,
-    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REST: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + _row_offset(row, T, stride_xb, stride_xt)
+    slot_row = SLOT + row * stride_sn
     cols = tl.arange(0, BLOCK_V)
+    scale_r = scale_b if TWO_SCALES else scale_a
 
+    m_r = tl.zeros([], dtype=tl.float32) - float("inf")
+    s_r = tl.zeros([], dtype=tl.float32)
+    p = tl.zeros([], dtype=tl.int32)
     m_a = tl.zeros([], dtype=tl.float32) - float("inf")
     s_a = tl.zeros([], dtype=tl.float32)
     m_b = tl.zeros([], dtype=tl.float32) - float("inf")
@@ -67,9 +91,18 @@ def _lse_gather_fwd_kernel(
             safe_mb = tl.where(new_mb == float("-inf"), 0.0, new_mb)
             s_b = s_b * tl.exp(m_b - safe_mb) + tl.sum(tl.exp(zb - safe_mb), axis=0)
             m_b = new_mb
+        if HAS_REST:
+            hits, p = _slot_hits(slot_row, p, n_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
+            zr = tl.where(mask & (hits == 0), z * scale_r, float("-inf"))
+            new_mr = tl.maximum(m_r, tl.max(zr, axis=0))
+            safe_mr = tl.where(new_mr == float("-inf"), 0.0, new_mr)
+            s_r = s_r * tl.exp(m_r - safe_mr) + tl.sum(tl.exp(zr - safe_mr), axis=0)
+            m_r = new_mr
     tl.store(LSE + row * stride_ln, m_a + tl.log(s_a))
     if TWO_SCALES:
         tl.store(LSE + row * stride_ln + 1, m_b + tl.log(s_b))
+    if HAS_REST:
+        tl.store(LSE + row * stride_ln + (2 if TWO_SCALES else 1), m_r + tl.log(s_r))
 
     offs = tl.arange(0, BLOCK_M)
     for ms in range(0, M, BLOCK_M):
@@ -88,15 +121,24 @@ def _lse_gather_bwd_kernel(
     X, stride_xb, stride_xt, T,
     DX, stride_dn,
     LSE, stride_ln, GLSE, stride_gln,
-    IDX, stride_in, GG, stride_ggn,
+    IDX, stride_in, GG, stride_ggn, USLOT, stride_un,
+    SLOT, stride_sn, n_slots,
     V, M, scale_a, scale_b, softcap,
-    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REST: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + _row_offset(row, T, stride_xb, stride_xt)
     dx_row = DX + row * stride_dn
+    slot_row = SLOT + row * stride_sn
     cols = tl.arange(0, BLOCK_V)
+    scale_r = scale_b if TWO_SCALES else scale_a
+    p = tl.zeros([], dtype=tl.int32)
+    lse_r = tl.zeros([], dtype=tl.float32)
+    g_r = tl.zeros([], dtype=tl.float32)
+    if HAS_REST:
+        lse_r = tl.load(LSE + row * stride_ln + (2 if TWO_SCALES else 1))
+        g_r = tl.load(GLSE + row * stride_gln + (2 if TWO_SCALES else 1)) * scale_r
 
     lse_a = tl.load(LSE + row * stride_ln)
     g_a = tl.load(GLSE + row * stride_gln) * scale_a
@@ -118,6 +160,9 @@ def _lse_gather_bwd_kernel(
         dz = g_a * tl.exp(z * scale_a - lse_a)
         if TWO_SCALES:
             dz += g_b * tl.exp(z * scale_b - lse_b)
+        if HAS_REST:
+            hits, p = _slot_hits(slot_row, p, n_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
+            dz += tl.where(hits == 0, g_r * tl.exp(z * scale_r - lse_r), 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
         tl.store(dx_row + c, dz.to(DX.dtype.element_ty), mask=mask)
@@ -143,6 +188,9 @@ def _lse_gather_bwd_kernel(
         dz = g_a * tl.exp(z * scale_a - lse_a) + gg
         if TWO_SCALES:
             dz += g_b * tl.exp(z * scale_b - lse_b)
+        if HAS_REST:
+            us = tl.load(USLOT + row * stride_un + mo, mask=ok, other=1)
+            dz += tl.where(us == 0, g_r * tl.exp(z * scale_r - lse_r), 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
         tl.store(dx_row + safe, dz.to(DX.dtype.element_ty), mask=ok)
@@ -167,22 +215,24 @@ def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
 
 
 def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
-                       softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. ``x`` is [..., V] with unit last stride."""
+                       softcap: float | None, n_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``x`` is [..., V]; its rows are read in place."""
     xv, T, sb, st = row_view(x)
     V = x.shape[-1]
     N = index.shape[0]
     M = index.shape[1]
     sa, sbb, two = _scales(scales)
-    lse = torch.empty((N, 2 if two else 1), dtype=torch.float32, device=x.device)
+    lse = torch.empty((N, (2 if two else 1) + (1 if n_slots else 0)), dtype=torch.float32, device=x.device)
     gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
     if N == 0:
         return lse, gathered
+    slots = sorted_slots(index, V, max(n_slots, 1))
     block_v, block_m, num_warps = _config(V, M)
     _lse_gather_fwd_kernel[(N,)](
         xv, sb, st, T, index, index.stride(0), lse, lse.stride(0), gathered, gathered.stride(0),
+        slots, slots.stride(0), n_slots,
         V, M, sa, sbb, float(softcap or 1.0),
-        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None,
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_REST=n_slots > 0,
         BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
     )
     return lse, gathered
@@ -190,7 +240,7 @@ def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float
 
 def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
                         softcap: float | None, lse: torch.Tensor, g_lse: torch.Tensor,
-                        g_gathered: torch.Tensor) -> torch.Tensor:
+                        g_gathered: torch.Tensor, n_slots: int = 0) -> torch.Tensor:
     """Launch the backward kernel; returns dlogits with the shape and dtype of ``x``."""
     xv, T, sb, st = row_view(x)
     V = x.shape[-1]
@@ -199,14 +249,16 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if N == 0:
         return dx
-    uidx, ug = dedup_sparse_grad(index, g_gathered.float(), V)
+    uidx, ug, uslot = dedup_sparse_grad(index, g_gathered.float(), V, n_slots)
+    slots = sorted_slots(index, V, max(n_slots, 1))
     g_lse = g_lse.float().contiguous()
     block_v, block_m, num_warps = _config(V, M)
     _lse_gather_bwd_kernel[(N,)](
         xv, sb, st, T, dx, V, lse, lse.stride(0), g_lse, g_lse.stride(0),
-        uidx, uidx.stride(0), ug, ug.stride(0),
+        uidx, uidx.stride(0), ug, ug.stride(0), uslot, uslot.stride(0),
+        slots, slots.stride(0), n_slots,
         V, M, sa, sbb, float(softcap or 1.0),
-        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None,
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_REST=n_slots > 0,
         BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
     )
     return dx
@@ -214,14 +266,14 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
 
 class LSEGatherTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, scales, softcap):
-        lse, gathered = lse_gather_forward(x, index, scales, softcap)
+    def forward(ctx, x, index, scales, softcap, n_slots=0):
+        lse, gathered = lse_gather_forward(x, index, scales, softcap, n_slots)
         ctx.save_for_backward(x, index, lse)
-        ctx.scales, ctx.softcap = scales, softcap
+        ctx.scales, ctx.softcap, ctx.n_slots = scales, softcap, n_slots
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
         x, index, lse = ctx.saved_tensors
-        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered)
-        return dx, None, None, None
+        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered, ctx.n_slots)
+        return dx, None, None, None, None

@@ -1,7 +1,9 @@
 """The primitive of DESIGN.md sec. 6 in chunked PyTorch (CPU and any non-CUDA device).
 
 Same contract as the Triton ops: per-row fp32 log-sum-exp at one or two scales
-(1/temperature) and the (softcapped) logits gathered at M ids, with backward
+(1/temperature) -- plus, with ``n_slots``, the log-sum-exp at the last scale over
+the vocab outside the first ``n_slots`` ids (the student's tail, exact instead of
+``1 - Q``) -- and the (softcapped) logits gathered at M ids, with backward
 passes that recompute each chunk of logits. Peak extra memory is
 O(chunk_rows x V) fp32, never O(N x V) beyond the gradient being returned.
 """
@@ -39,15 +41,28 @@ def _cdtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
+def _rest_logits(z: torch.Tensor, idx: torch.Tensor, n_slots: int, s: float) -> torch.Tensor:
+    """``z * s`` with the first ``n_slots`` ids of each row set to -inf (the vocab
+    outside the teacher's slots, whose log-sum-exp gives the student tail exactly)."""
     V = z.shape[-1]
-    lse = torch.stack([torch.logsumexp(z * s if s != 1.0 else z, dim=-1) for s in scales], dim=1)
+    slots = idx[:, :n_slots]
+    ok = (slots >= 0) & (slots < V)
+    hits = torch.zeros_like(z).scatter_add_(1, slots.clamp(0, V - 1).long(), ok.to(z.dtype))
+    return (z * s if s != 1.0 else z.clone()).masked_fill_(hits > 0, -torch.inf)
+
+
+def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales, n_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    V = z.shape[-1]
+    cols = [torch.logsumexp(z * s if s != 1.0 else z, dim=-1) for s in scales]
+    if n_slots:
+        cols.append(torch.logsumexp(_rest_logits(z, idx, n_slots, scales[-1]), dim=-1))
+    lse = torch.stack(cols, dim=1)
     ok = (idx >= 0) & (idx < V)
     g = z.gather(1, idx.clamp(0, V - 1).long()).masked_fill_(~ok, 0.0)
     return lse, g
 
 
-def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered) -> torch.Tensor:
+def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered, n_slots: int = 0) -> torch.Tensor:
     """fp32 gradient w.r.t. the raw logits of one chunk."""
     V = z.shape[-1]
     dz = None
@@ -55,6 +70,11 @@ def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered) -> torch.Tensor
         p = torch.softmax(z * s if s != 1.0 else z, dim=-1)
         p.mul_((g_lse[:, k] * s).unsqueeze(1))
         dz = p if dz is None else dz.add_(p)
+    if n_slots:
+        s = scales[-1]
+        lr = lse[:, len(scales)].unsqueeze(1)
+        p = (_rest_logits(z, idx, n_slots, s) - torch.where(torch.isinf(lr), torch.zeros_like(lr), lr)).exp_()
+        dz.add_(p.mul_((g_lse[:, len(scales)] * s).unsqueeze(1)))
     ok = (idx >= 0) & (idx < V)
     dz.scatter_add_(1, idx.clamp(0, V - 1).long(), torch.where(ok, g_gathered, torch.zeros_like(g_gathered)))
     if t is not None:
@@ -66,20 +86,20 @@ class LSEGatherTorch(torch.autograd.Function):
     """Logits path: ``x`` [..., V] (any float dtype, any row strides)."""
 
     @staticmethod
-    def forward(ctx, x, index, scales, softcap, chunk_elems=None):
+    def forward(ctx, x, index, scales, softcap, chunk_elems=None, n_slots=0):
         base, T, sb, _ = row_view(x)
         N, M = index.shape
         V = x.shape[-1]
         step = chunk_rows(V, chunk_elems)
         cdt = _cdtype(x)
-        lse = torch.empty((N, len(scales)), dtype=cdt, device=x.device)
+        lse = torch.empty((N, len(scales) + (1 if n_slots else 0)), dtype=cdt, device=x.device)
         gathered = torch.empty((N, M), dtype=cdt, device=x.device)
         for i in range(0, N, step):
             j = min(i + step, N)
             z, _ = _softcap(_rows(base, T, sb, i, j).to(cdt), softcap)
-            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
+            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales, n_slots)
         ctx.save_for_backward(x, index, lse)
-        ctx.scales, ctx.softcap, ctx.chunk_elems = scales, softcap, chunk_elems
+        ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.n_slots = scales, softcap, chunk_elems, n_slots
         return lse, gathered
 
     @staticmethod
@@ -97,8 +117,8 @@ class LSEGatherTorch(torch.autograd.Function):
         for i in range(0, N, step):
             j = min(i + step, N)
             z, t = _softcap(_rows(base, T, sb, i, j).to(cdt), ctx.softcap)
-            dx2[i:j] = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
-        return dx, None, None, None, None
+            dx2[i:j] = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j], ctx.n_slots)
+        return dx, None, None, None, None, None
 
 
 class LinearLSEGatherTorch(torch.autograd.Function):
@@ -109,21 +129,22 @@ class LinearLSEGatherTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True):
+    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True, n_slots=0):
         N, M = index.shape
         V = w.shape[0]
         step = chunk_rows(V, chunk_elems)
         cdt = _cdtype(h)
-        lse = torch.empty((N, len(scales)), dtype=cdt, device=h.device)
+        lse = torch.empty((N, len(scales) + (1 if n_slots else 0)), dtype=cdt, device=h.device)
         gathered = torch.empty((N, M), dtype=cdt, device=h.device)
         for i in range(0, N, step):
             j = min(i + step, N)
             logits = torch.nn.functional.linear(h[i:j], w, b)
             z, _ = _softcap(logits.to(cdt), softcap)
             del logits
-            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales)
+            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales, n_slots)
         ctx.save_for_backward(h, w, b, index, lse)
         ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
+        ctx.n_slots = n_slots
         return lse, gathered
 
     @staticmethod
@@ -145,7 +166,7 @@ class LinearLSEGatherTorch(torch.autograd.Function):
             logits = torch.nn.functional.linear(h[i:j], w, b)
             z, t = _softcap(logits.to(cdt), ctx.softcap)
             del logits
-            dz = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j])
+            dz = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j], ctx.n_slots)
             del z, t
             if db is not None:
                 db += dz.sum(0)
@@ -160,4 +181,4 @@ class LinearLSEGatherTorch(torch.autograd.Function):
             dw = dw.to(w.dtype)
         if db is not None:
             db = db.to(b.dtype)
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
