@@ -43,12 +43,14 @@ def _cdtype(t: torch.Tensor) -> torch.dtype:
 
 def _rest_logits(z: torch.Tensor, idx: torch.Tensor, n_slots: int, s: float) -> torch.Tensor:
     """``z * s`` with the first ``n_slots`` ids of each row set to -inf (the vocab
-    outside the teacher's slots, whose log-sum-exp gives the student tail exactly)."""
+    outside the teacher's slots, whose log-sum-exp gives the student tail exactly).
+    One extra column absorbs the empty / out-of-range slots; it is -inf too."""
     V = z.shape[-1]
-    slots = idx[:, :n_slots]
+    slots = idx[:, :n_slots].long()
     ok = (slots >= 0) & (slots < V)
-    hits = torch.zeros_like(z).scatter_add_(1, slots.clamp(0, V - 1).long(), ok.to(z.dtype))
-    return (z * s if s != 1.0 else z.clone()).masked_fill_(hits > 0, -torch.inf)
+    zr = torch.nn.functional.pad(z * s if s != 1.0 else z, (0, 1), value=-torch.inf)
+    zr.scatter_(1, torch.where(ok, slots, torch.full_like(slots, V)), -torch.inf)
+    return zr
 
 
 def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales, n_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,7 @@ def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered, n_slots: int = 
         s = scales[-1]
         lr = lse[:, len(scales)].unsqueeze(1)
         p = (_rest_logits(z, idx, n_slots, s) - torch.where(torch.isinf(lr), torch.zeros_like(lr), lr)).exp_()
-        dz.add_(p.mul_((g_lse[:, len(scales)] * s).unsqueeze(1)))
+        dz.add_(p[:, :V].mul_((g_lse[:, len(scales)] * s).unsqueeze(1)))
     ok = (idx >= 0) & (idx < V)
     dz.scatter_add_(1, idx.clamp(0, V - 1).long(), torch.where(ok, g_gathered, torch.zeros_like(g_gathered)))
     if t is not None:
