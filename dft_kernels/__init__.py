@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # heavier submodules load on first use: dk.hf (transformers), dk.distributed
-    if name in ("hf", "distributed", "targets", "cli"):
+    if name in ("hf", "distributed", "targets", "data", "cli"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'dft_kernels' has no attribute {name!r}")

@@ -1,0 +1,301 @@
+"""dk.targets.build (teacher top-K shards) and dft_kernels.data.DFTTargetsDataset."""
+import json
+import pickle
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import dft_kernels as dk  # noqa: E402
+from dft_kernels import targets as T  # noqa: E402
+from dft_kernels.data import ITEM_KEYS, DFTTargetsDataset  # noqa: E402
+
+V = 300
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a peakier teacher than the random init, so top-K mass is not ~K/V
+        model.lm_head.weight.mul_(40.0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(teacher_dir)
+
+
+def _examples(n=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(1, 17, (1,), generator=g))
+        out.append({"input_ids": torch.randint(0, V, (length,), generator=g).tolist()})
+    return out
+
+
+def _batches(examples, bs=3):
+    return [examples[i:i + bs] for i in range(0, len(examples), bs)]
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _dense_logprobs(model, ids, temperature=1.0):
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(z / temperature, dim=-1)
+
+
+# --------------------------------------------------------------------------- build
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+def test_build_equals_log_softmax_of_teacher_logits(teacher, teacher_dir, tmp_path, dtype, tol):
+    examples = _examples()
+    # by path (loaded inside build) and by model; vocab tile 64 does not divide V = 300
+    src = teacher_dir if dtype == torch.float32 else teacher
+    man = T.build(src, _batches(examples), 8, 1.5, out_dir=tmp_path, shard_size=4, chunk_vocab=64, dtype=dtype,
+                  progress=False)
+    assert man["complete"] and man["k"] == 8 and man["vocab_size"] == V and man["temperature"] == 1.5
+    assert man["teacher"] == str(teacher_dir) and man["n_sequences"] == len(examples)
+    assert [e["file"] for e in man["shards"]] == [f"shard-0000{i}.safetensors" for i in range(3)]
+    assert json.loads((tmp_path / "manifest.json").read_text()) == man
+    ds = DFTTargetsDataset(examples, tmp_path, vocab_size=V)
+    for i, ex in enumerate(examples):
+        item = ds[i]
+        ref = _dense_logprobs(teacher, ex["input_ids"], 1.5)      # row t = distribution after token t
+        top = ref.topk(8, dim=-1)
+        assert item["target_logprobs"].shape == (len(ex["input_ids"]), 8)
+        got_ids, order = item["target_index"].long().sort(-1)
+        ref_ids, ref_order = top.indices.sort(-1)
+        assert torch.equal(got_ids, ref_ids), f"example {i}: top-K ids differ"
+        torch.testing.assert_close(item["target_logprobs"].double().gather(-1, order),
+                                   top.values.gather(-1, ref_order), rtol=tol, atol=tol)
+        assert T.SparseTargets(item["target_index"], item["target_logprobs"]).validate(V)
+    shard = dk.SparseTargets.load(tmp_path / "shard-00000.safetensors")
+    assert shard.logprobs.dtype == dtype and shard.index.dtype == torch.int32
+    assert shard.metadata["teacher"] == str(teacher_dir) and shard.metadata["temperature"] == 1.5
+
+
+_SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+              intermediate_size=64)
+
+
+@pytest.mark.parametrize("family,extra", [
+    pytest.param("Gemma2", dict(head_dim=16, final_logit_softcapping=3.0), id="gemma2-softcap"),
+    pytest.param("Cohere", dict(logit_scale=0.5), id="cohere-logit_scale"),
+    pytest.param("Granite", dict(logits_scaling=4.0), id="granite-logits_scaling"),
+])
+def test_build_applies_the_models_logit_transform(tmp_path, family, extra):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(**_SMALL, **extra)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    ids = list(range(5, 17))
+    T.build(model, [[ids]], 6, out_dir=tmp_path, chunk_vocab=128, dtype=torch.float32, progress=False,
+            teacher_name=f"tiny-{family}")
+    t = dk.SparseTargets.load(tmp_path / "shard-00000.safetensors")
+    ref = _dense_logprobs(model, ids)            # the model's own forward applies the transform
+    torch.testing.assert_close(t.logprobs.double(), ref.gather(-1, t.index.long()), rtol=1e-5, atol=1e-5)
+    assert torch.equal(t.index.long().sort(-1).values, ref.topk(6, -1).indices.sort(-1).values)
+
+
+def test_batch_forms_give_identical_shards(teacher, tmp_path):
+    examples = _examples(5)
+    T.build(teacher, _batches(examples, 5), 4, out_dir=tmp_path / "lists", progress=False)
+    # the same sequences as one padded [B, T] batch with an attention mask (left padding)
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(5, width, dtype=torch.long)
+    mask = torch.zeros(5, width, dtype=torch.long)
+    for j, e in enumerate(examples):
+        ids[j, width - len(e["input_ids"]):] = torch.tensor(e["input_ids"])
+        mask[j, width - len(e["input_ids"]):] = 1
+    T.build(teacher, [{"input_ids": ids, "attention_mask": mask}], 4, out_dir=tmp_path / "dict", progress=False)
+    assert _files(tmp_path / "lists") == _files(tmp_path / "dict")
+
+
+def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch):
+    examples = _examples(11)
+    kw = dict(shard_size=3, chunk_vocab=128, progress=False)
+    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "ref", **kw)
+
+    real_write = T._write_shard
+    written = []
+
+    def crash_after_two(path, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        written.append(path.name)
+        return real_write(path, **kwargs)
+
+    monkeypatch.setattr(T, "_write_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+    monkeypatch.undo()
+    assert sorted(_files(tmp_path / "run")) == ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+    with pytest.raises(ValueError, match="incomplete"):
+        DFTTargetsDataset(examples, tmp_path / "run")
+
+    calls = []
+    real_topk = T._Teacher.topk
+    monkeypatch.setattr(T._Teacher, "topk", lambda self, seqs, *a: calls.append(len(seqs)) or real_topk(self, seqs, *a))
+    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+    assert sum(calls) == len(examples) - 6, "finished shards are skipped, not recomputed"
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+    # a corrupted finished shard fails verification and is recomputed
+    path = tmp_path / "run" / "shard-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    calls.clear()
+    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+    assert sum(calls) == 3
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+def test_crash_while_writing_leaves_no_partial_shard(teacher, tmp_path, monkeypatch):
+    def no_disk(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.os, "fsync", no_disk)
+    with pytest.raises(OSError, match="disk full"):
+        T.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_refuses_other_parameters_in_same_dir(teacher, tmp_path):
+    T.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="k=4"):
+        T.build(teacher, [_examples(2)], 6, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        T.build(teacher, [_examples(2)], 4, 2.0, out_dir=tmp_path, progress=False)
+
+
+def test_build_rejects_bad_input(teacher, tmp_path):
+    with pytest.raises(ValueError, match="outside the teacher's vocab"):
+        T.build(teacher, [[[1, 2, V]]], 4, out_dir=tmp_path, progress=False)
+    with pytest.raises(TypeError, match="batches"):
+        T.build(teacher, ["some text"], 4, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="k=301"):
+        T.build(teacher, [[[1, 2]]], V + 1, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="shard_size"):
+        T.build(teacher, [[[1, 2]]], 4, out_dir=tmp_path, shard_size=0, progress=False)
+
+
+# --------------------------------------------------------------------------- loader
+
+
+@pytest.fixture(scope="module")
+def built(teacher, tmp_path_factory):
+    examples = _examples(9, seed=3)
+    out = tmp_path_factory.mktemp("built")
+    T.build(teacher, _batches(examples, 4), 6, out_dir=out, shard_size=4, progress=False)
+    return examples, out
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for name, data in _files(src).items():
+        (dst / name).write_bytes(data)
+    return dst
+
+
+def test_loader_items(built):
+    examples, out = built
+    examples = [dict(e) for e in examples]
+    examples[2]["labels"] = [-100] + examples[2]["input_ids"][1:]
+    ds = DFTTargetsDataset(examples, out, vocab_size=V)
+    assert len(ds) == 9
+    rows = torch.cat([T.read_shard(out / e["file"])[0]["logprobs"] for e in ds.manifest["shards"]])
+    row = 0
+    for i, ex in enumerate(examples):
+        item = ds[i]
+        n = len(ex["input_ids"])
+        assert tuple(item) == ITEM_KEYS
+        assert item["input_ids"].dtype == torch.long and item["input_ids"].tolist() == ex["input_ids"]
+        assert torch.equal(item["attention_mask"], torch.ones(n, dtype=torch.long))
+        assert item["labels"].tolist() == ex.get("labels", ex["input_ids"])
+        assert item["target_index"].shape == (n, 6) and item["target_index"].dtype == torch.int32
+        assert item["target_logprobs"].dtype == torch.float32
+        assert torch.equal(item["target_logprobs"], rows[row:row + n].float())
+        row += n
+    assert torch.equal(ds[-1]["input_ids"], ds[8]["input_ids"])
+    # pickles (DataLoader workers) and works through a DataLoader
+    ds2 = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(ds2[5]["target_index"], ds[5]["target_index"])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=None)))
+    assert set(batch) == set(ITEM_KEYS)
+
+
+def test_loader_refuses_mismatched_input_ids(built):
+    examples, out = built
+    bad = [dict(e) for e in examples]
+    bad[5] = {"input_ids": list(bad[5]["input_ids"])}
+    bad[5]["input_ids"][0] = (bad[5]["input_ids"][0] + 1) % V
+    with pytest.raises(ValueError, match=r"example 5 .*shard-00001\.safetensors"):
+        DFTTargetsDataset(bad, out)
+    with pytest.raises(ValueError, match="built for 9 sequences"):
+        DFTTargetsDataset(examples[:8], out)
+
+
+def test_loader_checks_vocab(built):
+    examples, out = built
+    ds = DFTTargetsDataset(examples, out, vocab_size=5)
+    with pytest.raises(ValueError, match="vocab_size=5"):
+        ds[0]
+
+
+def test_loader_names_truncated_or_corrupted_shard(built, tmp_path):
+    examples, out = built
+    d = _copy(out, tmp_path / "trunc")
+    shard = d / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"shard-00001\.safetensors.*truncated or corrupted"):
+        DFTTargetsDataset(examples, d)
+
+    d = _copy(out, tmp_path / "header")
+    shard = d / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[10:20] = b"#" * 10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-00002\.safetensors.*truncated or corrupted"):
+        DFTTargetsDataset(examples, d)
+
+    d = _copy(out, tmp_path / "body")     # flipped bytes in the data: found by verify="full"
+    shard = d / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-40] ^= 0x55
+    shard.write_bytes(bytes(data))
+    DFTTargetsDataset(examples, d)  # the cheap check reads headers and input ids only
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors.*truncated or corrupted"):
+        DFTTargetsDataset(examples, d, verify="full")
+
+    d = _copy(out, tmp_path / "missing")
+    (d / "shard-00000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00000"):
+        DFTTargetsDataset(examples, d)
+    with pytest.raises(ValueError, match="manifest.json"):
+        DFTTargetsDataset(examples, tmp_path)
+
+
+def test_loader_with_the_hf_collator(built):
+    examples, out = built
+    hf = pytest.importorskip("dft_kernels.hf")
+    ds = DFTTargetsDataset(examples, out, vocab_size=V)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=hf.DFTDataCollator())
+    batch = next(iter(loader))
+    width = max(len(e["input_ids"]) for e in examples[:4])
+    assert batch["input_ids"].shape == (4, width) and batch["target_index"].shape == (4, width, 6)
+    assert torch.equal(batch["target_logprobs"][1, :len(examples[1]["input_ids"])], ds[1]["target_logprobs"])
