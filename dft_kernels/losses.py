@@ -312,8 +312,9 @@ def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index,
     has_acc = labels is not None and lam > 0
     cols = []
     if has_div:
-        idx = target_index.reshape(N, -1)
-        zero_mass = target_logprobs.reshape(N, -1) == -torch.inf
+        K = target_index.shape[-1]
+        idx = target_index.reshape(N, K)
+        zero_mass = target_logprobs.reshape(N, K) == -torch.inf
         cols.append(torch.where(zero_mass, torch.full_like(idx, -1), idx))
     if has_acc:
         lab = labels.reshape(N, 1)
@@ -426,7 +427,14 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
     lead = tuple(hidden.shape[:-1])
     check_targets(lead, target_index, target_logprobs, labels, what="hidden")
     V, D = weight.shape
+    if vocab_parallel is None and type(weight).__name__ == "DTensor":
+        raise TypeError("weight is a DTensor: pass vocab_parallel=dft_kernels.distributed.VocabParallel."
+                        "from_dtensor(weight, rows=...) for a vocab-sharded lm_head, or weight.full_tensor()")
     if vocab_parallel is not None:
+        from .distributed import VocabParallel
+        if not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a dft_kernels.distributed.VocabParallel, got "
+                            f"{type(vocab_parallel).__name__}")
         vocab_parallel.check_weight(weight)
         V = vocab_parallel.vocab_size
     if validate:
@@ -456,7 +464,7 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
         from .distributed import vocab_parallel_lse_gather
         lse, gathered = vocab_parallel_lse_gather(h, weight, bias, index, scales, softcap, impl, vocab_parallel,
                                                   chunk_elems=chunk_elems, deterministic=deterministic,
-                                                  accum_fp32=accum_fp32)
+                                                  accum_fp32=accum_fp32, n_slots=n_slots)
     else:
         lse, gathered = ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
                                                     chunk_elems=chunk_elems, deterministic=deterministic,
