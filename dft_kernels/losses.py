@@ -278,9 +278,11 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
         loss, red_div, red_acc = per_row.sum(), div.sum(), acc.sum()
         if reduction == "mean":
             if num_items_in_batch is not None:
-                denom = num_items_in_batch
+                denom = num_items_in_batch  # clamped: a batch with nothing to count gives 0, not NaN
                 if isinstance(denom, torch.Tensor):
-                    denom = denom.to(device=device, dtype=cdt)
+                    denom = denom.to(device=device, dtype=cdt).clamp(min=1)
+                else:
+                    denom = max(denom, 1)
             else:
                 denom = n_tokens.clamp(min=1).to(cdt)
             loss, red_div, red_acc = loss / denom, red_div / denom, red_acc / denom

@@ -108,7 +108,9 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
         if reduction == "mean":
             d = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
             if isinstance(d, torch.Tensor):
-                d = d.to(device=z.device, dtype=dtype)
+                d = d.to(device=z.device, dtype=dtype).clamp(min=1)
+            else:
+                d = max(d, 1)
             out = tuple(o / d for o in out)
     loss = out[0]
     if not return_components:

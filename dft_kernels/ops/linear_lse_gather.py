@@ -3,84 +3,98 @@
 
     z = softcap * tanh(z / softcap)           (optional)
     lse[:, t]  = logsumexp(z * scales[t])     t < T (T = 1 or 2), fp32
+    lse[:, T]  = logsumexp over j not in index[:, :n_slots] of z_j * scales[-1]
+                 (only with n_slots > 0: the student's tail, exact instead of 1 - Q)
     gathered   = z[row, index[row, m]]        fp32, 0 where the id is -1 or out of range
 
 Forward
 -------
-* ``_lse_tile_kernel``: one program per (BLOCK_N x BLOCK_V) logits tile (grouped
-  program order so that tiles in flight share rows of ``h`` and of ``w`` in L2),
-  ``tl.dot`` over D in BLOCK_D steps, fp32 accumulator; bias, softcap, then the
-  tile's partial log-sum-exp per row and scale is written to ``part[N, T, nV]``
-  (nV = cdiv(V, BLOCK_V)). A ``logsumexp`` over the last dim merges the tiles.
+* ``_lse_tile_kernel``: one program per (BLOCK_N x BLOCK_V) logits tile, in grouped
+  order (GROUP row blocks sweep the vocab together, so the tiles in flight share
+  rows of ``h`` and of ``w`` in L2); ``tl.dot`` over D in BLOCK_D steps into an fp32
+  accumulator; bias, softcap, then the tile's log-sum-exp per row and scale goes to
+  ``part[N, T(+1), cdiv(V, BLOCK_V)]`` and one ``logsumexp`` over the last dim merges
+  the tiles (no atomics, no second pass over the logits). For the rest column each
+  tile masks the row's teacher slots: a binary search in the row's sorted slot list,
+  then a walk over the (on average K * BLOCK_V / V) slots inside the tile.
 * ``_indexed_dot_kernel``: one program per row, ``gathered[m] = dot(h[row],
-  w[index[m]]) (+ b)``, softcapped; O(N*M*D) work, no [N, M, D] gather.
+  w[index[m]]) (+ b)``, softcapped: O(N*M*D) work, no [N, M, D] gather in torch.
 
 Backward
 --------
-``dz_j = sum_t g_lse[t] * s_t * softmax(z * s_t)_j + sum_m g_gathered[m] [index_m = j]``
-times the softcap chain factor ``1 - tanh^2``. The token range is cut into row
-chunks of ``Nc`` rows and the vocabulary into slabs of ``Vs`` columns; per
-(chunk, slab), all launches on one stream:
+``dz_j = sum_t g_lse[t] s_t softmax(z s_t)_j (+ g_rest s softmax_rest_j) + sum_m g_gathered[m] [index_m = j]``
+times the softcap chain factor ``1 - tanh^2`` (which also multiplies the sparse
+part). The rows are cut into chunks of ``Nc`` rows and the vocabulary into slabs of
+``Vs`` columns; per (chunk, slab), four launches on the current stream:
 
 1. ``_dz_tile_kernel`` recomputes each (BLOCK_N x BLOCK_V) logits tile with ``tl.dot``,
-   forms ``dz`` in registers (fp32) and stores it, in the input dtype, into a
-   reusable ``[Nc, Vs]`` slab buffer; with a bias it also writes the tile's fp32
-   column sums (``db`` partials, reduced in a fixed order).
-2. ``_sparse_fix_kernel`` overwrites the slab at the (deduplicated) ids of each
-   row with the exact fp32 value ``dense(z_id) + sum of g_gathered at that id``,
-   chain factor included, computed on [N, M] tensors from the saved ``gathered``
-   and ``lse``. Duplicate ids in a row are summed first, so every slot is written
-   once: no atomics, no race.
+   forms ``dz`` in registers (fp32) and stores it, in the input dtype, into one
+   reused ``[Nc, Vs]`` slab buffer; with a bias it also writes the tile's fp32 column
+   sums (``db`` partials, reduced in a fixed order).
+2. ``_sparse_fix_kernel`` overwrites the slab at each row's (deduplicated) ids with
+   the exact fp32 value ``dense(z_id) + summed g_gathered``, chain factor included,
+   computed on [N, M] tensors from the saved ``gathered`` and ``lse``. Duplicate ids
+   of a row (the label is often a teacher id) are summed beforehand, so every entry
+   is written once: no atomics, no race.
 3. ``_dw_gemm_kernel``: ``dW[slab] (+)= dz_slab.T @ h[chunk]``, one program per
-   (BLOCK_M x BLOCK_N) tile of ``dW[slab]``, the reduction over tokens in
-   registers (fp32), looping only over the token blocks that carry gradient.
+   (BLOCK_M x BLOCK_N) tile of ``dW[slab]``, the reduction over tokens in registers
+   (fp32), looping only over the token blocks that carry gradient.
 4. ``_dh_gemm_kernel``: ``dH[chunk] (+)= dz_slab @ w[slab]``, one program per tile of
-   ``dH[chunk]``, reducing over the slab in registers (fp32); tiles whose rows
-   carry no gradient write zeros (first slab) or nothing.
+   ``dH[chunk]``, the reduction over the slab in registers (fp32).
 
-Accumulation across slabs (dH) and across chunks (dW) is a load-add-store done
-by the single program that owns the output tile, in launch order, so the
-backward is bitwise deterministic in both modes (``deterministic`` is accepted
-for API symmetry; there are no atomics anywhere). With ``accum_fp32`` and
-bf16/fp16 inputs that accumulation runs in fp32 buffers (see below); inside a
-tile it is always fp32.
+So ``dz`` is formed in registers, but it goes through the slab before the two
+products instead of being multiplied in place: with D in the thousands neither
+``dH`` nor ``dW`` rows fit a program's registers, so a fully fused backward must
+accumulate both in global memory with atomics (fp32 buffers of N*D and V*D, 2 GiB
+for an 8B model's dW, and run-to-run noise), while the slab keeps every
+accumulation inside one program and costs one write and two reads of the
+(input-dtype) logits gradient, about 3*N*V*e bytes, against 6*N*V*D flops.
 
-Ignored rows (no host sync): a row whose upstream grads (``g_lse`` and
-``g_gathered``) are all 0 is inactive. Tiles of ``_dz_tile_kernel`` whose rows are
-all inactive store zeros and skip the matmul; ``_dh_gemm_kernel`` tiles of
-inactive rows skip their matmul; ``_dw_gemm_kernel`` loops over a device-side list
-of the active BLOCK_K token blocks (inactive blocks first sorted to the end, the
-count read inside the kernel). So ignored rows cost the forward matmul only
-(1 of the 4 ``N*V*D`` matmuls), at block granularity. The forward cannot skip
-them: it does not know which rows the loss will ignore.
+Accumulation across slabs (dH) and across chunks (dW) is a load-add-store by the
+one program that owns the output tile, in launch order: the backward is bitwise
+deterministic in both modes (``deterministic`` is accepted for API symmetry; no
+atomics anywhere). With ``accum_fp32`` and bf16/fp16 inputs that accumulation runs
+in fp32 buffers (below); inside a tile it is always fp32.
+
+Ignored rows (no host sync): a row whose upstream grads (``g_lse``, ``g_gathered``)
+are all 0 is inactive. ``_dz_tile_kernel`` and ``_dh_gemm_kernel`` tiles whose rows
+are all inactive run their reduction loop zero times (no branch: an early exit
+makes the compiled epilogue spill) and store zeros / leave the accumulator as is;
+``_dw_gemm_kernel`` loops over a device-side list of the active BLOCK_K token
+blocks (stable-sorted to the front, the count read inside the kernel). So ignored
+rows cost only the forward matmul (1 of the 4 ``N*V*D`` products), at block
+granularity; the forward cannot skip them, it does not know which rows the loss
+will ignore.
 
 Memory model (bytes beyond the inputs, the outputs and the gradients)
 ---------------------------------------------------------------------
-e = element size of the input dtype, T = len(scales), M = index columns,
-BV = forward BLOCK_V (256 on GPU), Nc = rows per backward chunk, Vs = slab
-columns, nb = cdiv(Nc, 128):
+e = element size of the input dtype, T = lse columns (1-3), M = index columns,
+S = n_slots, BV = forward BLOCK_V (128 on GPU), Nc = rows per backward chunk, Vs =
+slab columns, nb = cdiv(Nc, 128):
 
-    forward:   N*T*cdiv(V, BV)*4                         (tile partial lse, transient)
-    saved:     N*(T + M)*4                                (lse, gathered; gathered is an output)
-    backward:  Nc*Vs*e                                    (dz slab)
-             + Nc*D*4       if bf16/fp16, accum_fp32, dH needed    (fp32 dH accumulator)
-             + V*D*4        if bf16/fp16, accum_fp32, dW needed and N > Nc  (fp32 dW accumulator)
-             + nb*Vs*4 + V*4            if db is needed
-             + ~40*N*M                  (sparse ids / values on [N, M], int64 + fp64 sort temps)
+    forward:   N*T*cdiv(V, BV)*4 + N*S*8                (tile partial lse, sorted slots; transient)
+    saved:     N*(T + M)*4                               (lse and gathered, both outputs)
+    backward, before the slabs (transient):  ~100*N*M    (sort / prefix-sum temporaries of the sparse part)
+    backward, during the slabs:
+               Nc*Vs*e                                   (dz slab)
+             + Nc*D*4      if bf16/fp16, accum_fp32, dH needed              (fp32 dH accumulator)
+             + V*D*4       if bf16/fp16, accum_fp32, dW needed, N > Nc       (fp32 dW accumulator)
+             + nb*Vs*4 + V*4                             if db is needed
+             + 12*N*M + 8*N*S                            (unique ids, values, sorted slots)
 
 ``Vs`` is chosen so that ``Nc*Vs*e <= SLAB_BYTES`` (64 MiB); ``Nc = N`` unless
-``N*D*4 > ACC_BYTES`` (128 MiB) and ``N > V`` (more rows than vocabulary: then the
-V*D*4 dW accumulator is the smaller one). For an 8B model (N = 8192, D = 4096,
-V = 128256, bf16, M <= 101): Vs = 4096, slab 64 MiB + dH accumulator 128 MiB +
-partial lse 32 MiB (forward only) + ~33 MiB sparse temporaries: ~230 MiB peak.
-With ``accum_fp32=False`` (or fp32 inputs) the dH accumulator is the gradient
-itself (one rounding per slab in bf16): ~100 MiB.
+``N*D*4 > ACC_BYTES`` (128 MiB) and ``N > V`` (then the V*D*4 dW accumulator is the
+smaller one). Example, an 8B model (N = 8192, D = 4096, V = 128256, bf16, K = 100
+teacher slots + the label, one temperature plus the rest column): forward 64 + 6 MiB;
+backward 79 MiB transient, then slab 64 MiB (Vs = 4096) + dH accumulator 128 MiB +
+16 MiB = ~210 MiB peak. With ``accum_fp32=False`` (or fp32 inputs) the gradient itself
+is the accumulator (bf16: one rounding per slab): ~80 MiB.
 
-For comparison, ``torch_chunked.LinearLSEGatherTorch`` with C = chunk_elems // V
-rows per chunk: forward ``C*V*(e + ~12)``; backward ``C*V*(2e + ~16)`` (logits,
-fp32 z, tanh, softmax, dz, low-precision dz) + ``V*D*e`` (the per-chunk
-``dz.T @ h`` product before it is added) + ``V*D*4`` if bf16/fp16 with accum_fp32
-and dW needed.
+For comparison, ``torch_chunked.LinearLSEGatherTorch`` with C = chunk_elems // V rows
+per chunk (chunk_elems = 2^22 by default): forward ~C*V*(e + 12); backward
+~C*V*(2e + 20) (logits, fp32 z, tanh, softmax per scale, rest mask, dz, low-precision
+dz) + V*D*e (each chunk's ``dz.T @ h`` before it is added) + V*D*4 if bf16/fp16 with
+accum_fp32 and dW needed -- for the 8B example ~0.1 + 1 + 2 GiB.
 """
 from __future__ import annotations
 
@@ -88,11 +102,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import sorted_slots
+
 #: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
 SLAB_BYTES = 64 << 20
 #: Byte budget of the fp32 dH accumulator ([Nc, D]) before rows are chunked.
 ACC_BYTES = 128 << 20
-#: Slab widths and chunk heights are multiples of this (a multiple of every block size).
+#: Slab widths and chunk heights are rounded to multiples of this (efficiency only).
 ALIGN = 256
 
 
@@ -117,57 +133,114 @@ def _tile_ids(pid, n_a, n_b, GROUP: tl.constexpr):
     return first + local % size, local // size
 
 
+# INTERP_BF16 is set only for bf16 inputs under the CPU interpreter, whose bf16 tl.dot
+# multiplies raw bits and whose fp32 -> bf16 cast truncates; GPUs need neither fix.
+
+
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST (set on the CPU interpreter only, whose bf16 tl.dot
-    is wrong) multiplies fp32 copies instead."""
-    if UPCAST:
+def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc + a @ b, fp32 accumulation. IEEE: exact fp32 products for fp32 operands
+    (no TF32); otherwise Triton's default precision."""
+    if INTERP_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows, rmask, cols, cmask, D,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 -> storage dtype, rounding to nearest even."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rmask, col_start, cmask, D,
+                 IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] tile of h[rows] @ w[cols].T, reduced over D in BLOCK_D steps."""
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    h_ptrs = H + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd
-    w_ptrs = W + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd
+    """fp32 [BLOCK_N, BLOCK_V] tile of h[row_start:] @ w[col_start:].T over D in BLOCK_D
+    steps (``rmask`` / ``cmask``: which of its rows / columns exist).
+
+    The int64 tile origin lives in two scalar pointers; in-tile offsets are int32 and
+    loop-invariant, which keeps the register budget for the accumulator and epilogue."""
+    h_base = H + row_start * stride_hn
+    w_base = W + col_start * stride_wv
+    offs_d = tl.arange(0, BLOCK_D)
+    h_offs = tl.arange(0, BLOCK_N)[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_offs = tl.arange(0, BLOCK_V)[None, :] * stride_wv + offs_d[:, None] * stride_wd
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:
-            hb = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
-            wb = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
+            hb = tl.load(h_base + h_offs, mask=rmask[:, None], other=0.0)
+            wb = tl.load(w_base + w_offs, mask=cmask[None, :], other=0.0)
         else:
             dmask = offs_d < D - d0
-            hb = tl.load(h_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            wb = tl.load(w_ptrs, mask=dmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(hb, wb, acc, PRECISION, UPCAST)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
+            hb = tl.load(h_base + h_offs, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            wb = tl.load(w_base + w_offs, mask=dmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(hb, wb, acc, IEEE, INTERP_BF16)
+        h_base += BLOCK_D * stride_hd
+        w_base += BLOCK_D * stride_wd
     return acc
+
+
+@triton.jit
+def _mask_slots(x, fill, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols, col0, col_end,
+                BLOCK_N: tl.constexpr):
+    """``x`` [BLOCK_N, BLOCK_V] with ``fill`` where column ``cols`` is one of the row's
+    teacher slots.
+
+    Each row's slots are sorted ascending (empty = a huge sentinel). A vectorised
+    binary search (``n_iter`` = bit length of n_slots steps) finds the first slot
+    >= col0, then a walk consumes the slots below ``col_end``: on average
+    K * BLOCK_V / V per row, so the loop usually runs 0-2 times. ``x`` itself is the
+    loop-carried tile, so no extra [BLOCK_N, BLOCK_V] mask is kept in registers."""
+    base = SLOT + rows * stride_sn
+    lo = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + n_slots
+    for _ in range(0, n_iter):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(base + mid, mask=rmask & open_, other=0)
+        below = open_ & (v < col0)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(open_ & (v >= col0), mid, hi)
+    p = lo
+    nxt = tl.load(base + p, mask=rmask & (p < n_slots), other=col_end)
+    while tl.max((nxt < col_end).to(tl.int32), axis=0) > 0:
+        inside = nxt < col_end
+        x = tl.where((cols[None, :] == nxt[:, None]) & inside[:, None], fill, x)
+        p = tl.where(inside, p + 1, p)
+        nxt = tl.load(base + p, mask=rmask & (p < n_slots), other=col_end)
+    return x
 
 
 @triton.jit
 def _lse_tile_kernel(
     H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
     PART, stride_pn, stride_pt,
+    SLOT, stride_sn, n_slots, n_iter,
     N, V, D, scale_a, scale_b, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_REST: tl.constexpr,
+    IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     n_nb = tl.cdiv(N, BLOCK_N)
     n_vb = tl.cdiv(V, BLOCK_V)
     pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows0 = pid_n * BLOCK_N
+    cols0 = pid_v * BLOCK_V
+    rows = rows0 + tl.arange(0, BLOCK_N)
+    cols = cols0 + tl.arange(0, BLOCK_V)
     rmask = rows < N
     cmask = cols < V
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows, rmask, cols, cmask, D,
-                     PRECISION, UPCAST, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, D,
+                     IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     if HAS_BIAS:
         z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -183,6 +256,18 @@ def _lse_tile_kernel(
         m_b = tl.max(zb, axis=1)
         lse_b = m_b + tl.log(tl.sum(tl.exp(zb - m_b[:, None]), axis=1))
         tl.store(out + stride_pt, lse_b, mask=rmask)
+    if HAS_REST:
+        # the same at scales[-1] over the columns that are not teacher slots; a tile
+        # made only of slots gives -inf
+        scale_r = scale_b if TWO_SCALES else scale_a
+        zr = tl.where(cmask[None, :], z * scale_r, float("-inf"))
+        zr = _mask_slots(zr, float("-inf"), SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols,
+                         pid_v * BLOCK_V, pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
+        m_r = tl.max(zr, axis=1)
+        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        s_r = tl.sum(tl.exp(zr - m_r[:, None]), axis=1)
+        lse_r = tl.where(s_r > 0, m_r + tl.log(tl.maximum(s_r, 1e-30)), float("-inf"))
+        tl.store(out + (2 if TWO_SCALES else 1) * stride_pt, lse_r, mask=rmask)
 
 
 @triton.jit
@@ -223,10 +308,11 @@ def _dz_tile_kernel(
     H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
     LSE, stride_ln, GLSE, stride_gn, ACT,
     DZ, stride_zn, DBP, stride_bp,
+    SLOT, stride_sn, n_slots, n_iter,
     row0, n_rows, col0, n_cols, D, scale_a, scale_b, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_REST: tl.constexpr,
     STORE_DZ: tl.constexpr, STORE_DB: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dz for rows [row0, row0 + n_rows) x columns [col0, col0 + n_cols), stored at
@@ -238,27 +324,24 @@ def _dz_tile_kernel(
     lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = lrows < n_rows
     cmask = lcols < n_cols
+    rows0 = row0 + pid_n * BLOCK_N
+    cols0 = col0 + pid_v * BLOCK_V
     rows = row0 + lrows
     cols = col0 + lcols
-    dz_ptrs = DZ + lrows[:, None] * stride_zn + lcols[None, :]
+    dz_ptrs = (DZ + pid_n * BLOCK_N * stride_zn + pid_v * BLOCK_V
+               + tl.arange(0, BLOCK_N)[:, None] * stride_zn + tl.arange(0, BLOCK_V)[None, :])
     tmask = rmask[:, None] & cmask[None, :]
 
+    # rows without upstream gradient: the D loop runs zero times and, every g being 0,
+    # the epilogue stores zeros (a branch here would cost registers: the epilogue spills)
     active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
-    if active == 0:
-        # no upstream gradient in these rows: zeros, no matmul
-        if STORE_DZ:
-            tl.store(dz_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=DZ.dtype.element_ty), mask=tmask)
-        if STORE_DB:
-            tl.store(DBP + pid_n * stride_bp + lcols, tl.zeros((BLOCK_V,), dtype=tl.float32), mask=cmask)
-        return
-
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows, rmask, cols, cmask, D,
-                     PRECISION, UPCAST, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    n_d = tl.where(active > 0, D, 0)
+    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
+                     IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     if HAS_BIAS:
         z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        t = _tanh(z / softcap)
-        z = softcap * t
+        z = softcap * _tanh(z / softcap)
     lse_a = tl.load(LSE + rows * stride_ln, mask=rmask, other=0.0)
     g_a = tl.load(GLSE + rows * stride_gn, mask=rmask, other=0.0) * scale_a
     dz = g_a[:, None] * tl.exp(z * scale_a - lse_a[:, None])
@@ -266,20 +349,31 @@ def _dz_tile_kernel(
         lse_b = tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0)
         g_b = tl.load(GLSE + rows * stride_gn + 1, mask=rmask, other=0.0) * scale_b
         dz += g_b[:, None] * tl.exp(z * scale_b - lse_b[:, None])
+    if HAS_REST:
+        scale_r = scale_b if TWO_SCALES else scale_a
+        rc = 2 if TWO_SCALES else 1
+        lse_r = tl.load(LSE + rows * stride_ln + rc, mask=rmask, other=0.0)
+        lse_r = tl.where(lse_r == float("-inf"), 0.0, lse_r)   # every column is a slot: no term
+        g_r = tl.load(GLSE + rows * stride_gn + rc, mask=rmask, other=0.0) * scale_r
+        er = g_r[:, None] * tl.exp(z * scale_r - lse_r[:, None])
+        er = _mask_slots(er, 0.0, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols,
+                         col0 + pid_v * BLOCK_V, col0 + pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
+        dz += er
     if HAS_SOFTCAP:
+        t = z / softcap   # = tanh(raw / softcap); recomputed rather than kept live
         dz = dz * (1.0 - t * t)
     dz = tl.where(tmask, dz, 0.0)
     if STORE_DB:
         tl.store(DBP + pid_n * stride_bp + lcols, tl.sum(dz, axis=0), mask=cmask)
     if STORE_DZ:
-        tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=tmask)
+        tl.store(dz_ptrs, _cast(dz, DZ.dtype.element_ty, INTERP_BF16), mask=tmask)
 
 
 @triton.jit
 def _sparse_fix_kernel(
     UIDX, stride_un, VAL, stride_vn, DZ, stride_zn,
     row0, col0, n_cols, M,
-    BLOCK_M: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Overwrite dz at each row's (unique) ids that fall in the slab with the exact value."""
     lrow = tl.program_id(0).to(tl.int64)
@@ -292,79 +386,90 @@ def _sparse_fix_kernel(
         c = idx - col0
         ok = mmask & (idx >= 0) & (c >= 0) & (c < n_cols)
         v = tl.load(VAL + row * stride_vn + mo, mask=ok, other=0.0)
-        tl.store(DZ + lrow * stride_zn + tl.where(ok, c, 0), v.to(DZ.dtype.element_ty), mask=ok)
+        tl.store(DZ + lrow * stride_zn + tl.where(ok, c, 0), _cast(v, DZ.dtype.element_ty, INTERP_BF16), mask=ok)
 
 
 @triton.jit
 def _dw_gemm_kernel(
     DZ, stride_zn, H, stride_hn, stride_hd, OUT, stride_ov, stride_od,
-    BLKS, COUNT, row0, n_rows, n_cols, D,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLKS, COUNT, n_rows, n_cols, D,
+    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """OUT[c, d] (+)= sum over active token blocks of dz[tok, c] * h[row0 + tok, d]."""
+    """OUT[c, d] (+)= sum over the active token blocks of dz[tok, c] * h[tok, d] (H points
+    at the chunk's first row, OUT at the slab's first row).
+
+    ``BLKS`` lists the chunk's token blocks (BLOCK_K rows each) with the active ones
+    first and ``COUNT`` how many are active: the loop bound is read on the device."""
     n_mb = tl.cdiv(n_cols, BLOCK_M)
     n_db = tl.cdiv(D, BLOCK_N)
     pid_m, pid_d = _tile_ids(tl.program_id(0).to(tl.int64), n_mb, n_db, GROUP)
-    offs_c = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    cmask = offs_c < n_cols
-    dmask = offs_d < D
+    c0 = pid_m * BLOCK_M
+    d0 = pid_d * BLOCK_N
+    lc = tl.arange(0, BLOCK_M)
+    ld = tl.arange(0, BLOCK_N)
+    lk = tl.arange(0, BLOCK_K)
+    cmask = lc < n_cols - c0
+    dmask = ld < D - d0
+    a_offs = lk[None, :] * stride_zn + lc[:, None]                      # dz.T tile [BLOCK_M, BLOCK_K]
+    b_offs = lk[:, None] * stride_hn + ld[None, :] * stride_hd          # h tile [BLOCK_K, BLOCK_N]
+    a_base = DZ + c0
+    b_base = H + d0 * stride_hd
     n_active = tl.load(COUNT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, n_active):
-        blk = tl.load(BLKS + i).to(tl.int64)
-        tok = blk * BLOCK_K + offs_k
-        kmask = tok < n_rows
-        a = tl.load(DZ + tok[None, :] * stride_zn + offs_c[:, None],
-                    mask=cmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(H + (row0 + tok)[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                    mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
-    out_ptrs = OUT + offs_c[:, None] * stride_ov + offs_d[None, :] * stride_od
+        t0 = tl.load(BLKS + i).to(tl.int64) * BLOCK_K
+        kmask = lk < n_rows - t0
+        a = tl.load(a_base + t0 * stride_zn + a_offs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + t0 * stride_hn + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE, INTERP_BF16)
+    out_ptrs = OUT + c0 * stride_ov + d0 * stride_od + lc[:, None] * stride_ov + ld[None, :] * stride_od
     omask = cmask[:, None] & dmask[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=omask)
+    tl.store(out_ptrs, _cast(acc, OUT.dtype.element_ty, INTERP_BF16), mask=omask)
 
 
 @triton.jit
 def _dh_gemm_kernel(
     DZ, stride_zn, W, stride_wv, stride_wd, OUT, stride_on, stride_od, ACT,
     row0, n_rows, n_cols, D,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """OUT[r, d] (+)= sum_c dz[r, c] * w[c, d] for the slab's columns (W points at its first row)."""
+    """OUT[r, d] (+)= sum_c dz[r, c] * w[c, d] over the slab's columns (W points at its
+    first row); tiles whose rows are all inactive skip the matmul."""
     n_mb = tl.cdiv(n_rows, BLOCK_M)
     n_db = tl.cdiv(D, BLOCK_N)
     pid_m, pid_d = _tile_ids(tl.program_id(0).to(tl.int64), n_mb, n_db, GROUP)
-    lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rmask = lrows < n_rows
-    dmask = offs_d < D
-    out_ptrs = OUT + lrows[:, None] * stride_on + offs_d[None, :] * stride_od
+    r0 = pid_m * BLOCK_M
+    d0 = pid_d * BLOCK_N
+    lr = tl.arange(0, BLOCK_M)
+    ld = tl.arange(0, BLOCK_N)
+    lk = tl.arange(0, BLOCK_K)
+    rmask = lr < n_rows - r0
+    dmask = ld < D - d0
+    out_ptrs = OUT + r0 * stride_on + d0 * stride_od + lr[:, None] * stride_on + ld[None, :] * stride_od
     omask = rmask[:, None] & dmask[None, :]
-    active = tl.max(tl.load(ACT + row0 + lrows, mask=rmask, other=0), axis=0)
-    if active == 0:
-        if not ACCUMULATE:
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=OUT.dtype.element_ty), mask=omask)
-        return
-    a_ptrs = DZ + lrows[:, None] * stride_zn + offs_k[None, :]
-    b_ptrs = W + offs_k[:, None] * stride_wv + offs_d[None, :] * stride_wd
+    # rows without upstream gradient have dz = 0: skip the reduction (no branch, see
+    # _dz_tile_kernel); the tile then stores zeros or re-stores what it accumulated
+    active = tl.max(tl.load(ACT + row0 + r0 + lr, mask=rmask, other=0), axis=0)
+    n_k = tl.where(active > 0, n_cols, 0)
+    a_base = DZ + r0 * stride_zn
+    b_base = W + d0 * stride_wd
+    a_offs = lr[:, None] * stride_zn + lk[None, :]
+    b_offs = lk[:, None] * stride_wv + ld[None, :] * stride_wd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        kmask = offs_k < n_cols - k0
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wv
+    for k0 in range(0, n_k, BLOCK_K):
+        kmask = lk < n_cols - k0
+        a = tl.load(a_base + a_offs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE, INTERP_BF16)
+        a_base += BLOCK_K
+        b_base += BLOCK_K * stride_wv
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=omask)
+    tl.store(out_ptrs, _cast(acc, OUT.dtype.element_ty, INTERP_BF16), mask=omask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -382,28 +487,31 @@ def _config(device: torch.device, dtype: torch.dtype, M: int) -> dict:
             gather=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 16), BLOCK_D=64, num_warps=4),
             fix=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 64), num_warps=1),
         )
-    wide = dtype == torch.float32
-    bd = 32 if wide else 64
+    # 128 x 128 fp32 tiles over 8 warps = 64 registers per tile-sized value: room for the
+    # accumulator plus the two or three tiles the epilogues keep live (z, dz, the
+    # exponent of one scale). Compiled for sm_90 (Triton 3.9, ptxas -v), 128 x 256 tiles
+    # or BLOCK_D = 64 spill (the operand offsets of a [128, 64] tile cost ~64 registers);
+    # 128 x 128 x 32 does not, and 4 stages keep the loads ahead (64 KiB of shared memory
+    # for 16-bit operands). fp32 operands halve BLOCK_D.
+    bd = 16 if dtype == torch.float32 else 32
     return dict(
-        # light epilogue (max / exp / sum): a wide tile for arithmetic intensity
-        fwd=dict(BLOCK_N=128, BLOCK_V=128 if wide else 256, BLOCK_D=bd, GROUP=8, num_warps=8,
-                 num_stages=3),
-        # heavier epilogue (tanh, one exp per scale, a tile store): square tile
-        dz=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=3),
-        gemm=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=3),
+        fwd=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4),
+        dz=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4),
+        gemm=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
         gather=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 16), BLOCK_D=256, num_warps=4),
         fix=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 256), num_warps=4),
     )
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul setting (TF32 only where torch would use it)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; 16-bit inputs ignore it
+def _ieee(h: torch.Tensor) -> bool:
+    """Exact fp32 dot products: fp32 inputs unless torch allows TF32 matmuls (the same
+    choice torch makes for ``h @ w.T``), and the interpreter's bf16 workaround."""
+    if _interp_bf16(h):
+        return True
+    return h.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def _upcast(h: torch.Tensor) -> bool:
+def _interp_bf16(h: torch.Tensor) -> bool:
     return h.device.type != "cuda" and h.dtype == torch.bfloat16
 
 
@@ -413,6 +521,13 @@ def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
     if len(scales) == 2:
         return float(scales[0]), float(scales[1]), True
     raise ValueError(f"scales must hold 1 or 2 values, got {len(scales)}")
+
+
+def _slot_list(index: torch.Tensor, V: int, n_slots: int) -> torch.Tensor:
+    """Each row's first ``n_slots`` ids sorted (a 1 x 1 placeholder when there are none)."""
+    if n_slots:
+        return sorted_slots(index, V, n_slots)
+    return torch.zeros((1, 1), dtype=torch.int64, device=index.device)
 
 
 def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor) -> None:
@@ -428,36 +543,41 @@ def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torc
 
 
 def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
-                              scales: tuple[float, ...], softcap: float | None
+                              scales: tuple[float, ...], softcap: float | None, n_slots: int = 0
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lse`` [N, T] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``."""
+    """``lse`` [N, T (+1)] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``.
+
+    With ``n_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
+    over the vocab outside the first ``n_slots`` ids of each row (-inf if empty)."""
     _check(h, w, b, index)
     N, D = h.shape
     V = w.shape[0]
     M = index.shape[1]
     sa, sb, two = _scales(scales)
-    T = 2 if two else 1
+    T = (2 if two else 1) + (1 if n_slots else 0)
     dev = h.device
     lse = torch.empty((N, T), dtype=torch.float32, device=dev)
     gathered = torch.empty((N, M), dtype=torch.float32, device=dev)
     if N == 0:
         return lse, gathered
     cfg = _config(dev, h.dtype, M)
-    upcast = _upcast(h)
-    prec = "ieee" if upcast else _precision(h.dtype)
+    interp_bf16 = _interp_bf16(h)
+    ieee = _ieee(h)
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
     f = cfg["fwd"]
     n_vb = triton.cdiv(V, f["BLOCK_V"])
     part = torch.empty((N, T, n_vb), dtype=torch.float32, device=dev)
+    slots = _slot_list(index, V, n_slots)
     grid = (triton.cdiv(N, f["BLOCK_N"]) * n_vb,)
     _lse_tile_kernel[grid](
         h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
         part, part.stride(0), part.stride(1),
+        slots, slots.stride(0), n_slots, int(n_slots).bit_length(),
         N, V, D, sa, sb, cap,
-        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two,
-        PRECISION=prec, UPCAST=upcast, EVEN_D=D % f["BLOCK_D"] == 0,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_REST=n_slots > 0,
+        IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f["BLOCK_D"] == 0,
         BLOCK_N=f["BLOCK_N"], BLOCK_V=f["BLOCK_V"], BLOCK_D=f["BLOCK_D"], GROUP=f["GROUP"],
         num_warps=f["num_warps"], num_stages=f["num_stages"],
     )
@@ -496,7 +616,8 @@ def _segment_totals(sk: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _sparse_values(index: torch.Tensor, g_gathered: torch.Tensor, gathered: torch.Tensor, lse: torch.Tensor,
-                   g_lse: torch.Tensor, scales: tuple[float, ...], softcap: float | None, V: int):
+                   g_lse: torch.Tensor, scales: tuple[float, ...], softcap: float | None, V: int,
+                   n_slots: int = 0):
     """Per row, the unique valid ids and the exact fp32 dz at them (no host sync).
 
     Returns ``uidx`` [N, M] int32 (each id at most once per row, -1 elsewhere),
@@ -513,6 +634,16 @@ def _sparse_values(index: torch.Tensor, g_gathered: torch.Tensor, gathered: torc
     dense = torch.zeros_like(zs)
     for k, s in enumerate(scales):
         dense += (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lse[:, k:k + 1])
+    if n_slots:
+        # the rest term (log-sum-exp outside the slots) reaches the ids that are not slots
+        M = index.shape[1]
+        is_slot = ((torch.arange(M, device=index.device) < n_slots) & valid).to(torch.float32)
+        in_slots = _segment_totals(sk, is_slot.gather(1, perm))[0] > 0
+        s, k = scales[-1], len(scales)
+        lr = lse[:, k:k + 1]
+        lr = torch.where(torch.isinf(lr), torch.zeros_like(lr), lr)
+        rest = (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lr)
+        dense += torch.where(in_slots, torch.zeros_like(rest), rest)
     if softcap is not None:
         tz = zs / softcap
         chain = 1.0 - tz * tz
@@ -555,7 +686,7 @@ def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tup
 
 
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
-                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool):
+                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, n_slots: int = 0):
     """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed."""
     N, D = h.shape
     V = w.shape[0]
@@ -567,8 +698,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
         return dh, dw, db
     sa, sb, two = _scales(scales)
     cfg = _config(dev, h.dtype, M)
-    upcast = _upcast(h)
-    prec = "ieee" if upcast else _precision(h.dtype)
+    interp_bf16 = _interp_bf16(h)
+    ieee = _ieee(h)
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
@@ -591,7 +722,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
         return dh, dw, (db32.to(b.dtype) if need_b else None)
 
     if M > 0:
-        uidx, val, gsp = _sparse_values(index, g_gathered, gathered, lse, g_lse, scales, softcap, V)
+        uidx, val, gsp = _sparse_values(index, g_gathered, gathered, lse, g_lse, scales, softcap, V, n_slots)
+    slots = _slot_list(index, V, n_slots)
 
     low = h.dtype != torch.float32
     sep_h = need_h and accum_fp32 and low
@@ -627,10 +759,11 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                 h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
                 lse, lse.stride(0), g_lse, g_lse.stride(0), active,
                 dz, dz.stride(0), dbp, dbp.stride(0),
+                slots, slots.stride(0), n_slots, int(n_slots).bit_length(),
                 r0, n_rows, v0, n_cols, D, sa, sb, cap,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two,
+                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_REST=n_slots > 0,
                 STORE_DZ=store_dz, STORE_DB=need_b,
-                PRECISION=prec, UPCAST=upcast, EVEN_D=D % zc["BLOCK_D"] == 0,
+                IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc["BLOCK_D"] == 0,
                 BLOCK_N=zc["BLOCK_N"], BLOCK_V=zc["BLOCK_V"], BLOCK_D=zc["BLOCK_D"], GROUP=zc["GROUP"],
                 num_warps=zc["num_warps"], num_stages=zc["num_stages"],
             )
@@ -641,15 +774,15 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
             if M > 0:
                 _sparse_fix_kernel[(n_rows,)](
                     uidx, uidx.stride(0), val, val.stride(0), dz, dz.stride(0),
-                    r0, v0, n_cols, M, BLOCK_M=fx["BLOCK_M"], num_warps=fx["num_warps"],
+                    r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx["BLOCK_M"], num_warps=fx["num_warps"],
                 )
             if need_w:
-                out_w = dw_acc[v0:]
+                out_w, h_c = dw_acc[v0:], h[r0:]     # views: 64-bit offsets computed by torch
                 grid = (triton.cdiv(n_cols, gm["BLOCK_M"]) * triton.cdiv(D, gm["BLOCK_N"]),)
                 _dw_gemm_kernel[grid](
-                    dz, dz.stride(0), h, h.stride(0), h.stride(1), out_w, out_w.stride(0), out_w.stride(1),
-                    blks, count, r0, n_rows, n_cols, D,
-                    ACCUMULATE=c > 0, PRECISION=prec, UPCAST=upcast,
+                    dz, dz.stride(0), h_c, h_c.stride(0), h_c.stride(1), out_w, out_w.stride(0), out_w.stride(1),
+                    blks, count, n_rows, n_cols, D,
+                    ACCUMULATE=c > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
                     BLOCK_M=gm["BLOCK_M"], BLOCK_N=gm["BLOCK_N"], BLOCK_K=bk, GROUP=gm["GROUP"],
                     num_warps=gm["num_warps"], num_stages=gm["num_stages"],
                 )
@@ -660,7 +793,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                     dz, dz.stride(0), w_slab, w_slab.stride(0), w_slab.stride(1),
                     out_h, out_h.stride(0), out_h.stride(1), active,
                     r0, n_rows, n_cols, D,
-                    ACCUMULATE=s > 0, PRECISION=prec, UPCAST=upcast,
+                    ACCUMULATE=s > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
                     BLOCK_M=gm["BLOCK_M"], BLOCK_N=gm["BLOCK_N"], BLOCK_K=bk, GROUP=gm["GROUP"],
                     num_warps=gm["num_warps"], num_stages=gm["num_stages"],
                 )
@@ -668,6 +801,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
             dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
     if need_w and dw_acc is not dw:
         dw.copy_(dw_acc)
+    del dz, dbp, dh_acc, dw_acc
     if need_b:
         if M > 0:
             db32 += _sum_by_id(uidx, gsp, V)
@@ -676,16 +810,22 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
 
 
 class LinearLSEGatherTriton(torch.autograd.Function):
-    """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T], gathered [N, M])``.
+    """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T (+1)], gathered [N, M])``.
 
-    Gradients only for the inputs that need them (a frozen ``w`` allocates no dW)."""
+    Gradients only for the inputs that need them (a frozen ``w`` allocates no dW).
+    ``deterministic`` is accepted for API symmetry: the backward has no atomics and
+    is bitwise reproducible either way."""
+
+    #: computes the log-sum-exp outside the first ``n_slots`` ids (the extra lse column)
+    SUPPORTS_REST = True
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, deterministic=False, accum_fp32=True):
+    def forward(ctx, h, w, b, index, scales, softcap, deterministic=False, accum_fp32=True, n_slots=0):
         index = index.contiguous()
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap)
+        n_slots = min(int(n_slots or 0), index.shape[1])
+        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, n_slots)
         ctx.save_for_backward(h, w, b, index, lse, gathered)
-        ctx.scales, ctx.softcap, ctx.accum_fp32 = tuple(scales), softcap, accum_fp32
+        ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.n_slots = tuple(scales), softcap, accum_fp32, n_slots
         return lse, gathered
 
     @staticmethod
@@ -694,5 +834,5 @@ class LinearLSEGatherTriton(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = linear_lse_gather_backward(
             h, w, b, index, ctx.scales, ctx.softcap, lse, gathered, g_lse, g_gathered,
-            need_h, need_w, need_b, ctx.accum_fp32)
-        return dh, dw, db, None, None, None, None, None
+            need_h, need_w, need_b, ctx.accum_fp32, ctx.n_slots)
+        return dh, dw, db, None, None, None, None, None, None

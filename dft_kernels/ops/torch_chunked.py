@@ -172,13 +172,15 @@ class LinearLSEGatherTorch(torch.autograd.Function):
             del z, t
             if db is not None:
                 db += dz.sum(0)
-            dzc = dz.to(h.dtype)
-            del dz
+            dzc = dz if dz.dtype == h.dtype else dz.to(h.dtype)
             if dh is not None:
                 torch.mm(dzc, w, out=dh[i:j]) if dh.is_contiguous() else dh[i:j].copy_(dzc @ w)
-            if dw is not None:
-                part = dzc.t() @ h[i:j]
-                dw += part
+            if dw is not None:  # accumulate in place: no [V, D] temporary per chunk
+                if dw.dtype == h.dtype:
+                    dw.addmm_(dzc.t(), h[i:j])
+                else:
+                    dw.addmm_(dz.t(), h[i:j].to(dw.dtype))
+            del dz, dzc
         if dw is not None and dw.dtype != w.dtype:
             dw = dw.to(w.dtype)
         if db is not None:

@@ -1,0 +1,62 @@
+"""``DFTConfig``: every DFT option of the Hugging Face integration in one place."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..losses import check_options
+
+#: fields of DFTConfig that are not keywords of the loss functions
+_ADAPTER_FIELDS = ("skip_logits", "check", "log_components")
+
+
+@dataclass
+class DFTConfig:
+    """Options of the DFT loss (DESIGN.md sec. 3-5) and of the adapter.
+
+    Loss options -- ``lam``, ``divergence``, ``beta``, ``tail``, ``accuracy``,
+    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems``,
+    ``deterministic`` -- mean what they mean in :func:`dft_kernels.dft_loss`. The
+    softcap is not an option: it comes from the model (``final_logit_softcapping``).
+
+    Adapter options:
+
+    - ``skip_logits``: ``None`` (default) computes the loss with the fused
+      linear path and returns ``logits=None`` in training mode, and from the
+      model's own logits in eval mode; ``True`` / ``False`` force one of the two.
+    - ``check``: on the first fused call, compare one row of the model's own
+      logits with what the fused loss sees, and raise if the model transforms
+      its logits in a way the adapter does not reproduce.
+    - ``log_components``: :class:`~dft_kernels.hf.DFTTrainer` logs the
+      divergence and accuracy terms separately.
+    """
+
+    lam: float = 0.2
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    tail: str = "bucket"
+    accuracy: str = "ce"
+    temperature: float = 1.0
+    ignore_index: int = -100
+    impl: str = "auto"
+    validate: bool = False
+    chunk_elems: int | None = None
+    deterministic: bool = False
+    skip_logits: bool | None = None
+    check: bool = True
+    log_components: bool = True
+
+    def __post_init__(self):
+        check_options(lam=self.lam, divergence=self.divergence, beta=self.beta, tail=self.tail,
+                      accuracy=self.accuracy, temperature=self.temperature, softcap=None,
+                      reduction="mean", impl=self.impl)
+        if self.skip_logits not in (None, True, False):
+            raise ValueError(f"skip_logits={self.skip_logits!r} must be None (auto), True or False")
+
+    def loss_kwargs(self) -> dict:
+        """The keywords of :func:`dft_kernels.fused_linear_dft_loss` this config sets."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _ADAPTER_FIELDS}
+
+    def patch_kwargs(self) -> dict:
+        """The keywords of :func:`dft_kernels.hf.patch` this config sets."""
+        return {**self.loss_kwargs(), "skip_logits": self.skip_logits, "check": self.check}

@@ -1,0 +1,178 @@
+"""``DFTTrainerMixin`` / ``DFTTrainer``: a transformers Trainer that trains with the DFT loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers
+
+from .collator import DFTDataCollator
+from .config import DFTConfig
+from .patch import is_patched, last_loss_components, patch
+
+_COMPONENTS = ("divergence", "accuracy")
+_MASSES = ("teacher_mass", "student_mass")
+_KEEP_COLUMNS = ("input_ids", "attention_mask", "labels", "target_index", "target_logprobs")
+
+
+class DFTTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (first in the bases, e.g.
+    ``class MySFT(DFTTrainerMixin, trl.SFTTrainer)``) to train with the DFT loss.
+
+    ``dft_config`` (a :class:`DFTConfig`, or a dict of its fields) holds every DFT
+    option. The model is patched with :func:`dft_kernels.hf.patch` (a model that is
+    already patched keeps its options when ``dft_config`` is None); the default data
+    collator is :class:`DFTDataCollator`. The loss is the patched model's, so
+    ``num_items_in_batch`` (gradient accumulation) is honoured. The divergence and
+    the accuracy term (``loss = dft_divergence + lam * dft_accuracy``) are logged
+    separately, with the mean teacher / student mass on the teacher's slots, in
+    training logs and as ``eval_dft_*`` in evaluation metrics.
+
+    ``compute_loss`` calls ``transformers.Trainer.compute_loss`` directly, skipping a
+    subclass's own version in between (TRL's SFTTrainer computes token accuracy and
+    entropy from logits, which the fused path does not return).
+    """
+
+    def __init__(self, *args, dft_config: DFTConfig | dict | None = None, **kwargs):
+        if isinstance(dft_config, dict):
+            dft_config = DFTConfig(**dft_config)
+        if dft_config is not None and not isinstance(dft_config, DFTConfig):
+            raise TypeError(f"dft_config must be a DFTConfig or a dict of its fields, got {type(dft_config).__name__}")
+        if dft_config is not None and dft_config.ignore_index != -100:
+            raise ValueError(f"DFTConfig(ignore_index={dft_config.ignore_index}) must be -100 with a Trainer: the "
+                             "Trainer counts labels != -100 for num_items_in_batch (gradient accumulation)")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func cannot be combined with the DFT loss: the patched model computes it; "
+                             "drop compute_loss_func")
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(targs, "label_smoothing_factor", 0) not in (0, 0.0, None):
+            raise ValueError("label_smoothing_factor must be 0 with the DFT loss (the Trainer would replace the "
+                             "DFT loss with its label-smoothed cross-entropy)")
+        model = kwargs.get("model", args[0] if args else None)
+        tok = kwargs.get("processing_class", kwargs.get("tokenizer"))
+        if kwargs.get("data_collator") is None and not (len(args) > 2 and args[2] is not None):
+            kwargs["data_collator"] = DFTDataCollator(tok)
+        self.dft_config = dft_config
+        # patch before the Trainer inspects the forward (signature columns, loss kwargs)
+        if isinstance(model, torch.nn.Module):
+            self._dft_patch(model, dft_config)
+        super().__init__(*args, **kwargs)
+        if self.model is not None:
+            self._dft_patch(self.model, dft_config)
+        # the patched forward takes num_items_in_batch; its labels are shifted like ForCausalLMLoss's, so the
+        # Trainer must count labels[..., 1:] (it does not for every model class, e.g. GPT-2's)
+        self.model_accepts_loss_kwargs = True
+        if hasattr(self, "_loss_shifts_labels"):
+            self._loss_shifts_labels = True
+        self._dft_train = _Accumulator()
+        self._dft_eval = _Accumulator()
+        self._dft_last_step = 0
+
+    def call_model_init(self, trial=None):
+        # models made by model_init (hyper-parameter search) are patched like a passed model
+        model = super().call_model_init(trial)
+        self._dft_patch(model, getattr(self, "dft_config", None))
+        return model
+
+    @staticmethod
+    def _dft_patch(model, cfg) -> None:
+        if cfg is not None:
+            patch(model, cfg)
+        elif not is_patched(model):
+            patch(model, DFTConfig())
+
+    def _set_signature_columns_if_needed(self):
+        # keep the target columns when the Trainer drops dataset columns the forward does not take
+        # (TRL's SFTTrainer keeps a fixed list: input_ids, labels, seq_lengths)
+        super()._set_signature_columns_if_needed()
+        cols = getattr(self, "_signature_columns", None)
+        if isinstance(cols, list):
+            cols.extend(c for c in _KEEP_COLUMNS if c not in cols)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and "use_cache" not in inputs:
+            inputs = {**inputs, "use_cache": False}      # no KV cache to build while training
+        loss, outputs = transformers.Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                          num_items_in_batch=num_items_in_batch)
+        if self.dft_config is None or self.dft_config.log_components:
+            comps = last_loss_components(self.accelerator.unwrap_model(model))
+            if comps is not None:
+                if model.training:
+                    # make the parts add up like the Trainer's logged loss: scaled for gradient accumulation
+                    scale = 1.0
+                    if num_items_in_batch is None:
+                        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps",
+                                              self.args.gradient_accumulation_steps)
+                    elif getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
+                        scale = float(loss.detach() / comps.loss.detach()) if float(comps.loss) != 0 else 1.0
+                    self._dft_train.add(comps, scale)
+                else:
+                    self._dft_eval.add(comps, 1.0)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        self._dft_eval.reset()
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        if self.dft_config is None or self.dft_config.log_components:
+            if "loss" in logs and self._dft_train.n:
+                steps = max(1, self.state.global_step - self._dft_last_step)
+                self._dft_last_step = self.state.global_step
+                logs.update(self._dft_train.pop(self, prefix="dft_", sum_steps=steps))
+            elif any(k.startswith("eval_") for k in logs) and self._dft_eval.n:
+                logs.update(self._dft_eval.pop(self, prefix="eval_dft_", sum_steps=None))
+        return super().log(logs, *args, **kwargs)
+
+
+class DFTTrainer(DFTTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` with the DFT loss: ``DFTTrainer(model, args, train_dataset=...,
+    dft_config=DFTConfig(lam=0.2, ...))``. See :class:`DFTTrainerMixin`."""
+
+
+class _Accumulator:
+    """Detached running sums of the loss components (no host sync until logged)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = {}
+        self.n = 0
+
+    def add(self, comps, scale: float) -> None:
+        for k in _COMPONENTS:
+            v = getattr(comps, k).detach().float() * scale
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        for k in _MASSES:
+            v = getattr(comps, k).detach().float()
+            ok = torch.isfinite(v)
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v, torch.zeros_like(v))
+            self.sums[k + "_n"] = self.sums.get(k + "_n", 0.0) + ok.float()
+        self.n += 1
+
+    def pop(self, trainer, *, prefix: str, sum_steps: int | None) -> dict:
+        """Training: components summed over micro-batches / optimizer steps (like the
+        Trainer's loss); evaluation: mean over batches. Masses: mean over batches."""
+        out = {}
+        world = getattr(trainer.args, "world_size", 1)
+
+        def mean_over_ranks(t):
+            t = torch.as_tensor(t, dtype=torch.float32, device=trainer.args.device).reshape(1)
+            if world > 1:
+                t = trainer.accelerator.gather(t).mean()
+            return float(t.sum())
+
+        for k in _COMPONENTS:
+            total = mean_over_ranks(self.sums[k])
+            out[prefix + k] = total / (sum_steps if sum_steps is not None else self.n)
+        for k in _MASSES:
+            cnt = mean_over_ranks(self.sums[k + "_n"])
+            if cnt > 0:
+                out[prefix + k] = mean_over_ranks(self.sums[k]) / cnt
+        out = {k: v for k, v in out.items() if math.isfinite(v)}
+        self.reset()
+        return out
+
+
+__all__ = ["DFTTrainer", "DFTTrainerMixin"]
