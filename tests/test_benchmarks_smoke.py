@@ -1,0 +1,116 @@
+"""The benchmark code must keep working: a tiny CPU sweep end to end.
+
+Runs ``python -m benchmarks.sweep --shapes cpu-small --quick`` into a temporary
+folder and checks the results JSON, the loss agreement, the reporting of missing
+peers, the markdown and the PNG plots. Speed and memory targets are checked by the
+benchmarks themselves, never here.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PEER_METHODS = {"liger-kernel": ("liger-flce", "liger-jsd"), "cut-cross-entropy": ("cce",)}
+
+
+def _run(args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "DFT_KERNELS_IMPL"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    _run(["-m", "benchmarks.sweep", "--shapes", "cpu-small", "--device", "cpu", "--quick", "--out", str(out),
+          "--name", "smoke"])
+    return out, json.loads((out / "smoke.json").read_text())
+
+
+def test_results_json_fields(smoke_run):
+    out, data = smoke_run
+    for key in ("run", "date", "command", "argv", "preset", "device", "versions", "ceilings", "memory_method",
+                "timing_method", "rows", "all_losses_agree", "plots"):
+        assert key in data, key
+    assert data["preset"] == "cpu-small" and data["quick"] is True
+    assert data["command"].startswith("python -m benchmarks.sweep") and "--quick" in data["command"]
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    v = data["versions"]
+    assert v["torch"] == torch.__version__ and v["triton"] and v["python"]
+    for name in ("liger-kernel", "cut-cross-entropy", "torch.nn.functional.linear_cross_entropy"):
+        assert isinstance(v["peers"].get(name), str) and v["peers"][name], name
+    c = data["ceilings"]
+    assert c["matmul_tflops"] > 0 and c["copy_gbps"] > 0
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {"reference", "ours-logits", "ours-fused"} <= {r["method"] for r in ok}
+    for r in ok:
+        t, m = r["time"], r["memory"]
+        assert t["fwd_ms"] > 0 and t["bwd_ms"] > 0 and t["fwd_bwd_ms"] > 0 and t["runs"] >= 1
+        for k in ("baseline_bytes", "peak_bytes", "peak_extra_bytes", "grads_bytes", "extra_minus_grads_bytes"):
+            assert isinstance(m[k], int), k
+        assert m["grads_bytes"] > 0
+        assert r["floor"]["bytes"] > 0 and r["floor"]["t_floor_ms"] > 0
+        if r["path"] == "fused":
+            assert r["floor"]["flops"] == 8 * r["N"] * r["D"] * r["V"] and r["achieved_tflops"] > 0
+    # no method crashed: every row is measured, a missing peer, or a documented skip
+    for r in data["rows"]:
+        assert r["status"] == "ok" or r["status"].startswith(("missing", "skipped")), r["status"]
+    assert not (out / "LATEST.md").exists(), "--quick runs must not update LATEST.md"
+
+
+def test_losses_agree_with_reference(smoke_run):
+    _, data = smoke_run
+    assert data["all_losses_agree"]
+    for r in data["rows"]:
+        if r["status"] == "ok" and r["method"] != "liger-jsd":
+            assert r["agree"] is True, (r["label"], r["N"], r["K"], r.get("loss_rel_diff"))
+            assert r["loss_rel_diff"] <= r["loss_rtol"]
+
+
+def test_missing_peers_are_listed(smoke_run):
+    _, data = smoke_run
+    peers = data["versions"]["peers"]
+    for dist, methods in PEER_METHODS.items():
+        if peers[dist].startswith("missing"):
+            for m in methods:
+                rows = [r for r in data["rows"] if r["method"] == m]
+                assert rows, f"{m} ({dist} missing) has no row"
+                assert all(r["status"].startswith("missing") for r in rows)
+    md = (Path(smoke_run[0]) / "smoke.md").read_text()
+    for dist, st in peers.items():
+        assert f"{dist}: {st}" in md
+
+
+def test_missing_peer_becomes_row_without_install():
+    """Whatever is installed here: a peer reported missing yields rows saying so."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import sweep
+    args = sweep.parse_args(["--shapes", "cpu-small", "--quick", "--device", "cpu"])
+    vers = {"peers": {"liger-kernel": "missing: ImportError: test", "cut-cross-entropy": "missing: ImportError: x",
+                      "torch.nn.functional.linear_cross_entropy": "missing: no", "torch.compile": "torch"}}
+    cases, fixed = sweep.build_cases(args, sweep.PRESETS["cpu-small"], "cpu", "fp32", vers)
+    by = {}
+    for r in fixed:
+        by.setdefault(r["method"], set()).add(r["status"])
+    assert by["cce"] == {"missing: ImportError: x"}
+    assert by["liger-flce"] == by["liger-jsd"] == {"missing: ImportError: test"}
+    assert by["torch-lce"] == {"missing: no"}
+    assert all(c.method not in ("cce", "liger-flce", "liger-jsd", "torch-lce") for c in cases)
+
+
+def test_pngs_and_standalone_plot(smoke_run, tmp_path):
+    out, data = smoke_run
+    pngs = [out / p for p in data["plots"]]
+    assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+    _run(["-m", "benchmarks.plot", str(out / "smoke.json"), "--out", str(tmp_path / "again")], timeout=120)
+    again = sorted(p.name for p in (tmp_path / "again").glob("*.png"))
+    assert again == sorted(p.name for p in pngs)
