@@ -39,7 +39,7 @@ HEADS = {
     "d512-v32k": (512, 32000),
     "d64-v1k": (64, 1000),
     "d1024-v32064": (1024, 32064),   # ~1/4 of a Llama-3 head, fused-path memory check
-    "v32000": (256, 32000),          # logits path only: D is not used there
+    "v32000": (0, 32000),            # logits path only (D is not used there)
 }
 
 LOGITS_METHODS = ("reference", "ours-logits")
@@ -86,7 +86,7 @@ PRESETS = {
     "gpu": Preset("cuda", ["llama3-8b", "qwen2.5-7b", "gemma2-2b"], [1024, 2048, 4096, 8192, 16384],
                   [0, 8, 32, 128], "bf16", repeats=20, warmup=3,
                   doc="lm_heads of Llama-3-8B, Qwen2.5-7B, Gemma-2-2B, bf16"),
-    "cpu": Preset("cpu", ["d256-v8k", "d512-v32k"], [256, 512, 1024, 2048], [0, 8, 32], "fp32", repeats=5,
+    "cpu": Preset("cpu", ["d256-v8k", "d512-v32k"], [256, 512, 1024, 2048], [0, 32], "fp32", repeats=5,
                   doc="small fp32 heads for CPU"),
     "cpu-small": Preset("cpu", ["d64-v1k"], [64, 128], [0, 8], "fp32", repeats=3,
                         doc="tiny fp32 shapes for CI (seconds)"),

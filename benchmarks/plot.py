@@ -53,7 +53,8 @@ def plot_run(data: dict, out_dir: Path) -> list[Path]:
         missing = sorted({r["label"] for r in data["rows"] if r["path"] == path and r["head"] == head
                           and r["K"] == K and r.get("status") != "ok"})
         sub = f"  (not measured: {', '.join(missing)})" if missing else ""
-        fig.suptitle(f"{path} path, {head} (D={r0['D']}, V={r0['V']}), K={K}, {r0['dtype']}, "
+        dims = f"V={r0['V']}" if path == "logits" else f"D={r0['D']}, V={r0['V']}"
+        fig.suptitle(f"{path} path, {head} ({dims}), K={K}, {r0['dtype']}, "
                      f"{data['device']['name']}{sub}", fontsize=9)
         fig.tight_layout()
         p = out_dir / f"{path}_{head}_K{K}.png"

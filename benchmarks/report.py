@@ -38,7 +38,8 @@ def table(rows: list[dict], device_type: str) -> list[str]:
         grp = list(grp)
         r0 = grp[0]
         what = "logits [N, V] given" if path == "logits" else "hidden [N, D] + weight [V, D] given"
-        out += ["", f"### {path} path, {head} (D={r0['D']}, V={r0['V']}), K={K}, {r0['dtype']} — {what}", ""]
+        dims = f"V={r0['V']}" if path == "logits" else f"D={r0['D']}, V={r0['V']}"
+        out += ["", f"### {path} path, {head} ({dims}), K={K}, {r0['dtype']} — {what}", ""]
         out.append("| N | method | impl | fwd ms | bwd ms | fwd+bwd ms | peak extra MiB | extra − grads MiB | predicted MiB "
                    f"| TFLOP/s | % of {rate} | × floor | loss rel diff |")
         out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -100,7 +101,8 @@ def markdown(data: dict) -> str:
         if "criterion" in ch:
             lines.append(f"- target: {ch['criterion']}")
             s = ch["shape"]
-            lines.append(f"- shape: N={s['N']}, D={s['D']}, V={s['V']}, K={s['K']}, {s['dtype']} on {s['device']}; "
+            dims = f"V={s['V']}" if ch["kind"] == "logits" else f"D={s['D']}, V={s['V']}"
+            lines.append(f"- shape: N={s['N']}, {dims}, K={s['K']}, {s['dtype']} on {s['device']}; "
                          f"ours = `{ch['ours']}` (impl {ch['ours_impl']})")
             lines.append(f"- extra memory beyond inputs and gradients: reference "
                          f"{ch['ref_extra_minus_grads_bytes'] / MiB:.1f} MiB, ours "

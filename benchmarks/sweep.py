@@ -577,7 +577,8 @@ def main(argv=None) -> int:
             "CPU: each case in a fresh process; glibc mallopt(M_MMAP_THRESHOLD=64 KiB) so freed blocks return "
             "to the OS; inputs allocated and written, one warm-up step, then peak RSS (VmHWM, reset via "
             "/proc/self/clear_refs) minus RSS before the measured step. RSS counts pages when first written, so "
-            "a gradient buffer filled chunk by chunk can hide up to one chunk of temporaries."),
+            "a gradient buffer filled chunk by chunk hides part of a chunked method's temporaries "
+            "(benchmarks/memory_model.py predicts both the allocator-level and the RSS figure)."),
         "timing_method": ("CUDA events around forward and backward, median over repeats after warm-up"
                           if dinfo["type"] == "cuda" else
                           "time.perf_counter around forward and backward (CPU work is synchronous), median "
