@@ -66,7 +66,6 @@ replays the chunks with that rule; ``peak_bytes`` is the allocator-level figure
 from __future__ import annotations
 
 import hashlib
-import math
 
 #: sha256 (first 12 hex digits) of dft_kernels/ops/torch_chunked.py this model was derived for
 DERIVED_FOR = "ce504d80fd03"
@@ -136,7 +135,9 @@ def predict_logits_torch(N: int, V: int, K: int, itemsize: int, *, lam: float = 
     peak_alloc = max(fwd, loss_math, G + bwd) + live - G
     before, bwd_rss = 0, 0
     for r in rows:
-        bwd_rss = max(bwd_rss, before * V * itemsize + f_bwd * r * V * 4)
+        # while dz is formed: the rows written so far + the chunk's temporaries; then the
+        # chunk's rows of dx are written while dz (one fp32 chunk) is still alive
+        bwd_rss = max(bwd_rss, before * V * itemsize + f_bwd * r * V * 4, (before + r) * V * itemsize + r * V * 4)
         before += r
     peak_rss = max(fwd, loss_math, bwd_rss) + live - G
     return {"chunk_rows": C, "chunk_fp32_bytes": c32, "forward_bytes": fwd, "backward_bytes": bwd,

@@ -83,7 +83,10 @@ def markdown(data: dict) -> str:
              f"dft_kernels {v['dft_kernels']}",
              "- peers: " + "; ".join(f"{k}: {s}" for k, s in v["peers"].items()),
              f"- ceilings (measured in this run): {ceil['matmul_tflops']:.3f} TFLOP/s ({ceil['matmul_label']}, "
-             f"{'x'.join(map(str, ceil['matmul_shape']))}); copy {ceil['copy_gbps']:.1f} GB/s ({ceil['copy_label']})",
+             f"{'x'.join(map(str, ceil['matmul_shape']))}); copy {ceil['copy_gbps']:.1f} GB/s ({ceil['copy_label']})"
+             + (f"; the larger of start ({ceil['start']['matmul_tflops']:.3f} TFLOP/s, {ceil['start']['copy_gbps']:.1f} "
+                f"GB/s) and end ({ceil['end']['matmul_tflops']:.3f}, {ceil['end']['copy_gbps']:.1f})"
+                if "start" in ceil else ""),
              f"- memory: {data['memory_method']}",
              f"- load average (1/5/15 min) at start {data.get('load_average', {}).get('start')}, end "
              f"{data.get('load_average', {}).get('end')}"
@@ -124,7 +127,7 @@ def markdown(data: dict) -> str:
                 lines.append(f"- predicted: {p.get('formula')}")
             sd = ch.get("speed_diagnosis")
             if sd:
-                lines.append(f"- too slow in: {', '.join(sd['slow_phases'])}")
+                lines.append(f"- phase slower than the reference's: {', '.join(sd['slow_phases'])}")
                 mb = sd.get("lse_micro_benchmark")
                 if mb:
                     lines.append(f"- per-chunk row log-sum-exp on [{mb['chunk'][0]}, {mb['chunk'][1]}] fp32, median ms: "
