@@ -9,78 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
 from . import ops
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-TAILS = ("bucket", "renorm", "raw")
-ACCURACIES = ("ce", "dft")
-REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "triton", "torch", "reference")
-
-#: float32's smallest normal number: the floor of both tails inside logarithms.
-TINY = float(torch.finfo(torch.float32).tiny)
-LOG_TINY = math.log(TINY)
-
-
-class DFTLossOutput(NamedTuple):
-    """What ``return_components=True`` returns; every field but ``loss`` is detached.
-
-    ``divergence`` and ``accuracy`` are reduced like the loss (``loss = divergence +
-    lam * accuracy``); ``n_tokens`` counts the positions that count;
-    ``teacher_mass`` / ``student_mass`` are the mean P and Q over positions with
-    at least one valid slot (NaN when there is none)."""
-
-    loss: torch.Tensor
-    divergence: torch.Tensor
-    accuracy: torch.Tensor
-    n_tokens: torch.Tensor
-    teacher_mass: torch.Tensor
-    student_mass: torch.Tensor
-
+from .options import (ACCURACIES, DIVERGENCES, IMPLS, LOG_TINY, LOSS_DEFAULTS, REDUCTIONS, TAILS,
+                      TINY, DFTLossOutput, check_options, effective_divergence, needs_student_tail)
+from .validation import check_targets, validate_labels, validate_target_data
 
 # --------------------------------------------------------------------------- options
-
-
-def check_options(*, lam, divergence, beta, tail, accuracy, temperature, softcap, reduction, impl):
-    """Checks that cost nothing: option values. Raises ValueError naming the option."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
-    if tail not in TAILS:
-        raise ValueError(f"tail={tail!r} is not one of {TAILS}")
-    if accuracy not in ACCURACIES:
-        raise ValueError(f"accuracy={accuracy!r} is not one of {ACCURACIES}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta={beta!r} must be a number in [0, 1] (0 = forward KL, 1 = reverse KL)")
-    if not isinstance(temperature, (int, float)) or not float(temperature) > 0.0 or math.isinf(temperature):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if not isinstance(lam, (int, float)) or not float(lam) >= 0.0 or math.isinf(lam):
-        raise ValueError(f"lam={lam!r} must be a finite number >= 0 (0 turns the accuracy term off)")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not float(softcap) > 0.0):
-        raise ValueError(f"softcap={softcap!r} must be None or a number > 0")
-    kind = effective_divergence(divergence, beta)
-    if tail == "raw" and kind != "forward_kl":
-        raise ValueError(f"tail='raw' is defined for forward KL only, not divergence={divergence!r} "
-                         f"(beta={beta}); use tail='bucket'")
-    if tail == "renorm" and kind == "reverse_kl":
-        raise ValueError("reverse KL is undefined with tail='renorm' (the teacher's tail mass is 0 "
-                         "where the student's is not); use tail='bucket'")
-
-
-def effective_divergence(divergence: str, beta: float) -> str:
-    """JSD at beta = 0 / 1 is forward / reverse KL (TRL's GKD special cases)."""
-    if divergence == "jsd" and float(beta) == 0.0:
-        return "forward_kl"
-    if divergence == "jsd" and float(beta) == 1.0:
-        return "reverse_kl"
-    return divergence
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -96,67 +33,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def _is_int(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-
-
-def check_targets(lead: tuple, target_index, target_logprobs, labels, *, what: str):
-    """Shape / dtype checks (no data read). ``lead`` = leading dims of the student."""
-    if (target_index is None) != (target_logprobs is None):
-        raise ValueError("target_index and target_logprobs go together: pass both or neither")
-    if target_index is not None:
-        if not isinstance(target_index, torch.Tensor) or not _is_int(target_index):
-            raise TypeError(f"target_index must be an integer tensor (int32 or int64 token ids), got "
-                            f"{getattr(target_index, 'dtype', type(target_index))}")
-        if not isinstance(target_logprobs, torch.Tensor) or not target_logprobs.is_floating_point():
-            raise TypeError(f"target_logprobs must be a floating-point tensor of log-probabilities, got "
-                            f"{getattr(target_logprobs, 'dtype', type(target_logprobs))}")
-        if target_index.shape != target_logprobs.shape:
-            raise ValueError(f"target_index {tuple(target_index.shape)} and target_logprobs "
-                             f"{tuple(target_logprobs.shape)} must have the same shape [..., K]")
-        if target_index.dim() < 1 or tuple(target_index.shape[:-1]) != tuple(lead):
-            raise ValueError(f"target_index has shape {tuple(target_index.shape)}; expected "
-                             f"{tuple(lead)} + (K,) to match the leading dims of {what}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or not _is_int(labels):
-            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
-        if tuple(labels.shape) != tuple(lead):
-            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(lead)} "
-                             f"(the leading dims of {what})")
-
-
-def validate_target_data(index: torch.Tensor, logprobs: torch.Tensor, vocab_size: int | None,
-                         *, name: str = "target") -> None:
-    """The checks that read the data (host sync): run with ``validate=True``."""
-    if index.numel() == 0:
-        return
-    if vocab_size is not None:
-        hi = int(index.max())
-        if hi >= vocab_size:
-            raise ValueError(f"{name}_index holds id {hi} >= the student's vocab size {vocab_size}: "
-                             "is the teacher's vocab larger than the student's? Map or drop those ids")
-    lo = int(index.min())
-    if lo < -1:
-        raise ValueError(f"{name}_index holds id {lo} < -1; only -1 marks an empty slot")
-    lp = logprobs.float()
-    if bool(torch.isnan(lp).any()):
-        raise ValueError(f"{name}_logprobs holds NaN")
-    if bool((lp > 1e-6).any()):
-        raise ValueError(f"{name}_logprobs holds positive values ({float(lp.max()):.4g}): log-probabilities "
-                         "are <= 0 -- did you pass logits instead of log-probs?")
-    valid = index >= 0
-    mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)
-    if bool((mass > 1 + 1e-3).any()):
-        raise ValueError(f"{name}_logprobs: probabilities of a position sum to {float(mass.max()):.4g} > 1 + 1e-3 "
-                         "-- did you pass logits instead of log-probs (apply log_softmax first)?")
-
-
-def validate_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    lab = labels[labels != ignore_index]
-    if lab.numel() and (int(lab.max()) >= vocab_size or int(lab.min()) < 0):
-        raise ValueError(f"labels hold ids outside [0, {vocab_size}) other than ignore_index={ignore_index}")
 
 
 # --------------------------------------------------------------------------- math
@@ -297,12 +173,6 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
         else:
             tm = sm = torch.tensor(float("nan"), device=device)
     return DFTLossOutput(loss, red_div.detach(), red_acc.detach(), n_tokens, tm, sm)
-
-
-def needs_student_tail(divergence: str, beta: float, tail: str) -> bool:
-    """Whether the divergence reads the student's tail bucket q_tail."""
-    kind = effective_divergence(divergence, beta)
-    return tail == "bucket" or (tail == "renorm" and kind == "jsd")
 
 
 def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index, N: int):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .losses import check_options, dft_loss, fused_linear_dft_loss
+from .options import check_options
+from .losses import dft_loss, fused_linear_dft_loss
 
 _DEFAULTS = dict(lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
                  temperature=1.0, softcap=None, ignore_index=-100, reduction="mean", impl="auto",

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .losses import TINY, DFTLossOutput, effective_divergence
+from .options import TINY, DFTLossOutput, effective_divergence
 
 
 def _kl(a: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .losses import validate_target_data
+from .validation import validate_target_data
 
 #: The one safetensors metadata key this package writes (value: a JSON object).
 METADATA_KEY = "dft_kernels"

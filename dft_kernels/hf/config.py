@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..losses import check_options
+from ..options import check_options
 
 #: fields of DFTConfig that are not keywords of the loss functions
 _ADAPTER_FIELDS = ("skip_logits", "check", "log_components")

@@ -57,7 +57,8 @@ from typing import Any
 
 import torch
 
-from ..losses import DFTLossOutput, check_options, dft_loss, fused_linear_dft_loss
+from ..losses import dft_loss, fused_linear_dft_loss
+from ..options import DFTLossOutput, check_options
 
 _STATE_ATTR = "_dft_kernels_patch"
 _FORWARD_MARK = "_dft_kernels_forward"
