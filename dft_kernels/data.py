@@ -77,17 +77,17 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
         for s, entry in enumerate(man["shards"]):
             path = self.targets_dir / entry["file"]
             self._paths.append(path)
-            handle, meta = _t._read_header(path)
+            handle, meta = _t.read_header(path)
             try:
                 shapes = {n: handle.get_slice(n).get_shape() for n in ("index", "logprobs", "input_ids", "lengths")}
             except Exception as e:  # noqa: BLE001 - a missing tensor or a bad header
-                raise _t._corrupt(path, str(e)) from None
+                raise _t.shard_error(path, str(e)) from None
             n_pos, n_seq = meta.get("n_positions"), meta.get("n_sequences")
             if shapes["index"] != [n_pos, self.k] or shapes["logprobs"] != [n_pos, self.k] \
                     or shapes["input_ids"] != [n_pos] or shapes["lengths"] != [n_seq]:
-                raise _t._corrupt(path, "tensor shapes disagree with its metadata")
+                raise _t.shard_error(path, "tensor shapes disagree with its metadata")
             if meta.get("input_ids_sha256") != entry.get("input_ids_sha256") or meta.get("k") != self.k:
-                raise _t._corrupt(path, "its metadata disagrees with manifest.json")
+                raise _t.shard_error(path, "its metadata disagrees with manifest.json")
             first = entry["first_sequence"]
             if first != len(self._loc):
                 raise ValueError(f"{str(self.targets_dir / _t.MANIFEST)!r} lists {entry['file']} at sequence "
@@ -126,7 +126,7 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
     def _handle(self, s: int):
         h = self._handles.get(s)
         if h is None:
-            h, _ = _t._read_header(self._paths[s])
+            h, _ = _t.read_header(self._paths[s])
             self._handles[s] = h
         return h
 
@@ -146,7 +146,7 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
             index = h.get_slice("index")[row:row + n]
             logprobs = h.get_slice("logprobs")[row:row + n]
         except Exception as e:  # noqa: BLE001
-            raise _t._corrupt(self._paths[s], str(e)) from None
+            raise _t.shard_error(self._paths[s], str(e)) from None
         if self.vocab_size is not None and index.numel() and int(index.max()) >= self.vocab_size:
             raise ValueError(f"example {i}: {self._paths[s].name} holds target id {int(index.max())} >= "
                              f"vocab_size={self.vocab_size}: is the teacher's vocab larger than the student's? "

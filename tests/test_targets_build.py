@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import dft_kernels as dk  # noqa: E402
 from dft_kernels import targets as T  # noqa: E402
+from dft_kernels.targets import building, store  # noqa: E402
 from dft_kernels.data import ITEM_KEYS, DFTTargetsDataset  # noqa: E402
 
 V = 300
@@ -129,7 +130,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
     kw = dict(shard_size=3, chunk_vocab=128, progress=False)
     T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "ref", **kw)
 
-    real_write = T._write_shard
+    real_write = building.write_shard
     written = []
 
     def crash_after_two(path, **kwargs):
@@ -138,7 +139,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
         written.append(path.name)
         return real_write(path, **kwargs)
 
-    monkeypatch.setattr(T, "_write_shard", crash_after_two)
+    monkeypatch.setattr(building, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     monkeypatch.undo()
@@ -148,8 +149,8 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
         DFTTargetsDataset(examples, tmp_path / "run")
 
     calls = []
-    real_topk = T._Teacher.topk
-    monkeypatch.setattr(T._Teacher, "topk", lambda self, seqs, *a: calls.append(len(seqs)) or real_topk(self, seqs, *a))
+    real_topk = building._Teacher.topk
+    monkeypatch.setattr(building._Teacher, "topk", lambda self, seqs, *a: calls.append(len(seqs)) or real_topk(self, seqs, *a))
     T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     assert sum(calls) == len(examples) - 6, "finished shards are skipped, not recomputed"
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
@@ -169,7 +170,7 @@ def test_crash_while_writing_leaves_no_partial_shard(teacher, tmp_path, monkeypa
     def no_disk(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T.os, "fsync", no_disk)
+    monkeypatch.setattr(store.os, "fsync", no_disk)
     with pytest.raises(OSError, match="disk full"):
         T.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
