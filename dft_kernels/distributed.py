@@ -1,7 +1,7 @@
 """Vocab-parallel fused DFT loss: the lm_head split by vocab rows across a process group.
 
 Each rank holds the rows ``[start, stop)`` of the lm_head and computes the primitive
-of DESIGN.md sec. 6 on its shard only: its piece of each log-sum-exp and the logits at
+of docs/design.md sec. 6 on its shard only: its piece of each log-sum-exp and the logits at
 the teacher ids and labels that fall in its shard (ids remapped to the shard, others
 masked to -1). The pieces are combined with two all-reduces, as Megatron's
 vocab-parallel cross-entropy does: the maximum, then one packed sum of
@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .validation import compute_dtype
 
 __all__ = ["VocabParallel", "vocab_parallel_lse_gather"]
 
@@ -380,29 +381,13 @@ def _localize(index: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor,
     return torch.where(mine, index - start, torch.full_like(index, -1)).contiguous(), mine
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """What every rank's pieces are combined in (the ops' rule: float64 stays float64)."""
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
-def _lse_columns(impl: str, n_scales: int, n_slots: int) -> int:
-    """How many lse columns the local op returns: one per scale, plus the log-sum-exp
-    outside the teacher slots when asked for and supported (see ops.linear_lse_gather_apply)."""
-    if not n_slots:
-        return n_scales
-    if impl == "triton":
-        from .ops.linear_lse_gather import LinearLSEGatherTriton
-        return n_scales + int(bool(getattr(LinearLSEGatherTriton, "SUPPORTS_REST", False)))
-    return n_scales + 1
-
-
-def _local_primitive(h, w, b, index, scales, softcap, impl, n_slots, **kw):
+def _local_primitive(h, w, b, index, scales, softcap, impl, tail_slots, **kw):
     """This shard's pieces in the compute dtype; every rank returns the same shapes."""
-    cdt = _compute_dtype(h)
+    cdt = compute_dtype(h.dtype)
     if w.shape[0] == 0:
         return _EmptyShard.apply(h, w, b, index.shape[0], index.shape[1],
-                                 _lse_columns(impl, len(scales), n_slots), cdt)
-    lse, gathered = ops.linear_lse_gather_apply(h, w, b, index, scales, softcap, impl, n_slots=n_slots, **kw)
+                                 len(scales) + (tail_slots > 0), cdt)
+    lse, gathered = ops.linear_lse_gather_apply(h, w, b, index, scales, softcap, impl, tail_slots=tail_slots, **kw)
     return lse.to(cdt), gathered.to(cdt)
 
 
@@ -412,14 +397,14 @@ def _local_primitive(h, w, b, index, scales, softcap, impl, n_slots, **kw):
 def vocab_parallel_lse_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               index: torch.Tensor, scales: tuple[float, ...], softcap: float | None, impl: str,
                               vocab_parallel: VocabParallel, *, chunk_elems: int | None = None,
-                              deterministic: bool = False, accum_fp32: bool = True, n_slots: int = 0):
-    """The primitive of DESIGN.md sec. 6 for a vocab-sharded lm_head.
+                              accum_fp32: bool = True, tail_slots: int = 0):
+    """The primitive of docs/design.md sec. 6 for a vocab-sharded lm_head.
 
     ``h`` [N, D] (this rank's rows), ``weight`` / ``bias`` this rank's ``[stop - start, D]`` /
     ``[stop - start]`` rows (or ``Shard(0)`` DTensors), ``index`` [N, M] global ids (-1 =
     skip). Returns ``lse`` [N, len(scales) (+1)] and ``gathered`` [N, M] over the whole
     vocab -- what :func:`dft_kernels.ops.linear_lse_gather_apply` returns on the full weight,
-    including, with ``n_slots > 0``, the log-sum-exp outside the first ``n_slots`` ids
+    including, with ``tail_slots > 0``, the log-sum-exp outside the first ``tail_slots`` ids
     (a log-sum-exp over the vocab like the others, so combined across shards the same way).
     A collective: every rank of the group must call it with the same options.
     """
@@ -436,24 +421,24 @@ def vocab_parallel_lse_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
         raise ValueError(f"bias has shape {tuple(b.shape)} but this rank's vocab shard [{vp.start}, {vp.stop}) "
                          f"needs ({w.shape[0]},): pass the same rows of the bias as of the weight")
     group = vp.group
-    kw = dict(chunk_elems=chunk_elems, deterministic=deterministic, accum_fp32=accum_fp32)
+    kw = dict(chunk_elems=chunk_elems, accum_fp32=accum_fp32)
     if vp.rows == "replicated":
         local_index, mine = _localize(index, vp.start, vp.stop)
         lse_loc, g_loc = _local_primitive(_CopyToGroup.apply(h, group), w, b, local_index, scales, softcap,
-                                          impl, n_slots, **kw)
+                                          impl, tail_slots, **kw)
         return _CombineShards.apply(lse_loc, g_loc, mine, group)
 
     # rows == "sharded": gather every rank's rows, compute this shard for all, keep ours
     N, M = index.shape
-    meta = torch.tensor([N, M, len(scales), n_slots], dtype=torch.int64, device=h.device)
+    meta = torch.tensor([N, M, len(scales), tail_slots], dtype=torch.int64, device=h.device)
     metas = meta.new_empty((vp.world_size * 4,))
     _all_gather_flat(metas, meta, group=group)
     metas = metas.view(-1, 4).tolist()   # the row counts (a host sync, as any uneven gather needs)
     for r, (_, m, t, k) in enumerate(metas):
-        if (m, t, k) != (M, len(scales), n_slots):
+        if (m, t, k) != (M, len(scales), tail_slots):
             raise ValueError(f"rows='sharded' needs the same target width and loss options on every rank, but "
                              f"group rank {r} gathers {m} columns (K teacher slots + label) at {t} temperatures "
-                             f"({k} slots), this rank {M} at {len(scales)} ({n_slots}): pad target_index with -1 "
+                             f"({k} slots), this rank {M} at {len(scales)} ({tail_slots}): pad target_index with -1 "
                              "to one K on every rank (SparseTargets.pad) and pass the same loss options")
     sizes = [int(x[0]) for x in metas]
     h_all = _GatherRows.apply(h.contiguous(), group, sizes)
@@ -463,6 +448,6 @@ def vocab_parallel_lse_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
     w = _ScaleGrad.apply(w, scale) if w.requires_grad else w
     if b is not None and b.requires_grad:
         b = _ScaleGrad.apply(b, scale)
-    lse_loc, g_loc = _local_primitive(h_all, w, b, local_index, scales, softcap, impl, n_slots, **kw)
+    lse_loc, g_loc = _local_primitive(h_all, w, b, local_index, scales, softcap, impl, tail_slots, **kw)
     lse_all, g_all = _CombineShards.apply(lse_loc, g_loc, mine, group)
     return _OwnRows.apply(lse_all, g_all, group, sizes)

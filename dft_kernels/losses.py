@@ -1,4 +1,4 @@
-"""The DFT loss (DESIGN.md sec. 3-5) on top of the kernel primitive.
+"""The DFT loss (docs/design.md sec. 3-5) on top of the kernel primitive.
 
 ``dft_loss`` (logits path) and ``fused_linear_dft_loss`` (hidden @ lm_head path)
 validate their input, ask a kernel for the per-row log-sum-exp and the logits
@@ -13,8 +13,8 @@ import os
 import torch
 
 from . import ops
-from .options import (ACCURACIES, DIVERGENCES, IMPLS, LOG_TINY, LOSS_DEFAULTS, REDUCTIONS, TAILS,
-                      TINY, DFTLossOutput, check_options, effective_divergence, needs_student_tail)
+from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, effective_divergence,
+                      needs_student_tail)
 from .validation import check_targets, validate_labels, validate_target_data
 
 # --------------------------------------------------------------------------- options
@@ -48,7 +48,7 @@ def _xlogy_terms(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
 def divergence_terms(lq: torch.Tensor, lp: torch.Tensor, ok: torch.Tensor, *, kind: str, beta: float,
                      tail: str, log_q_tail: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row divergence on the K+1 buckets (DESIGN.md sec. 3), fp32.
+    """Per-row divergence on the K+1 buckets (docs/design.md sec. 3), fp32.
 
     ``lq`` [N, K] student log-probs at the slots (at temperature), ``lp`` [N, K]
     teacher log-probs, ``ok`` [N, K] valid slots. ``log_q_tail`` [N], when given, is
@@ -208,70 +208,110 @@ def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index,
 
 # --------------------------------------------------------------------------- public
 
+_SHAPES_DOC = """
+    Args:
+        target_index: [..., K] int teacher ids (-1 = empty slot), aligned with the
+            student's rows (row t = the teacher's distribution of the token after t),
+            or None (no divergence term: a plain CE / DFT-CE loss).
+        target_logprobs: [..., K] float teacher log-probs, normalised over the
+            teacher's full vocabulary (-inf = zero mass), or None with target_index.
+        labels: [...] int next-token ids (``ignore_index`` skips a position), or None.
+        lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index,
+            reduction, num_items_in_batch: the loss options (docs/design.md sec. 3-5).
+        impl: "auto" | "triton" | "torch" | "reference" (env DFT_KERNELS_IMPL overrides auto).
+        validate: read the targets and raise on out-of-range ids, NaN or positive
+            log-probs, mass > 1 + 1e-3 (a host sync).
+        return_components: return a :class:`DFTLossOutput` instead of the loss.
+        chunk_elems: elements per chunk of the torch path (None: its default).
+    Returns:
+        The loss: a scalar, or [...] per position with ``reduction="none"``; or a
+        :class:`DFTLossOutput` with ``return_components=True``.
+"""
+
+
+def _dft_loss(student, lead: tuple, V: int, device, primitive, reference_call, *, target_index, target_logprobs,
+              labels, lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index, reduction,
+              num_items_in_batch, impl, validate, return_components):
+    """The plumbing both public losses share: option and shape checks, optional data
+    validation, the implementation choice, the column plan, the primitive
+    (``primitive(index, scales, impl, tail_slots) -> (lse, gathered)``) and the loss
+    math. ``reference_call(**kw)`` runs the naive reference instead."""
+    check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
+    check_targets(lead, target_index, target_logprobs, labels, what=student)
+    if validate:
+        if target_index is not None:
+            validate_target_data(target_index, target_logprobs, V)
+        if labels is not None:
+            validate_labels(labels, V, ignore_index)
+    kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
+              temperature=float(temperature), ignore_index=ignore_index, reduction=reduction,
+              num_items_in_batch=num_items_in_batch, return_components=return_components)
+    impl = resolve_impl(impl, device)
+    if impl == "reference":
+        return reference_call(softcap=softcap, **kw)
+    N = math.prod(lead)
+    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
+    index = index.to(device)
+    scales = tuple(1.0 / t for t in temps)
+    tail_slots = target_index.shape[-1] if (target_index is not None and
+                                            needs_student_tail(divergence, beta, tail)) else 0
+    lse, gathered = primitive(index, scales, impl, tail_slots)
+    return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
+                               labels=labels, V=V, temps=temps, lead=lead, **kw)
+
 
 def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, lam=0.2,
              divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce", temperature=1.0,
              softcap=None, ignore_index=-100, reduction="mean", num_items_in_batch=None, impl="auto",
              validate=False, return_components=False, chunk_elems=None):
-    """DFT loss on student logits ``[..., V]``: ``D(P_target || P_model) + lam * L_accuracy``.
+    """DFT loss on student logits: ``D(P_target || P_model) + lam * L_accuracy``.
 
-    See DESIGN.md sec. 3-5 for the exact math of every option. ``target_index`` /
-    ``target_logprobs`` ``[..., K]`` are the teacher's top-K ids (-1 = empty slot) and
-    log-probs aligned with the logits rows; ``labels`` ``[...]`` the next-token ids
-    (``ignore_index`` skips a position). Returns a scalar (or per-position tensor
-    with ``reduction="none"``), or a :class:`DFTLossOutput` with ``return_components``.
+    Args:
+        logits: [..., V] student logits (any float dtype; leading dims are flattened).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor [..., V], got "
                         f"{getattr(logits, 'dtype', type(logits))}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
-    check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
-                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
-    lead = tuple(logits.shape[:-1])
-    check_targets(lead, target_index, target_logprobs, labels, what="logits")
-    V = logits.shape[-1]
-    if validate:
-        if target_index is not None:
-            validate_target_data(target_index, target_logprobs, V)
-        if labels is not None:
-            validate_labels(labels, V, ignore_index)
-    impl = resolve_impl(impl, logits.device)
-    kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
-              temperature=float(temperature), softcap=softcap, ignore_index=ignore_index,
-              reduction=reduction, num_items_in_batch=num_items_in_batch,
-              return_components=return_components)
-    if impl == "reference":
+
+    def reference_call(**kw):
         from . import reference
         return reference.dft_loss(logits, target_index, target_logprobs, labels, **kw)
-    N = math.prod(lead)
-    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
-    index = index.to(logits.device)
-    scales = tuple(1.0 / t for t in temps)
-    n_slots = target_index.shape[-1] if (target_index is not None and
-                                         needs_student_tail(divergence, beta, tail)) else 0
-    lse, gathered = ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems, n_slots)
-    kw.pop("softcap")
-    return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
-                               labels=labels, V=V, temps=temps, lead=lead, **kw)
+
+    def primitive(index, scales, impl, tail_slots):
+        return ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems, tail_slots=tail_slots)
+
+    return _dft_loss("logits", tuple(logits.shape[:-1]), logits.shape[-1], logits.device, primitive, reference_call,
+                     target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
+                     divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
+                     softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+                     num_items_in_batch=num_items_in_batch, impl=impl, validate=validate,
+                     return_components=return_components)
+
+
+dft_loss.__doc__ += _SHAPES_DOC
 
 
 def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=None, labels=None, *,
                           bias=None, lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket",
                           accuracy="ce", temperature=1.0, softcap=None, ignore_index=-100,
                           reduction="mean", num_items_in_batch=None, impl="auto", validate=False,
-                          return_components=False, chunk_elems=None, deterministic=False,
-                          accum_fp32=True, vocab_parallel=None):
-    """DFT loss from the last hidden states ``[..., D]`` and the lm_head ``weight``
-    ``[V, D]`` (+ ``bias`` ``[V]``), never materialising the ``[N, V]`` logits.
+                          return_components=False, chunk_elems=None, accum_fp32=True, vocab_parallel=None):
+    """DFT loss from the last hidden states and the lm_head, never materialising the
+    [N, V] logits. With ``target_index=None`` it is a fused linear cross-entropy (or
+    DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias, labels)``.
+    Gradients flow to ``hidden``, ``weight`` and ``bias``, each only if it requires grad
+    (a frozen lm_head allocates no dW), and are bitwise reproducible run to run.
 
-    Same options as :func:`dft_loss`. With ``target_index=None`` it is a fused linear
-    cross-entropy (or DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias,
-    labels)``. Gradients flow to ``hidden``, ``weight`` and ``bias`` -- each only if it
-    requires grad (a frozen lm_head allocates no dW). ``deterministic=True`` makes the
-    Triton backward bitwise reproducible; ``accum_fp32`` accumulates dW in fp32 for
-    low-precision inputs. ``vocab_parallel`` (a :class:`dft_kernels.distributed.VocabParallel`)
-    says that ``weight`` / ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
+    Args:
+        hidden: [..., D] last hidden states (leading dims are flattened).
+        weight: [V, D] lm_head weight (this rank's rows with ``vocab_parallel``).
+        bias: [V] lm_head bias or None.
+        accum_fp32: accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
+        vocab_parallel: a :class:`dft_kernels.distributed.VocabParallel` when ``weight`` /
+            ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
     """
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor [..., D], got "
@@ -294,10 +334,7 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                              f"{tuple(getattr(bias, 'shape', ()))}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
-    check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
-                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
     lead = tuple(hidden.shape[:-1])
-    check_targets(lead, target_index, target_logprobs, labels, what="hidden")
     V, D = weight.shape
     if vocab_parallel is None and type(weight).__name__ == "DTensor":
         raise TypeError("weight is a DTensor: pass vocab_parallel=dft_kernels.distributed.VocabParallel."
@@ -309,38 +346,30 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                             f"{type(vocab_parallel).__name__}")
         vocab_parallel.check_weight(weight)
         V = vocab_parallel.vocab_size
-    if validate:
-        if target_index is not None:
-            validate_target_data(target_index, target_logprobs, V)
-        if labels is not None:
-            validate_labels(labels, V, ignore_index)
-    impl = resolve_impl(impl, hidden.device)
-    kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
-              temperature=float(temperature), softcap=softcap, ignore_index=ignore_index,
-              reduction=reduction, num_items_in_batch=num_items_in_batch,
-              return_components=return_components)
-    if impl == "reference":
+
+    def reference_call(**kw):
         if vocab_parallel is not None:
             raise ValueError("impl='reference' does not support vocab_parallel; use impl='torch' or 'triton'")
         from . import reference
         return reference.fused_linear_dft_loss(hidden, weight, target_index, target_logprobs, labels,
                                                bias=bias, **kw)
-    N = math.prod(lead)
-    h = hidden.reshape(N, D)
-    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
-    index = index.to(hidden.device)
-    scales = tuple(1.0 / t for t in temps)
-    n_slots = target_index.shape[-1] if (target_index is not None and
-                                         needs_student_tail(divergence, beta, tail)) else 0
-    if vocab_parallel is not None:
-        from .distributed import vocab_parallel_lse_gather
-        lse, gathered = vocab_parallel_lse_gather(h, weight, bias, index, scales, softcap, impl, vocab_parallel,
-                                                  chunk_elems=chunk_elems, deterministic=deterministic,
-                                                  accum_fp32=accum_fp32, n_slots=n_slots)
-    else:
-        lse, gathered = ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
-                                                    chunk_elems=chunk_elems, deterministic=deterministic,
-                                                    accum_fp32=accum_fp32, n_slots=n_slots)
-    kw.pop("softcap")
-    return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
-                               labels=labels, V=V, temps=temps, lead=lead, **kw)
+
+    def primitive(index, scales, impl, tail_slots):
+        h = hidden.reshape(-1, D)
+        if vocab_parallel is not None:
+            from .distributed import vocab_parallel_lse_gather
+            return vocab_parallel_lse_gather(h, weight, bias, index, scales, softcap, impl, vocab_parallel,
+                                             chunk_elems=chunk_elems, accum_fp32=accum_fp32,
+                                             tail_slots=tail_slots)
+        return ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
+                                           chunk_elems=chunk_elems, accum_fp32=accum_fp32, tail_slots=tail_slots)
+
+    return _dft_loss("hidden", lead, V, hidden.device, primitive, reference_call,
+                     target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
+                     divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
+                     softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+                     num_items_in_batch=num_items_in_batch, impl=impl, validate=validate,
+                     return_components=return_components)
+
+
+fused_linear_dft_loss.__doc__ += _SHAPES_DOC

@@ -40,7 +40,7 @@ class DFTLoss(_Base):
 class FusedLinearDFTLoss(_Base):
     """``FusedLinearDFTLoss(**keywords)(hidden, weight, target_index, target_logprobs, labels, bias=None)``."""
 
-    _extra = {"chunk_elems": None, "deterministic": False, "accum_fp32": True}
+    _extra = {"chunk_elems": None, "accum_fp32": True}
 
     def forward(self, hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
                 num_items_in_batch=None):

@@ -204,8 +204,8 @@ def test_triton_deterministic_is_bitwise_reproducible(monkeypatch):
     problem = make_fused_problem(N, D, V, K=4, seed=9)
     _small_buffers(monkeypatch, slab_cols=32, acc_rows=32, D=D, elt=2)
     assert fused._chunking(N, V, D, 2, True, True) == (32, 32)   # 3 row chunks x 2 slabs
-    a = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton", deterministic=True)
-    b = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton", deterministic=True)
+    a = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton")
+    b = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
@@ -309,7 +309,7 @@ def test_k0_is_cross_entropy(impl):
 
 def test_module_wrapper_triton():
     hidden, weight, bias, idx, lp, labels = make_fused_problem(N=17, K=3, seed=15)
-    mod = dk.FusedLinearDFTLoss(impl="triton", temperature=2.0, deterministic=True)
+    mod = dk.FusedLinearDFTLoss(impl="triton", temperature=2.0)
     got = mod(hidden.float(), weight.float(), idx, lp.float(), labels, bias=bias.float())
     expect = reference.fused_linear_dft_loss(hidden, weight, idx, lp, labels, bias=bias, temperature=2.0)
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)

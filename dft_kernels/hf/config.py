@@ -15,8 +15,7 @@ class DFTConfig:
     """Options of the DFT loss (DESIGN.md sec. 3-5) and of the adapter.
 
     Loss options -- ``lam``, ``divergence``, ``beta``, ``tail``, ``accuracy``,
-    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems``,
-    ``deterministic`` -- mean what they mean in :func:`dft_kernels.dft_loss`. The
+    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems`` -- mean what they mean in :func:`dft_kernels.dft_loss`. The
     softcap is not an option: it comes from the model (``final_logit_softcapping``).
 
     Adapter options:
@@ -41,7 +40,6 @@ class DFTConfig:
     impl: str = "auto"
     validate: bool = False
     chunk_elems: int | None = None
-    deterministic: bool = False
     skip_logits: bool | None = None
     check: bool = True
     log_components: bool = True

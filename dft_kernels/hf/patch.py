@@ -108,7 +108,7 @@ def patch(model, config=None, **keywords):
     loss keywords of :func:`dft_kernels.fused_linear_dft_loss` (``lam``,
     ``divergence``, ``beta``, ``tail``, ``accuracy``, ``temperature``,
     ``ignore_index``, ``reduction``, ``impl``, ``validate``, ``chunk_elems``,
-    ``deterministic``, ``accum_fp32``) and the adapter options ``skip_logits``
+    ``accum_fp32``) and the adapter options ``skip_logits``
     (``None`` = fused and ``logits=None`` in training mode, logits path in eval
     mode; ``True`` / ``False`` to force) and ``check`` (verify the logit transforms
     on the first fused call); they override ``config``. Patching a patched model

@@ -1,5 +1,5 @@
 """Kernel entry points. Kernels know nothing of losses: they compute the primitive
-of DESIGN.md sec. 6 -- per-row fp32 log-sum-exp at one or two scales and the
+of docs/design.md sec. 6 -- per-row fp32 log-sum-exp at one or two scales and the
 logits gathered at given ids -- and its backward.
 
 ``impl`` is "triton" or "torch"; the Triton modules are imported lazily so that
@@ -36,36 +36,47 @@ def _check_triton(device: torch.device) -> None:
 
 
 def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
-                     softcap: float | None, impl: str, chunk_elems: int | None = None, n_slots: int = 0):
-    """``x`` [..., V] logits, ``index`` [N, M] ids (N = prod of leading dims).
+                     softcap: float | None, impl: str, chunk_elems: int | None = None, *, tail_slots: int = 0):
+    """The primitive on logits.
 
-    Returns ``lse`` [N, len(scales) (+1)] fp32 and ``gathered`` [N, M] fp32 (the
-    softcapped logits at ``index``, 0 where an id is -1 or out of range). With
-    ``n_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
-    over the vocab outside the first ``n_slots`` ids of each row (``-inf`` if empty)."""
+    Args:
+        x: [..., V] logits (N = prod of the leading dims).
+        index: [N, M] ids to gather (-1 = none).
+        scales: one or two scales (1 / temperature) for the log-sum-exp.
+        softcap: ``c`` of ``c * tanh(x / c)``, or None.
+        impl: "triton" or "torch".
+        chunk_elems: elements per chunk of the torch path (None: its default).
+        tail_slots: with ``tail_slots > 0``, one more lse column: the log-sum-exp at
+            ``scales[-1]`` over the vocab outside the row's first ``tail_slots`` ids
+            (the student's tail; ``-inf`` if empty).
+    Returns:
+        ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32
+        (the softcapped logits at ``index``, 0 where an id is -1 or out of range).
+    """
     if impl == "triton":
         _check_triton(x.device)
         from .lse_gather import LSEGatherTriton
-        return LSEGatherTriton.apply(x, index, tuple(scales), softcap, n_slots)
+        return LSEGatherTriton.apply(x, index, tuple(scales), softcap, tail_slots)
     from .torch_chunked import LSEGatherTorch
-    return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, n_slots)
+    return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, tail_slots)
 
 
 def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
-                      scales: tuple[float, ...], softcap: float | None, impl: str, *,
-                      chunk_elems: int | None = None, deterministic: bool = False,
-                      accum_fp32: bool = True, n_slots: int = 0):
-    """Same primitive for logits ``h @ w.T + b`` that are never materialised.
+                            scales: tuple[float, ...], softcap: float | None, impl: str, *,
+                            chunk_elems: int | None = None, accum_fp32: bool = True, tail_slots: int = 0):
+    """The same primitive for logits ``h @ w.T + b`` that are never materialised.
 
-    ``h`` [N, D], ``w`` [V, D], ``b`` [V] or None, ``index`` [N, M]. An op that
-    cannot compute the rest column returns ``lse`` without it (callers check
-    ``lse.shape[1]``)."""
+    Args:
+        h: [N, D] hidden states; w: [V, D] lm_head weight; b: [V] bias or None.
+        index, scales, softcap, impl, chunk_elems, tail_slots: as in :func:`lse_gather_apply`.
+        accum_fp32: accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
+    Returns:
+        ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32.
+        Gradients are bitwise reproducible run to run (no atomics).
+    """
     if impl == "triton":
         _check_triton(h.device)
         from .linear_lse_gather import LinearLSEGatherTriton
-        if getattr(LinearLSEGatherTriton, "SUPPORTS_REST", False):
-            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, deterministic,
-                                               accum_fp32, n_slots)
-        return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, deterministic, accum_fp32)
+        return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots)
     from .torch_chunked import LinearLSEGatherTorch
-    return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, n_slots)
+    return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots)

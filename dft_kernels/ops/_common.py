@@ -1,14 +1,16 @@
 """Small helpers shared by the op files (no kernels, no loss math)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
 def row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Describe the rows of ``x`` [..., V] without copying when possible.
 
-    Returns ``(base, T, stride_b, stride_t)`` such that row ``r`` starts at
-    ``base + (r // T) * stride_b + (r % T) * stride_t`` (unit stride along V).
+    Returns ``(base, seq_len, stride_b, stride_t)`` such that row ``r`` starts at
+    ``base + (r // seq_len) * stride_b + (r % seq_len) * stride_t`` (unit stride along V).
     2-D tensors and 3-D tensors sliced along the sequence (``logits[:, :-1]``)
     are read in place; anything else is made contiguous first.
     """
@@ -28,40 +30,80 @@ def row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x2, max(x2.shape[0], 1), 0, x2.stride(0)
 
 
-def dedup_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int, n_slots: int = 0):
-    """Merge gradient entries that hit the same column of a row.
+class MergedIds(NamedTuple):
+    """What :func:`merge_duplicate_ids` returns, in each row's sorted order.
 
-    ``index`` [N, M] (``-1`` or out-of-range ids are dropped), ``g`` [N, M] fp32.
-    Returns ``(uidx, ug, uslot)``: each id appears at most once per row (others are
-    -1, with gradient 0), ``ug`` holds the summed gradient and ``uslot`` (int8) whether
-    the id is among the first ``n_slots`` columns of its row. No host sync.
+    ``ids`` [N, M] int64: each valid id once per row (at the last entry of its run),
+    -1 elsewhere; ``sums`` [N, M, ...] the values summed over the run (0 elsewhere);
+    ``perm`` [N, M]: entry j of a row came from column ``perm[j]`` of the input, so
+    ``other.gather(1, perm)`` lines any other per-entry tensor up with ``ids``."""
+
+    ids: torch.Tensor
+    sums: torch.Tensor
+    perm: torch.Tensor
+
+
+def merge_duplicate_ids(index: torch.Tensor, values: torch.Tensor, V: int) -> MergedIds:
+    """Merge entries of a row that hold the same id, summing their values.
+
+    Args:
+        index: [N, M] integer ids; ids outside [0, V) (e.g. -1, empty) are dropped.
+        values: [N, M] or [N, M, C] floats (C value columns summed together).
+        V: the vocab size.
+    Returns:
+        :class:`MergedIds` (ids, sums, perm). Deterministic -- a stable sort and a float64
+        prefix sum minus the prefix before each run, no scatter_add -- and no host sync.
+        Sums are float64 for float64 values, float32 otherwise.
     """
-    index = index.long()
-    valid = (index >= 0) & (index < V)
-    key = torch.where(valid, index, torch.full_like(index, V))
-    sk, perm = key.sort(dim=1)
-    gs = torch.where(valid, g, torch.zeros_like(g)).gather(1, perm)
+    idx = index.long()
+    valid = (idx >= 0) & (idx < V)
+    key = torch.where(valid, idx, torch.full_like(idx, V))
+    sk, perm = torch.sort(key, dim=1, stable=True)
+    extra = values.dim() - 2
+    vexp = lambda t: t.reshape(t.shape + (1,) * extra).expand(t.shape + values.shape[2:])  # noqa: E731
+    v = torch.where(vexp(valid), values, torch.zeros_like(values)).gather(1, vexp(perm)).double()
     first = torch.ones_like(sk, dtype=torch.bool)
     first[:, 1:] = sk[:, 1:] != sk[:, :-1]
-    seg = first.long().cumsum(1) - 1
-    tot = torch.zeros_like(gs).scatter_add_(1, seg, gs)
-    keep = first & (sk < V)
-    uidx = torch.where(keep, sk, torch.full_like(sk, -1)).contiguous()
-    ug = torch.where(keep, tot.gather(1, seg), torch.zeros_like(gs)).contiguous()
-    is_slot = (torch.arange(index.shape[1], device=index.device) < n_slots).expand_as(index) & valid
-    slot_hits = torch.zeros_like(gs).scatter_add_(1, seg, is_slot.gather(1, perm).to(gs.dtype))
-    uslot = (keep & (slot_hits.gather(1, seg) > 0)).to(torch.int8).contiguous()
-    return uidx, ug, uslot
+    last = torch.ones_like(sk, dtype=torch.bool)
+    last[:, :-1] = sk[:, 1:] != sk[:, :-1]
+    keep = last & (sk < V)
+    pos = torch.arange(sk.shape[1], device=sk.device).expand_as(sk)
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(1).values
+    cs = v.cumsum(1)
+    tot = cs - (cs - v).gather(1, vexp(start))
+    out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    sums = torch.where(vexp(keep), tot, torch.zeros_like(tot)).to(out_dtype)
+    return MergedIds(torch.where(keep, sk, torch.full_like(sk, -1)), sums, perm)
+
+
+def merge_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int, tail_slots: int = 0):
+    """Gradient entries that hit the same column of a row, merged.
+
+    Args:
+        index: [N, M] ids (``-1`` or out-of-range ids are dropped).
+        g: [N, M] fp32 gradient per entry.
+        V: the vocab size.
+        tail_slots: the first ``tail_slots`` columns are teacher slots (outside the tail).
+    Returns:
+        ``(ids, g_sum, is_slot)`` [N, M] each: every id at most once per row (others -1,
+        gradient 0), the summed gradient, and (int8) whether the id is among the row's
+        first ``tail_slots`` columns.
+    """
+    is_slot = (torch.arange(index.shape[1], device=index.device) < tail_slots).expand_as(index)
+    merged = merge_duplicate_ids(index, torch.stack([g.float(), is_slot.float()], dim=-1), V)
+    ok = merged.ids >= 0
+    return (merged.ids.contiguous(), merged.sums[..., 0].contiguous(),
+            (ok & (merged.sums[..., 1] > 0)).to(torch.int8).contiguous())
 
 
 #: Sentinel id for empty slots in a sorted slot list (larger than any vocab end).
 SLOT_SENTINEL = 1 << 62
 
 
-def sorted_slots(index: torch.Tensor, V: int, n_slots: int) -> torch.Tensor:
-    """The first ``n_slots`` ids of each row, valid ones ascending, empty ones as
-    ``SLOT_SENTINEL`` at the end ([N, n_slots] int64): kernels walk this list
+def sorted_slots(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
+    """The first ``tail_slots`` ids of each row, valid ones ascending, empty ones as
+    ``SLOT_SENTINEL`` at the end ([N, tail_slots] int64): kernels walk this list
     tile by tile to mask the teacher's slots out of the tail log-sum-exp."""
-    slots = index[:, :n_slots].long()
+    slots = index[:, :tail_slots].long()
     ok = (slots >= 0) & (slots < V)
     return torch.where(ok, slots, torch.full_like(slots, SLOT_SENTINEL)).sort(dim=1).values.contiguous()

@@ -1,10 +1,10 @@
-"""Fused linear path in Triton: the primitive of DESIGN.md sec. 6 for logits
+"""Fused linear path in Triton: the primitive of docs/design.md sec. 6 for logits
 ``z = h @ w.T (+ b)`` that are never materialised as an [N, V] tensor.
 
     z = softcap * tanh(z / softcap)           (optional)
     lse[:, t]  = logsumexp(z * scales[t])     t < T (T = 1 or 2), fp32
-    lse[:, T]  = logsumexp over j not in index[:, :n_slots] of z_j * scales[-1]
-                 (only with n_slots > 0: the student's tail, exact instead of 1 - Q)
+    lse[:, T]  = logsumexp over j not in index[:, :tail_slots] of z_j * scales[-1]
+                 (only with tail_slots > 0: the student's tail, exact instead of 1 - Q)
     gathered   = z[row, index[row, m]]        fp32, 0 where the id is -1 or out of range
 
 Forward
@@ -69,7 +69,7 @@ will ignore.
 Memory model (bytes beyond the inputs, the outputs and the gradients)
 ---------------------------------------------------------------------
 e = element size of the input dtype, T = lse columns (1-3), M = index columns,
-S = n_slots, BV = forward BLOCK_V (128 on GPU), Nc = rows per backward chunk, Vs =
+S = tail_slots, BV = forward BLOCK_V (128 on GPU), Nc = rows per backward chunk, Vs =
 slab columns, nb = cdiv(Nc, 128):
 
     forward:   N*T*cdiv(V, BV)*4 + N*S*8                (tile partial lse, sorted slots; transient)
@@ -102,7 +102,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import sorted_slots
+from ._common import merge_duplicate_ids, sorted_slots
+from ._triton_common import _tanh
 
 #: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
 SLAB_BYTES = 64 << 20
@@ -113,13 +114,6 @@ ALIGN = 256
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -190,19 +184,19 @@ def _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rm
 
 
 @triton.jit
-def _mask_slots(x, fill, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols, col0, col_end,
+def _mask_slots(x, fill, SLOT, stride_sn, tail_slots, n_iter, rows, rmask, cols, col0, col_end,
                 BLOCK_N: tl.constexpr):
     """``x`` [BLOCK_N, BLOCK_V] with ``fill`` where column ``cols`` is one of the row's
     teacher slots.
 
     Each row's slots are sorted ascending (empty = a huge sentinel). A vectorised
-    binary search (``n_iter`` = bit length of n_slots steps) finds the first slot
+    binary search (``n_iter`` = bit length of tail_slots steps) finds the first slot
     >= col0, then a walk consumes the slots below ``col_end``: on average
     K * BLOCK_V / V per row, so the loop usually runs 0-2 times. ``x`` itself is the
     loop-carried tile, so no extra [BLOCK_N, BLOCK_V] mask is kept in registers."""
     base = SLOT + rows * stride_sn
     lo = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + n_slots
+    hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + tail_slots
     for _ in range(0, n_iter):
         open_ = lo < hi
         mid = (lo + hi) // 2
@@ -211,12 +205,12 @@ def _mask_slots(x, fill, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols, co
         lo = tl.where(below, mid + 1, lo)
         hi = tl.where(open_ & (v >= col0), mid, hi)
     p = lo
-    nxt = tl.load(base + p, mask=rmask & (p < n_slots), other=col_end)
+    nxt = tl.load(base + p, mask=rmask & (p < tail_slots), other=col_end)
     while tl.max((nxt < col_end).to(tl.int32), axis=0) > 0:
         inside = nxt < col_end
         x = tl.where((cols[None, :] == nxt[:, None]) & inside[:, None], fill, x)
         p = tl.where(inside, p + 1, p)
-        nxt = tl.load(base + p, mask=rmask & (p < n_slots), other=col_end)
+        nxt = tl.load(base + p, mask=rmask & (p < tail_slots), other=col_end)
     return x
 
 
@@ -224,9 +218,9 @@ def _mask_slots(x, fill, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols, co
 def _lse_tile_kernel(
     H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
     PART, stride_pn, stride_pt,
-    SLOT, stride_sn, n_slots, n_iter,
+    SLOT, stride_sn, tail_slots, n_iter,
     N, V, D, scale_a, scale_b, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_REST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_TAIL: tl.constexpr,
     IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -256,12 +250,12 @@ def _lse_tile_kernel(
         m_b = tl.max(zb, axis=1)
         lse_b = m_b + tl.log(tl.sum(tl.exp(zb - m_b[:, None]), axis=1))
         tl.store(out + stride_pt, lse_b, mask=rmask)
-    if HAS_REST:
+    if HAS_TAIL:
         # the same at scales[-1] over the columns that are not teacher slots; a tile
         # made only of slots gives -inf
         scale_r = scale_b if TWO_SCALES else scale_a
         zr = tl.where(cmask[None, :], z * scale_r, float("-inf"))
-        zr = _mask_slots(zr, float("-inf"), SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols,
+        zr = _mask_slots(zr, float("-inf"), SLOT, stride_sn, tail_slots, n_iter, rows, rmask, cols,
                          pid_v * BLOCK_V, pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
         m_r = tl.max(zr, axis=1)
         m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
@@ -308,9 +302,9 @@ def _dz_tile_kernel(
     H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
     LSE, stride_ln, GLSE, stride_gn, ACT,
     DZ, stride_zn, DBP, stride_bp,
-    SLOT, stride_sn, n_slots, n_iter,
+    SLOT, stride_sn, tail_slots, n_iter,
     row0, n_rows, col0, n_cols, D, scale_a, scale_b, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_REST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_TAIL: tl.constexpr,
     STORE_DZ: tl.constexpr, STORE_DB: tl.constexpr,
     IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
@@ -349,14 +343,14 @@ def _dz_tile_kernel(
         lse_b = tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0)
         g_b = tl.load(GLSE + rows * stride_gn + 1, mask=rmask, other=0.0) * scale_b
         dz += g_b[:, None] * tl.exp(z * scale_b - lse_b[:, None])
-    if HAS_REST:
+    if HAS_TAIL:
         scale_r = scale_b if TWO_SCALES else scale_a
         rc = 2 if TWO_SCALES else 1
         lse_r = tl.load(LSE + rows * stride_ln + rc, mask=rmask, other=0.0)
         lse_r = tl.where(lse_r == float("-inf"), 0.0, lse_r)   # every column is a slot: no term
         g_r = tl.load(GLSE + rows * stride_gn + rc, mask=rmask, other=0.0) * scale_r
         er = g_r[:, None] * tl.exp(z * scale_r - lse_r[:, None])
-        er = _mask_slots(er, 0.0, SLOT, stride_sn, n_slots, n_iter, rows, rmask, cols,
+        er = _mask_slots(er, 0.0, SLOT, stride_sn, tail_slots, n_iter, rows, rmask, cols,
                          col0 + pid_v * BLOCK_V, col0 + pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
         dz += er
     if HAS_SOFTCAP:
@@ -371,7 +365,7 @@ def _dz_tile_kernel(
 
 @triton.jit
 def _sparse_fix_kernel(
-    UIDX, stride_un, VAL, stride_vn, DZ, stride_zn,
+    UIDX, stride_isn, VAL, stride_vn, DZ, stride_zn,
     row0, col0, n_cols, M,
     INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -382,7 +376,7 @@ def _sparse_fix_kernel(
     for m0 in range(0, M, BLOCK_M):
         mo = m0 + offs
         mmask = mo < M
-        idx = tl.load(UIDX + row * stride_un + mo, mask=mmask, other=-1).to(tl.int64)
+        idx = tl.load(UIDX + row * stride_isn + mo, mask=mmask, other=-1).to(tl.int64)
         c = idx - col0
         ok = mmask & (idx >= 0) & (c >= 0) & (c < n_cols)
         v = tl.load(VAL + row * stride_vn + mo, mask=ok, other=0.0)
@@ -523,10 +517,10 @@ def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
     raise ValueError(f"scales must hold 1 or 2 values, got {len(scales)}")
 
 
-def _slot_list(index: torch.Tensor, V: int, n_slots: int) -> torch.Tensor:
-    """Each row's first ``n_slots`` ids sorted (a 1 x 1 placeholder when there are none)."""
-    if n_slots:
-        return sorted_slots(index, V, n_slots)
+def _slot_list(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
+    """Each row's first ``tail_slots`` ids sorted (a 1 x 1 placeholder when there are none)."""
+    if tail_slots:
+        return sorted_slots(index, V, tail_slots)
     return torch.zeros((1, 1), dtype=torch.int64, device=index.device)
 
 
@@ -543,20 +537,20 @@ def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torc
 
 
 def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
-                              scales: tuple[float, ...], softcap: float | None, n_slots: int = 0
+                              scales: tuple[float, ...], softcap: float | None, tail_slots: int = 0
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``lse`` [N, T (+1)] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``.
 
-    With ``n_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
-    over the vocab outside the first ``n_slots`` ids of each row (-inf if empty)."""
+    With ``tail_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
+    over the vocab outside the first ``tail_slots`` ids of each row (-inf if empty)."""
     _check(h, w, b, index)
     N, D = h.shape
     V = w.shape[0]
     M = index.shape[1]
     sa, sb, two = _scales(scales)
-    T = (2 if two else 1) + (1 if n_slots else 0)
+    n_lse = (2 if two else 1) + (1 if tail_slots else 0)
     dev = h.device
-    lse = torch.empty((N, T), dtype=torch.float32, device=dev)
+    lse = torch.empty((N, n_lse), dtype=torch.float32, device=dev)
     gathered = torch.empty((N, M), dtype=torch.float32, device=dev)
     if N == 0:
         return lse, gathered
@@ -568,15 +562,15 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
 
     f = cfg["fwd"]
     n_vb = triton.cdiv(V, f["BLOCK_V"])
-    part = torch.empty((N, T, n_vb), dtype=torch.float32, device=dev)
-    slots = _slot_list(index, V, n_slots)
+    part = torch.empty((N, n_lse, n_vb), dtype=torch.float32, device=dev)
+    slots = _slot_list(index, V, tail_slots)
     grid = (triton.cdiv(N, f["BLOCK_N"]) * n_vb,)
     _lse_tile_kernel[grid](
         h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
         part, part.stride(0), part.stride(1),
-        slots, slots.stride(0), n_slots, int(n_slots).bit_length(),
+        slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
         N, V, D, sa, sb, cap,
-        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_REST=n_slots > 0,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
         IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f["BLOCK_D"] == 0,
         BLOCK_N=f["BLOCK_N"], BLOCK_V=f["BLOCK_V"], BLOCK_D=f["BLOCK_D"], GROUP=f["GROUP"],
         num_warps=f["num_warps"], num_stages=f["num_stages"],
@@ -596,54 +590,31 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     return lse, gathered
 
 
-def _segment_totals(sk: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Along the last dim of sorted keys ``sk``: the sum of ``vals`` over each run of equal
-    keys, valid at the run's last element (returned as the mask ``last``).
-
-    A float64 prefix sum minus the prefix before the run start: deterministic (no
-    scatter_add), no host sync."""
-    n = sk.shape[-1]
-    first = torch.ones_like(sk, dtype=torch.bool)
-    first[..., 1:] = sk[..., 1:] != sk[..., :-1]
-    last = torch.ones_like(sk, dtype=torch.bool)
-    last[..., :-1] = sk[..., 1:] != sk[..., :-1]
-    v = vals.double()
-    cs = v.cumsum(-1)
-    pos = torch.arange(n, device=sk.device).expand_as(sk)
-    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(-1).values
-    tot = cs - (cs - v).gather(-1, start)
-    return tot.float(), last
-
-
 def _sparse_values(index: torch.Tensor, g_gathered: torch.Tensor, gathered: torch.Tensor, lse: torch.Tensor,
                    g_lse: torch.Tensor, scales: tuple[float, ...], softcap: float | None, V: int,
-                   n_slots: int = 0):
+                   tail_slots: int = 0):
     """Per row, the unique valid ids and the exact fp32 dz at them (no host sync).
 
     Returns ``uidx`` [N, M] int32 (each id at most once per row, -1 elsewhere),
     ``val`` [N, M] fp32 = (dense part + summed g_gathered) * chain, and ``gsp`` [N, M]
     fp32 = summed g_gathered * chain (the sparse part alone, for db)."""
-    idx = index.long()
-    valid = (idx >= 0) & (idx < V)
-    key = torch.where(valid, idx, torch.full_like(idx, V))
-    sk, perm = torch.sort(key, dim=1, stable=True)
-    gs = torch.where(valid, g_gathered, torch.zeros_like(g_gathered)).gather(1, perm)
-    zs = gathered.gather(1, perm)
-    tot, last = _segment_totals(sk, gs)
-    keep = last & (sk < V)
+    M = index.shape[1]
+    is_slot = (torch.arange(M, device=index.device) < tail_slots).expand_as(index).to(torch.float32)
+    merged = merge_duplicate_ids(index, torch.stack([g_gathered.float(), is_slot], dim=-1), V)
+    keep = merged.ids >= 0
+    tot = merged.sums[..., 0]
+    zs = gathered.gather(1, merged.perm)
     dense = torch.zeros_like(zs)
     for k, s in enumerate(scales):
         dense += (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lse[:, k:k + 1])
-    if n_slots:
-        # the rest term (log-sum-exp outside the slots) reaches the ids that are not slots
-        M = index.shape[1]
-        is_slot = ((torch.arange(M, device=index.device) < n_slots) & valid).to(torch.float32)
-        in_slots = _segment_totals(sk, is_slot.gather(1, perm))[0] > 0
+    if tail_slots:
+        # the tail term (log-sum-exp outside the slots) reaches the ids that are not slots
+        in_slots = merged.sums[..., 1] > 0
         s, k = scales[-1], len(scales)
         lr = lse[:, k:k + 1]
         lr = torch.where(torch.isinf(lr), torch.zeros_like(lr), lr)
-        rest = (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lr)
-        dense += torch.where(in_slots, torch.zeros_like(rest), rest)
+        tail = (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lr)
+        dense += torch.where(in_slots, torch.zeros_like(tail), tail)
     if softcap is not None:
         tz = zs / softcap
         chain = 1.0 - tz * tz
@@ -652,19 +623,17 @@ def _sparse_values(index: torch.Tensor, g_gathered: torch.Tensor, gathered: torc
     zero = torch.zeros_like(zs)
     val = torch.where(keep, (dense + tot) * chain, zero).contiguous()
     gsp = torch.where(keep, tot * chain, zero)
-    uidx = torch.where(keep, sk, torch.full_like(sk, -1)).to(torch.int32).contiguous()
+    uidx = merged.ids.to(torch.int32).contiguous()
     return uidx, val, gsp
 
 
 def _sum_by_id(ids: torch.Tensor, vals: torch.Tensor, V: int) -> torch.Tensor:
     """``out[v] = sum(vals[ids == v])`` over all rows (ids outside [0, V) dropped),
-    deterministic: stable sort, run totals, one write per distinct id."""
-    ids = ids.reshape(-1).long()
-    key = torch.where((ids >= 0) & (ids < V), ids, torch.full_like(ids, V))
-    sk, perm = torch.sort(key, stable=True)
-    tot, last = _segment_totals(sk, vals.reshape(-1).gather(0, perm))
+    deterministic: one write per distinct id."""
+    merged = merge_duplicate_ids(ids.reshape(1, -1), vals.reshape(1, -1), V)
     out = torch.zeros(V + 1, dtype=torch.float32, device=vals.device)
-    out.scatter_(0, torch.where(last, sk, torch.full_like(sk, V)), torch.where(last, tot, torch.zeros_like(tot)))
+    keep = merged.ids[0] >= 0
+    out.scatter_(0, torch.where(keep, merged.ids[0], torch.full_like(merged.ids[0], V)), merged.sums[0])
     return out[:V]
 
 
@@ -686,7 +655,7 @@ def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tup
 
 
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
-                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, n_slots: int = 0):
+                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0):
     """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed."""
     N, D = h.shape
     V = w.shape[0]
@@ -722,8 +691,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
         return dh, dw, (db32.to(b.dtype) if need_b else None)
 
     if M > 0:
-        uidx, val, gsp = _sparse_values(index, g_gathered, gathered, lse, g_lse, scales, softcap, V, n_slots)
-    slots = _slot_list(index, V, n_slots)
+        uidx, val, gsp = _sparse_values(index, g_gathered, gathered, lse, g_lse, scales, softcap, V, tail_slots)
+    slots = _slot_list(index, V, tail_slots)
 
     low = h.dtype != torch.float32
     sep_h = need_h and accum_fp32 and low
@@ -759,9 +728,9 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                 h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
                 lse, lse.stride(0), g_lse, g_lse.stride(0), active,
                 dz, dz.stride(0), dbp, dbp.stride(0),
-                slots, slots.stride(0), n_slots, int(n_slots).bit_length(),
+                slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
                 r0, n_rows, v0, n_cols, D, sa, sb, cap,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_REST=n_slots > 0,
+                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
                 STORE_DZ=store_dz, STORE_DB=need_b,
                 IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc["BLOCK_D"] == 0,
                 BLOCK_N=zc["BLOCK_N"], BLOCK_V=zc["BLOCK_V"], BLOCK_D=zc["BLOCK_D"], GROUP=zc["GROUP"],
@@ -812,20 +781,16 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
 class LinearLSEGatherTriton(torch.autograd.Function):
     """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T (+1)], gathered [N, M])``.
 
-    Gradients only for the inputs that need them (a frozen ``w`` allocates no dW).
-    ``deterministic`` is accepted for API symmetry: the backward has no atomics and
-    is bitwise reproducible either way."""
-
-    #: computes the log-sum-exp outside the first ``n_slots`` ids (the extra lse column)
-    SUPPORTS_REST = True
+    Gradients only for the inputs that need them (a frozen ``w`` allocates no dW); the
+    backward has no atomics and is bitwise reproducible."""
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, deterministic=False, accum_fp32=True, n_slots=0):
+    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0):
         index = index.contiguous()
-        n_slots = min(int(n_slots or 0), index.shape[1])
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, n_slots)
+        tail_slots = min(int(tail_slots or 0), index.shape[1])
+        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots)
         ctx.save_for_backward(h, w, b, index, lse, gathered)
-        ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.n_slots = tuple(scales), softcap, accum_fp32, n_slots
+        ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
         return lse, gathered
 
     @staticmethod
@@ -834,5 +799,5 @@ class LinearLSEGatherTriton(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = linear_lse_gather_backward(
             h, w, b, index, ctx.scales, ctx.softcap, lse, gathered, g_lse, g_gathered,
-            need_h, need_w, need_b, ctx.accum_fp32, ctx.n_slots)
-        return dh, dw, db, None, None, None, None, None, None
+            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots)
+        return dh, dw, db, None, None, None, None, None

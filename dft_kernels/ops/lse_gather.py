@@ -2,12 +2,12 @@
 logits gathered at M column ids, in one pass over vocab tiles; the backward pass
 recomputes the softmax tile by tile and writes dlogits directly.
 
-Primitive (DESIGN.md sec. 6), for logits ``x`` of shape [N, V]:
+Primitive (docs/design.md sec. 6), for logits ``x`` of shape [N, V]:
 
     z = softcap * tanh(x / softcap)          (or z = x)
     lse[:, t]  = logsumexp(z * scales[t])   t < T (T = 1 or 2), fp32
-    lse[:, T]  = logsumexp over j not in index[:, :n_slots] of z_j * scales[-1]
-                 (only when n_slots > 0: the student's tail mass, computed exactly
+    lse[:, T]  = logsumexp over j not in index[:, :tail_slots] of z_j * scales[-1]
+                 (only when tail_slots > 0: the student's tail mass, computed exactly
                  rather than as 1 - Q; the sorted slot ids are walked tile by tile)
     gathered   = z[row, index[row, m]]       fp32, 0 where index is -1 or out of range
 
@@ -21,54 +21,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dedup_sparse_grad, row_view, sorted_slots
+from ._common import merge_sparse_grad, row_view, sorted_slots
+from ._triton_common import _online_lse, _tanh
 
 
 @triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+def _row_offset(row, seq_len, stride_b, stride_t):
+    return (row // seq_len) * stride_b + (row % seq_len) * stride_t
 
 
 @triton.jit
-def _row_offset(row, T, stride_b, stride_t):
-    return (row // T) * stride_b + (row % T) * stride_t
-
-
-@triton.jit
-def _slot_hits(slot_row, p, n_slots, c, end, sentinel, BLOCK_V: tl.constexpr):
+def _slot_hits(slot_row, p, tail_slots, c, end, sentinel, BLOCK_V: tl.constexpr):
     """Mark the columns ``c`` of this tile that are teacher slots. ``slot_row`` is the
     row's ascending slot list and ``p`` the first entry not consumed yet; ids below
     ``end`` belong to this tile (on average K * BLOCK_V / V of them)."""
     hits = tl.zeros([BLOCK_V], dtype=tl.int32)
-    nxt = tl.load(slot_row + p, mask=p < n_slots, other=sentinel)
+    nxt = tl.load(slot_row + p, mask=p < tail_slots, other=sentinel)
     while nxt < end:
         hits += (c == nxt).to(tl.int32)
         p += 1
-        nxt = tl.load(slot_row + p, mask=p < n_slots, other=sentinel)
+        nxt = tl.load(slot_row + p, mask=p < tail_slots, other=sentinel)
     return hits, p
 
 
 @triton.jit
 def _lse_gather_fwd_kernel(
-    X, stride_xb, stride_xt, T,
+    X, stride_xb, stride_xt, seq_len,
     IDX, stride_in,
     LSE, stride_ln,
     GATH, stride_gn,
-    SLOT, stride_sn, n_slots,
+    SLOT, stride_sn, tail_slots,
     V, M, scale_a, scale_b, softcap,
-    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REST: tl.constexpr,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TAIL: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + _row_offset(row, T, stride_xb, stride_xt)
+    x_row = X + _row_offset(row, seq_len, stride_xb, stride_xt)
     slot_row = SLOT + row * stride_sn
     cols = tl.arange(0, BLOCK_V)
-    scale_r = scale_b if TWO_SCALES else scale_a
+    scale_t = scale_b if TWO_SCALES else scale_a
 
-    m_r = tl.zeros([], dtype=tl.float32) - float("inf")
-    s_r = tl.zeros([], dtype=tl.float32)
+    m_t = tl.zeros([], dtype=tl.float32) - float("inf")
+    s_t = tl.zeros([], dtype=tl.float32)
     p = tl.zeros([], dtype=tl.int32)
     m_a = tl.zeros([], dtype=tl.float32) - float("inf")
     s_a = tl.zeros([], dtype=tl.float32)
@@ -80,29 +74,17 @@ def _lse_gather_fwd_kernel(
         z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
-        za = tl.where(mask, z * scale_a, float("-inf"))
-        new_m = tl.maximum(m_a, tl.max(za, axis=0))
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        s_a = s_a * tl.exp(m_a - safe_m) + tl.sum(tl.exp(za - safe_m), axis=0)
-        m_a = new_m
+        m_a, s_a = _online_lse(m_a, s_a, tl.where(mask, z * scale_a, float("-inf")))
         if TWO_SCALES:
-            zb = tl.where(mask, z * scale_b, float("-inf"))
-            new_mb = tl.maximum(m_b, tl.max(zb, axis=0))
-            safe_mb = tl.where(new_mb == float("-inf"), 0.0, new_mb)
-            s_b = s_b * tl.exp(m_b - safe_mb) + tl.sum(tl.exp(zb - safe_mb), axis=0)
-            m_b = new_mb
-        if HAS_REST:
-            hits, p = _slot_hits(slot_row, p, n_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
-            zr = tl.where(mask & (hits == 0), z * scale_r, float("-inf"))
-            new_mr = tl.maximum(m_r, tl.max(zr, axis=0))
-            safe_mr = tl.where(new_mr == float("-inf"), 0.0, new_mr)
-            s_r = s_r * tl.exp(m_r - safe_mr) + tl.sum(tl.exp(zr - safe_mr), axis=0)
-            m_r = new_mr
+            m_b, s_b = _online_lse(m_b, s_b, tl.where(mask, z * scale_b, float("-inf")))
+        if HAS_TAIL:
+            hits, p = _slot_hits(slot_row, p, tail_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
+            m_t, s_t = _online_lse(m_t, s_t, tl.where(mask & (hits == 0), z * scale_t, float("-inf")))
     tl.store(LSE + row * stride_ln, m_a + tl.log(s_a))
     if TWO_SCALES:
         tl.store(LSE + row * stride_ln + 1, m_b + tl.log(s_b))
-    if HAS_REST:
-        tl.store(LSE + row * stride_ln + (2 if TWO_SCALES else 1), m_r + tl.log(s_r))
+    if HAS_TAIL:
+        tl.store(LSE + row * stride_ln + (2 if TWO_SCALES else 1), m_t + tl.log(s_t))
 
     offs = tl.arange(0, BLOCK_M)
     for ms in range(0, M, BLOCK_M):
@@ -118,27 +100,27 @@ def _lse_gather_fwd_kernel(
 
 @triton.jit
 def _lse_gather_bwd_kernel(
-    X, stride_xb, stride_xt, T,
+    X, stride_xb, stride_xt, seq_len,
     DX, stride_dn,
     LSE, stride_ln, GLSE, stride_gln,
-    IDX, stride_in, GG, stride_ggn, USLOT, stride_un,
-    SLOT, stride_sn, n_slots,
+    IDX, stride_in, GG, stride_ggn, IS_SLOT, stride_isn,
+    SLOT, stride_sn, tail_slots,
     V, M, scale_a, scale_b, softcap,
-    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REST: tl.constexpr,
+    TWO_SCALES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TAIL: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + _row_offset(row, T, stride_xb, stride_xt)
+    x_row = X + _row_offset(row, seq_len, stride_xb, stride_xt)
     dx_row = DX + row * stride_dn
     slot_row = SLOT + row * stride_sn
     cols = tl.arange(0, BLOCK_V)
-    scale_r = scale_b if TWO_SCALES else scale_a
+    scale_t = scale_b if TWO_SCALES else scale_a
     p = tl.zeros([], dtype=tl.int32)
     lse_r = tl.zeros([], dtype=tl.float32)
     g_r = tl.zeros([], dtype=tl.float32)
-    if HAS_REST:
+    if HAS_TAIL:
         lse_r = tl.load(LSE + row * stride_ln + (2 if TWO_SCALES else 1))
-        g_r = tl.load(GLSE + row * stride_gln + (2 if TWO_SCALES else 1)) * scale_r
+        g_r = tl.load(GLSE + row * stride_gln + (2 if TWO_SCALES else 1)) * scale_t
 
     lse_a = tl.load(LSE + row * stride_ln)
     g_a = tl.load(GLSE + row * stride_gln) * scale_a
@@ -160,9 +142,9 @@ def _lse_gather_bwd_kernel(
         dz = g_a * tl.exp(z * scale_a - lse_a)
         if TWO_SCALES:
             dz += g_b * tl.exp(z * scale_b - lse_b)
-        if HAS_REST:
-            hits, p = _slot_hits(slot_row, p, n_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
-            dz += tl.where(hits == 0, g_r * tl.exp(z * scale_r - lse_r), 0.0)
+        if HAS_TAIL:
+            hits, p = _slot_hits(slot_row, p, tail_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
+            dz += tl.where(hits == 0, g_r * tl.exp(z * scale_t - lse_r), 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
         tl.store(dx_row + c, dz.to(DX.dtype.element_ty), mask=mask)
@@ -188,9 +170,9 @@ def _lse_gather_bwd_kernel(
         dz = g_a * tl.exp(z * scale_a - lse_a) + gg
         if TWO_SCALES:
             dz += g_b * tl.exp(z * scale_b - lse_b)
-        if HAS_REST:
-            us = tl.load(USLOT + row * stride_un + mo, mask=ok, other=1)
-            dz += tl.where(us == 0, g_r * tl.exp(z * scale_r - lse_r), 0.0)
+        if HAS_TAIL:
+            us = tl.load(IS_SLOT + row * stride_isn + mo, mask=ok, other=1)
+            dz += tl.where(us == 0, g_r * tl.exp(z * scale_t - lse_r), 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
         tl.store(dx_row + safe, dz.to(DX.dtype.element_ty), mask=ok)
@@ -215,24 +197,24 @@ def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
 
 
 def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
-                       softcap: float | None, n_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       softcap: float | None, tail_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. ``x`` is [..., V]; its rows are read in place."""
-    xv, T, sb, st = row_view(x)
+    xv, seq_len, sb, st = row_view(x)
     V = x.shape[-1]
     N = index.shape[0]
     M = index.shape[1]
     sa, sbb, two = _scales(scales)
-    lse = torch.empty((N, (2 if two else 1) + (1 if n_slots else 0)), dtype=torch.float32, device=x.device)
+    lse = torch.empty((N, (2 if two else 1) + (1 if tail_slots else 0)), dtype=torch.float32, device=x.device)
     gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
     if N == 0:
         return lse, gathered
-    slots = sorted_slots(index, V, max(n_slots, 1))
+    slots = sorted_slots(index, V, max(tail_slots, 1))
     block_v, block_m, num_warps = _config(V, M)
     _lse_gather_fwd_kernel[(N,)](
-        xv, sb, st, T, index, index.stride(0), lse, lse.stride(0), gathered, gathered.stride(0),
-        slots, slots.stride(0), n_slots,
+        xv, sb, st, seq_len, index, index.stride(0), lse, lse.stride(0), gathered, gathered.stride(0),
+        slots, slots.stride(0), tail_slots,
         V, M, sa, sbb, float(softcap or 1.0),
-        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_REST=n_slots > 0,
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_TAIL=tail_slots > 0,
         BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
     )
     return lse, gathered
@@ -240,25 +222,25 @@ def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float
 
 def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
                         softcap: float | None, lse: torch.Tensor, g_lse: torch.Tensor,
-                        g_gathered: torch.Tensor, n_slots: int = 0) -> torch.Tensor:
+                        g_gathered: torch.Tensor, tail_slots: int = 0) -> torch.Tensor:
     """Launch the backward kernel; returns dlogits with the shape and dtype of ``x``."""
-    xv, T, sb, st = row_view(x)
+    xv, seq_len, sb, st = row_view(x)
     V = x.shape[-1]
     N, M = index.shape
     sa, sbb, two = _scales(scales)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if N == 0:
         return dx
-    uidx, ug, uslot = dedup_sparse_grad(index, g_gathered.float(), V, n_slots)
-    slots = sorted_slots(index, V, max(n_slots, 1))
+    uidx, ug, is_slot = merge_sparse_grad(index, g_gathered.float(), V, tail_slots)
+    slots = sorted_slots(index, V, max(tail_slots, 1))
     g_lse = g_lse.float().contiguous()
     block_v, block_m, num_warps = _config(V, M)
     _lse_gather_bwd_kernel[(N,)](
-        xv, sb, st, T, dx, V, lse, lse.stride(0), g_lse, g_lse.stride(0),
-        uidx, uidx.stride(0), ug, ug.stride(0), uslot, uslot.stride(0),
-        slots, slots.stride(0), n_slots,
+        xv, sb, st, seq_len, dx, V, lse, lse.stride(0), g_lse, g_lse.stride(0),
+        uidx, uidx.stride(0), ug, ug.stride(0), is_slot, is_slot.stride(0),
+        slots, slots.stride(0), tail_slots,
         V, M, sa, sbb, float(softcap or 1.0),
-        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_REST=n_slots > 0,
+        TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_TAIL=tail_slots > 0,
         BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
     )
     return dx
@@ -266,14 +248,14 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
 
 class LSEGatherTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, scales, softcap, n_slots=0):
-        lse, gathered = lse_gather_forward(x, index, scales, softcap, n_slots)
+    def forward(ctx, x, index, scales, softcap, tail_slots=0):
+        lse, gathered = lse_gather_forward(x, index, scales, softcap, tail_slots)
         ctx.save_for_backward(x, index, lse)
-        ctx.scales, ctx.softcap, ctx.n_slots = scales, softcap, n_slots
+        ctx.scales, ctx.softcap, ctx.tail_slots = scales, softcap, tail_slots
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
         x, index, lse = ctx.saved_tensors
-        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered, ctx.n_slots)
+        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered, ctx.tail_slots)
         return dx, None, None, None, None

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..ops._common import SLOT_SENTINEL, merge_duplicate_ids
 from ..validation import compute_dtype
 from .container import SparseTargets, _check_k
 
@@ -53,7 +54,6 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
     for t in targets[1:]:
         out_dtype = torch.promote_types(out_dtype, t.logprobs.dtype)
     cd = compute_dtype(out_dtype)
-    dev = targets[0].device
 
     ids, lps = [], []
     for t, wi in zip(targets, w):
@@ -64,32 +64,23 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
         lps.append(torch.where(valid, lp, torch.full_like(lp, -torch.inf)))
     ids = torch.cat(ids, dim=-1)                     # [N, M]
     lps = torch.cat(lps, dim=-1)
-    rows, m = ids.shape
-    sentinel = torch.iinfo(torch.int64).max          # empty slots sort last
-    ids = torch.where(ids >= 0, ids, torch.full_like(ids, sentinel))
-    ids, order = ids.sort(dim=-1)
-    lps = lps.gather(-1, order)
-    # segment ids: position of each slot's first occurrence of its token id
-    start = torch.ones_like(ids, dtype=torch.bool)
-    start[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    seg = start.long().cumsum(-1) - 1                # [N, M] in [0, M)
-    seg_max = torch.full((rows, m), -torch.inf, dtype=cd, device=dev)
-    seg_max = seg_max.scatter_reduce(1, seg, lps, reduce="amax", include_self=True)
-    shift = torch.where(torch.isfinite(seg_max), seg_max, torch.zeros_like(seg_max))
-    seg_sum = torch.zeros((rows, m), dtype=cd, device=dev).scatter_add(1, seg, (lps - shift.gather(1, seg)).exp())
-    seg_lp = shift + seg_sum.log()                   # log of the blended mass per segment
-    seg_id = torch.full((rows, m), sentinel, dtype=torch.int64, device=dev).scatter(1, seg, ids)
-    real = seg_id != sentinel
+    # sum duplicate ids in probability space, shifted by each row's largest log-prob
+    shift = lps.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    merged = merge_duplicate_ids(ids, (lps - shift).exp().double(), SLOT_SENTINEL)  # any id >= 0 is valid
+    seg_id = merged.ids
+    real = seg_id >= 0
+    seg_lp = (merged.sums.log() + shift).to(cd)       # log of the blended mass per distinct id
     # order: real ids by mass (zero-mass real ids before unused segments)
     key = torch.where(real, seg_lp.nan_to_num(neginf=torch.finfo(cd).min), torch.full_like(seg_lp, -torch.inf))
-    if kout <= m:
+    if kout <= ids.shape[1]:
         pos = key.topk(kout, dim=-1).indices
     else:
         pos = key.sort(dim=-1, descending=True).indices
     out_id = seg_id.gather(1, pos)
     out_lp = seg_lp.gather(1, pos)
-    keep = out_id != sentinel
-    out_id = torch.where(keep, out_id, torch.full_like(out_id, -1)).to(torch.int32)
+    keep = out_id >= 0
+    out_id = out_id.to(torch.int32)
     out_lp = torch.where(keep, out_lp, torch.full_like(out_lp, -torch.inf)).to(out_dtype)
     meta: dict[str, Any] = {"blend": [{**{k2: v for k2, v in t.metadata.items() if k2 != "k"}, "weight": wi}
                                       for t, wi in zip(targets, w)]}
