@@ -155,23 +155,23 @@ for _rows in ("replicated", "sharded"):
 def check_primitive_sharded_rows_with_an_empty_rank(rank, world):
     """vocab_parallel_lse_gather itself against the single-process op: rows="sharded" where
     one rank has no rows at all, the custom split (an empty vocab shard in world 4), the
-    log-sum-exp outside the slots (n_slots), upstream gradients on every output."""
+    log-sum-exp outside the slots (tail_slots), upstream gradients on every output."""
     from dft_kernels import ops
     from dft_kernels.distributed import vocab_parallel_lse_gather
     h, w, b, idx, *_ = _problem(9)
     splits = [(0, 4), (4, 4), (4, 7), (7, 7)][:world] if world == 4 else [(0, 0), (0, 7)]
     a, c = splits[rank]
-    scales, n_slots = (1.0, 0.5), 3
+    scales, tail_slots = (1.0, 0.5), 3
     g = torch.Generator().manual_seed(10)
     g_lse, g_gat = torch.randn(N, 3, generator=g, dtype=torch.float64), torch.randn(N, K, generator=g,
                                                                                     dtype=torch.float64)
     vp = _vp("custom", rank, world, "sharded")
     hd = h[a:c].clone().requires_grad_()
     wd, bd = w[vp.start:vp.stop].clone().requires_grad_(), b[vp.start:vp.stop].clone().requires_grad_()
-    lse, gat = vocab_parallel_lse_gather(hd, wd, bd, idx[a:c], scales, 3.0, "torch", vp, n_slots=n_slots)
+    lse, gat = vocab_parallel_lse_gather(hd, wd, bd, idx[a:c], scales, 3.0, "torch", vp, tail_slots=tail_slots)
     ((lse * g_lse[a:c]).sum() + (gat * g_gat[a:c]).sum()).backward()
     H, Wf, B = (t.clone().requires_grad_() for t in (h, w, b))
-    ref_lse, ref_gat = ops.linear_lse_gather_apply(H, Wf, B, idx, scales, 3.0, "torch", n_slots=n_slots)
+    ref_lse, ref_gat = ops.linear_lse_gather_apply(H, Wf, B, idx, scales, 3.0, "torch", tail_slots=tail_slots)
     ((ref_lse * g_lse).sum() + (ref_gat * g_gat).sum()).backward()
     assert lse.shape == (c - a, 3) and gat.shape == (c - a, K)
     _close(lse.detach(), ref_lse.detach()[a:c], "lse", 1e-12, 1e-12)

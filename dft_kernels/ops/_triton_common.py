@@ -21,3 +21,41 @@ def _online_lse(m, s, x):
     safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
     s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), axis=0)
     return new_m, s
+
+
+@triton.jit
+def _tile_ids(pid, n_a, n_b, GROUP: tl.constexpr):
+    """Grouped program order: GROUP consecutive blocks along ``a`` sweep ``b`` together."""
+    per_group = GROUP * n_b
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(n_a - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+# INTERP_BF16 is set only for bf16 inputs under the CPU interpreter, whose bf16 tl.dot
+# multiplies raw bits and whose fp32 -> bf16 cast truncates; GPUs need neither fix.
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc + a @ b, fp32 accumulation. IEEE: exact fp32 products for fp32 operands
+    (no TF32); otherwise Triton's default precision."""
+    if INTERP_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 -> storage dtype, rounding to nearest even."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

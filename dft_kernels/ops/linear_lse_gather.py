@@ -1,109 +1,26 @@
 """Fused linear path in Triton: the primitive of docs/design.md sec. 6 for logits
 ``z = h @ w.T (+ b)`` that are never materialised as an [N, V] tensor.
 
-    z = softcap * tanh(z / softcap)           (optional)
-    lse[:, t]  = logsumexp(z * scales[t])     t < T (T = 1 or 2), fp32
-    lse[:, T]  = logsumexp over j not in index[:, :tail_slots] of z_j * scales[-1]
-                 (only with tail_slots > 0: the student's tail, exact instead of 1 - Q)
-    gathered   = z[row, index[row, m]]        fp32, 0 where the id is -1 or out of range
-
-Forward
--------
-* ``_lse_tile_kernel``: one program per (BLOCK_N x BLOCK_V) logits tile, in grouped
-  order (GROUP row blocks sweep the vocab together, so the tiles in flight share
-  rows of ``h`` and of ``w`` in L2); ``tl.dot`` over D in BLOCK_D steps into an fp32
-  accumulator; bias, softcap, then the tile's log-sum-exp per row and scale goes to
-  ``part[N, T(+1), cdiv(V, BLOCK_V)]`` and one ``logsumexp`` over the last dim merges
-  the tiles (no atomics, no second pass over the logits). For the rest column each
-  tile masks the row's teacher slots: a binary search in the row's sorted slot list,
-  then a walk over the (on average K * BLOCK_V / V) slots inside the tile.
-* ``_indexed_dot_kernel``: one program per row, ``gathered[m] = dot(h[row],
-  w[index[m]]) (+ b)``, softcapped: O(N*M*D) work, no [N, M, D] gather in torch.
-
-Backward
---------
-``dz_j = sum_t g_lse[t] s_t softmax(z s_t)_j (+ g_rest s softmax_rest_j) + sum_m g_gathered[m] [index_m = j]``
-times the softcap chain factor ``1 - tanh^2`` (which also multiplies the sparse
-part). The rows are cut into chunks of ``Nc`` rows and the vocabulary into slabs of
-``Vs`` columns; per (chunk, slab), four launches on the current stream:
-
-1. ``_dz_tile_kernel`` recomputes each (BLOCK_N x BLOCK_V) logits tile with ``tl.dot``,
-   forms ``dz`` in registers (fp32) and stores it, in the input dtype, into one
-   reused ``[Nc, Vs]`` slab buffer; with a bias it also writes the tile's fp32 column
-   sums (``db`` partials, reduced in a fixed order).
-2. ``_sparse_fix_kernel`` overwrites the slab at each row's (deduplicated) ids with
-   the exact fp32 value ``dense(z_id) + summed g_gathered``, chain factor included,
-   computed on [N, M] tensors from the saved ``gathered`` and ``lse``. Duplicate ids
-   of a row (the label is often a teacher id) are summed beforehand, so every entry
-   is written once: no atomics, no race.
-3. ``_dw_gemm_kernel``: ``dW[slab] (+)= dz_slab.T @ h[chunk]``, one program per
-   (BLOCK_M x BLOCK_N) tile of ``dW[slab]``, the reduction over tokens in registers
-   (fp32), looping only over the token blocks that carry gradient.
-4. ``_dh_gemm_kernel``: ``dH[chunk] (+)= dz_slab @ w[slab]``, one program per tile of
-   ``dH[chunk]``, the reduction over the slab in registers (fp32).
-
-So ``dz`` is formed in registers, but it goes through the slab before the two
-products instead of being multiplied in place: with D in the thousands neither
-``dH`` nor ``dW`` rows fit a program's registers, so a fully fused backward must
-accumulate both in global memory with atomics (fp32 buffers of N*D and V*D, 2 GiB
-for an 8B model's dW, and run-to-run noise), while the slab keeps every
-accumulation inside one program and costs one write and two reads of the
-(input-dtype) logits gradient, about 3*N*V*e bytes, against 6*N*V*D flops.
-
-Accumulation across slabs (dH) and across chunks (dW) is a load-add-store by the
-one program that owns the output tile, in launch order: the backward is bitwise
-deterministic in both modes (``deterministic`` is accepted for API symmetry; no
-atomics anywhere). With ``accum_fp32`` and bf16/fp16 inputs that accumulation runs
-in fp32 buffers (below); inside a tile it is always fp32.
-
-Ignored rows (no host sync): a row whose upstream grads (``g_lse``, ``g_gathered``)
-are all 0 is inactive. ``_dz_tile_kernel`` and ``_dh_gemm_kernel`` tiles whose rows
-are all inactive run their reduction loop zero times (no branch: an early exit
-makes the compiled epilogue spill) and store zeros / leave the accumulator as is;
-``_dw_gemm_kernel`` loops over a device-side list of the active BLOCK_K token
-blocks (stable-sorted to the front, the count read inside the kernel). So ignored
-rows cost only the forward matmul (1 of the 4 ``N*V*D`` products), at block
-granularity; the forward cannot skip them, it does not know which rows the loss
-will ignore.
-
-Memory model (bytes beyond the inputs, the outputs and the gradients)
----------------------------------------------------------------------
-e = element size of the input dtype, T = lse columns (1-3), M = index columns,
-S = tail_slots, BV = forward BLOCK_V (128 on GPU), Nc = rows per backward chunk, Vs =
-slab columns, nb = cdiv(Nc, 128):
-
-    forward:   N*T*cdiv(V, BV)*4 + N*S*8                (tile partial lse, sorted slots; transient)
-    saved:     N*(T + M)*4                               (lse and gathered, both outputs)
-    backward, before the slabs (transient):  ~100*N*M    (sort / prefix-sum temporaries of the sparse part)
-    backward, during the slabs:
-               Nc*Vs*e                                   (dz slab)
-             + Nc*D*4      if bf16/fp16, accum_fp32, dH needed              (fp32 dH accumulator)
-             + V*D*4       if bf16/fp16, accum_fp32, dW needed, N > Nc       (fp32 dW accumulator)
-             + nb*Vs*4 + V*4                             if db is needed
-             + 12*N*M + 8*N*S                            (unique ids, values, sorted slots)
-
-``Vs`` is chosen so that ``Nc*Vs*e <= SLAB_BYTES`` (64 MiB); ``Nc = N`` unless
-``N*D*4 > ACC_BYTES`` (128 MiB) and ``N > V`` (then the V*D*4 dW accumulator is the
-smaller one). Example, an 8B model (N = 8192, D = 4096, V = 128256, bf16, K = 100
-teacher slots + the label, one temperature plus the rest column): forward 64 + 6 MiB;
-backward 79 MiB transient, then slab 64 MiB (Vs = 4096) + dH accumulator 128 MiB +
-16 MiB = ~210 MiB peak. With ``accum_fp32=False`` (or fp32 inputs) the gradient itself
-is the accumulator (bf16: one rounding per slab): ~80 MiB.
-
-For comparison, ``torch_chunked.LinearLSEGatherTorch`` with C = chunk_elems // V rows
-per chunk (chunk_elems = 2^22 by default): forward ~C*V*(e + 12); backward
-~C*V*(2e + 20) (logits, fp32 z, tanh, softmax per scale, rest mask, dz, low-precision
-dz) + V*D*e (each chunk's ``dz.T @ h`` before it is added) + V*D*4 if bf16/fp16 with
-accum_fp32 and dW needed -- for the 8B example ~0.1 + 1 + 2 GiB.
+Forward: ``_lse_tile_kernel`` (grouped logits tiles, per-tile log-sum-exp partials,
+the tail column with the row's teacher slots masked) and ``_indexed_dot_kernel``
+(the logits at the gathered ids). Backward, per (row chunk, vocab slab):
+``_dz_tile_kernel`` recomputes each tile and writes dz into a reused slab,
+``_sparse_fix_kernel`` writes the exact values at the (merged) ids, then the two
+products ``dW[slab] += dz.T @ h`` and ``dH += dz @ W[slab]`` (ops/_gemm.py). No
+atomics: the gradients are bitwise reproducible. The design, the ignored-row
+handling and the memory model: docs/fused_path.md.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import merge_duplicate_ids, sorted_slots
-from ._triton_common import _tanh
+from ._gemm import _dh_gemm_kernel, _dw_gemm_kernel
+from ._triton_common import _cast, _dot, _tanh, _tile_ids
 
 #: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
 SLAB_BYTES = 64 << 20
@@ -114,44 +31,6 @@ ALIGN = 256
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tile_ids(pid, n_a, n_b, GROUP: tl.constexpr):
-    """Grouped program order: GROUP consecutive blocks along ``a`` sweep ``b`` together."""
-    per_group = GROUP * n_b
-    group = pid // per_group
-    first = group * GROUP
-    size = tl.minimum(n_a - first, GROUP)
-    local = pid % per_group
-    return first + local % size, local // size
-
-
-# INTERP_BF16 is set only for bf16 inputs under the CPU interpreter, whose bf16 tl.dot
-# multiplies raw bits and whose fp32 -> bf16 cast truncates; GPUs need neither fix.
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc + a @ b, fp32 accumulation. IEEE: exact fp32 products for fp32 operands
-    (no TF32); otherwise Triton's default precision."""
-    if INTERP_BF16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """fp32 -> storage dtype, rounding to nearest even."""
-    if INTERP_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -383,118 +262,84 @@ def _sparse_fix_kernel(
         tl.store(DZ + lrow * stride_zn + tl.where(ok, c, 0), _cast(v, DZ.dtype.element_ty, INTERP_BF16), mask=ok)
 
 
-@triton.jit
-def _dw_gemm_kernel(
-    DZ, stride_zn, H, stride_hn, stride_hd, OUT, stride_ov, stride_od,
-    BLKS, COUNT, n_rows, n_cols, D,
-    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-):
-    """OUT[c, d] (+)= sum over the active token blocks of dz[tok, c] * h[tok, d] (H points
-    at the chunk's first row, OUT at the slab's first row).
-
-    ``BLKS`` lists the chunk's token blocks (BLOCK_K rows each) with the active ones
-    first and ``COUNT`` how many are active: the loop bound is read on the device."""
-    n_mb = tl.cdiv(n_cols, BLOCK_M)
-    n_db = tl.cdiv(D, BLOCK_N)
-    pid_m, pid_d = _tile_ids(tl.program_id(0).to(tl.int64), n_mb, n_db, GROUP)
-    c0 = pid_m * BLOCK_M
-    d0 = pid_d * BLOCK_N
-    lc = tl.arange(0, BLOCK_M)
-    ld = tl.arange(0, BLOCK_N)
-    lk = tl.arange(0, BLOCK_K)
-    cmask = lc < n_cols - c0
-    dmask = ld < D - d0
-    a_offs = lk[None, :] * stride_zn + lc[:, None]                      # dz.T tile [BLOCK_M, BLOCK_K]
-    b_offs = lk[:, None] * stride_hn + ld[None, :] * stride_hd          # h tile [BLOCK_K, BLOCK_N]
-    a_base = DZ + c0
-    b_base = H + d0 * stride_hd
-    n_active = tl.load(COUNT)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, n_active):
-        t0 = tl.load(BLKS + i).to(tl.int64) * BLOCK_K
-        kmask = lk < n_rows - t0
-        a = tl.load(a_base + t0 * stride_zn + a_offs, mask=cmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + t0 * stride_hn + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE, INTERP_BF16)
-    out_ptrs = OUT + c0 * stride_ov + d0 * stride_od + lc[:, None] * stride_ov + ld[None, :] * stride_od
-    omask = cmask[:, None] & dmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, _cast(acc, OUT.dtype.element_ty, INTERP_BF16), mask=omask)
-
-
-@triton.jit
-def _dh_gemm_kernel(
-    DZ, stride_zn, W, stride_wv, stride_wd, OUT, stride_on, stride_od, ACT,
-    row0, n_rows, n_cols, D,
-    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-):
-    """OUT[r, d] (+)= sum_c dz[r, c] * w[c, d] over the slab's columns (W points at its
-    first row); tiles whose rows are all inactive skip the matmul."""
-    n_mb = tl.cdiv(n_rows, BLOCK_M)
-    n_db = tl.cdiv(D, BLOCK_N)
-    pid_m, pid_d = _tile_ids(tl.program_id(0).to(tl.int64), n_mb, n_db, GROUP)
-    r0 = pid_m * BLOCK_M
-    d0 = pid_d * BLOCK_N
-    lr = tl.arange(0, BLOCK_M)
-    ld = tl.arange(0, BLOCK_N)
-    lk = tl.arange(0, BLOCK_K)
-    rmask = lr < n_rows - r0
-    dmask = ld < D - d0
-    out_ptrs = OUT + r0 * stride_on + d0 * stride_od + lr[:, None] * stride_on + ld[None, :] * stride_od
-    omask = rmask[:, None] & dmask[None, :]
-    # rows without upstream gradient have dz = 0: skip the reduction (no branch, see
-    # _dz_tile_kernel); the tile then stores zeros or re-stores what it accumulated
-    active = tl.max(tl.load(ACT + row0 + r0 + lr, mask=rmask, other=0), axis=0)
-    n_k = tl.where(active > 0, n_cols, 0)
-    a_base = DZ + r0 * stride_zn
-    b_base = W + d0 * stride_wd
-    a_offs = lr[:, None] * stride_zn + lk[None, :]
-    b_offs = lk[:, None] * stride_wv + ld[None, :] * stride_wd
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_k, BLOCK_K):
-        kmask = lk < n_cols - k0
-        a = tl.load(a_base + a_offs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE, INTERP_BF16)
-        a_base += BLOCK_K
-        b_base += BLOCK_K * stride_wv
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, _cast(acc, OUT.dtype.element_ty, INTERP_BF16), mask=omask)
-
-
 # --------------------------------------------------------------------------- launchers
 
 
-def _config(device: torch.device, dtype: torch.dtype, M: int) -> dict:
+@dataclass(frozen=True)
+class TileConfig:
+    """A logits-tile kernel (forward ``_lse_tile_kernel``, backward ``_dz_tile_kernel``)."""
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    GROUP: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """The backward products ``_dw_gemm_kernel`` / ``_dh_gemm_kernel``."""
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """A one-program-per-row kernel (``_indexed_dot_kernel``, ``_sparse_fix_kernel``)."""
+    BLOCK_M: int
+    BLOCK_D: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Every launch parameter of the fused path."""
+    fwd: TileConfig
+    dz: TileConfig
+    gemm: GemmConfig
+    gather: RowConfig
+    fix: RowConfig
+
+
+def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int) -> FusedConfig:
     """Block sizes, warps and stages of every kernel: the one place they are chosen.
 
-    The CPU branch serves the Triton interpreter (tests): small tiles, few programs."""
-    if device.type != "cuda":
-        return dict(
-            fwd=dict(BLOCK_N=16, BLOCK_V=128, BLOCK_D=64, GROUP=2, num_warps=4, num_stages=1),
-            dz=dict(BLOCK_N=16, BLOCK_V=128, BLOCK_D=64, GROUP=2, num_warps=4, num_stages=1),
-            gemm=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1),
-            gather=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 16), BLOCK_D=64, num_warps=4),
-            fix=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 64), num_warps=1),
+    Args:
+        capability: the GPU's compute capability, e.g. (8, 0) or (9, 0); None for the
+            Triton interpreter on the CPU (tests): small tiles, few programs.
+        dtype: the input dtype; M: gathered columns per row.
+    """
+    bm = lambda cap: min(triton.next_power_of_2(max(M, 1)), cap)  # noqa: E731
+    if capability is None:
+        tile = TileConfig(BLOCK_N=16, BLOCK_V=128, BLOCK_D=64, GROUP=2, num_warps=4, num_stages=1)
+        return FusedConfig(
+            fwd=tile, dz=tile,
+            gemm=GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1),
+            gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=64, num_warps=4),
+            fix=RowConfig(BLOCK_M=bm(64), BLOCK_D=0, num_warps=1),
         )
     # 128 x 128 fp32 tiles over 8 warps = 64 registers per tile-sized value: room for the
     # accumulator plus the two or three tiles the epilogues keep live (z, dz, the
-    # exponent of one scale). Compiled for sm_90 (Triton 3.9, ptxas -v), 128 x 256 tiles
-    # or BLOCK_D = 64 spill (the operand offsets of a [128, 64] tile cost ~64 registers);
-    # 128 x 128 x 32 does not, and 4 stages keep the loads ahead (64 KiB of shared memory
-    # for 16-bit operands). fp32 operands halve BLOCK_D.
+    # exponent of one scale). 128 x 256 tiles or BLOCK_D = 64 spill (the operand offsets
+    # of a [128, 64] tile cost ~64 registers); 128 x 128 x 32 does not, and 4 stages keep
+    # the loads ahead (64 KiB of shared memory for 16-bit operands). fp32 operands halve
+    # BLOCK_D.
     bd = 16 if dtype == torch.float32 else 32
-    return dict(
-        fwd=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4),
-        dz=dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4),
-        gemm=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
-        gather=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 16), BLOCK_D=256, num_warps=4),
-        fix=dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 256), num_warps=4),
+    tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4)
+    return FusedConfig(
+        fwd=tile, dz=tile,
+        gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
+        gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=256, num_warps=4),
+        fix=RowConfig(BLOCK_M=bm(256), BLOCK_D=0, num_warps=4),
     )
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _ieee(h: torch.Tensor) -> bool:
@@ -554,38 +399,38 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     gathered = torch.empty((N, M), dtype=torch.float32, device=dev)
     if N == 0:
         return lse, gathered
-    cfg = _config(dev, h.dtype, M)
+    cfg = fused_config(_capability(dev), h.dtype, M)
     interp_bf16 = _interp_bf16(h)
     ieee = _ieee(h)
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
-    f = cfg["fwd"]
-    n_vb = triton.cdiv(V, f["BLOCK_V"])
+    f = cfg.fwd
+    n_vb = triton.cdiv(V, f.BLOCK_V)
     part = torch.empty((N, n_lse, n_vb), dtype=torch.float32, device=dev)
     slots = _slot_list(index, V, tail_slots)
-    grid = (triton.cdiv(N, f["BLOCK_N"]) * n_vb,)
+    grid = (triton.cdiv(N, f.BLOCK_N) * n_vb,)
     _lse_tile_kernel[grid](
         h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
         part, part.stride(0), part.stride(1),
         slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
         N, V, D, sa, sb, cap,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
-        IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f["BLOCK_D"] == 0,
-        BLOCK_N=f["BLOCK_N"], BLOCK_V=f["BLOCK_V"], BLOCK_D=f["BLOCK_D"], GROUP=f["GROUP"],
-        num_warps=f["num_warps"], num_stages=f["num_stages"],
+        IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f.BLOCK_D == 0,
+        BLOCK_N=f.BLOCK_N, BLOCK_V=f.BLOCK_V, BLOCK_D=f.BLOCK_D, GROUP=f.GROUP,
+        num_warps=f.num_warps, num_stages=f.num_stages,
     )
     torch.logsumexp(part, dim=-1, out=lse)
     del part
 
     if M > 0:
-        g = cfg["gather"]
+        g = cfg.gather
         _indexed_dot_kernel[(N,)](
             h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
             index, index.stride(0), gathered, gathered.stride(0),
             V, D, M, cap,
             HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK_M=g["BLOCK_M"], BLOCK_D=g["BLOCK_D"], num_warps=g["num_warps"],
+            BLOCK_M=g.BLOCK_M, BLOCK_D=g.BLOCK_D, num_warps=g.num_warps,
         )
     return lse, gathered
 
@@ -666,7 +511,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     if not (need_h or need_w or need_b):
         return dh, dw, db
     sa, sb, two = _scales(scales)
-    cfg = _config(dev, h.dtype, M)
+    cfg = fused_config(_capability(dev), h.dtype, M)
     interp_bf16 = _interp_bf16(h)
     ieee = _ieee(h)
     bias = b if b is not None else w
@@ -704,11 +549,11 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
             else dw
     dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
     store_dz = need_h or need_w
-    zc, gm, fx = cfg["dz"], cfg["gemm"], cfg["fix"]
+    zc, gm, fx = cfg.dz, cfg.gemm, cfg.fix
     dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if store_dz else g_lse
-    dbp = torch.empty((triton.cdiv(n_chunk, zc["BLOCK_N"]), n_slab), dtype=torch.float32, device=dev) \
+    dbp = torch.empty((triton.cdiv(n_chunk, zc.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
         if need_b else g_lse
-    bk = gm["BLOCK_K"]
+    bk = gm.BLOCK_K
 
     for c, r0 in enumerate(range(0, N, n_chunk)):
         n_rows = min(n_chunk, N - r0)
@@ -723,7 +568,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
         out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
         for s, v0 in enumerate(range(0, V, n_slab)):
             n_cols = min(n_slab, V - v0)
-            grid = (triton.cdiv(n_rows, zc["BLOCK_N"]) * triton.cdiv(n_cols, zc["BLOCK_V"]),)
+            grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
             _dz_tile_kernel[grid](
                 h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
                 lse, lse.stride(0), g_lse, g_lse.stride(0), active,
@@ -732,39 +577,39 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                 r0, n_rows, v0, n_cols, D, sa, sb, cap,
                 HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
                 STORE_DZ=store_dz, STORE_DB=need_b,
-                IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc["BLOCK_D"] == 0,
-                BLOCK_N=zc["BLOCK_N"], BLOCK_V=zc["BLOCK_V"], BLOCK_D=zc["BLOCK_D"], GROUP=zc["GROUP"],
-                num_warps=zc["num_warps"], num_stages=zc["num_stages"],
+                IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc.BLOCK_D == 0,
+                BLOCK_N=zc.BLOCK_N, BLOCK_V=zc.BLOCK_V, BLOCK_D=zc.BLOCK_D, GROUP=zc.GROUP,
+                num_warps=zc.num_warps, num_stages=zc.num_stages,
             )
             if need_b:
-                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc["BLOCK_N"]), :n_cols].sum(0)
+                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc.BLOCK_N), :n_cols].sum(0)
             if not store_dz:
                 continue
             if M > 0:
                 _sparse_fix_kernel[(n_rows,)](
                     uidx, uidx.stride(0), val, val.stride(0), dz, dz.stride(0),
-                    r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx["BLOCK_M"], num_warps=fx["num_warps"],
+                    r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx.BLOCK_M, num_warps=fx.num_warps,
                 )
             if need_w:
                 out_w, h_c = dw_acc[v0:], h[r0:]     # views: 64-bit offsets computed by torch
-                grid = (triton.cdiv(n_cols, gm["BLOCK_M"]) * triton.cdiv(D, gm["BLOCK_N"]),)
+                grid = (triton.cdiv(n_cols, gm.BLOCK_M) * triton.cdiv(D, gm.BLOCK_N),)
                 _dw_gemm_kernel[grid](
                     dz, dz.stride(0), h_c, h_c.stride(0), h_c.stride(1), out_w, out_w.stride(0), out_w.stride(1),
                     blks, count, n_rows, n_cols, D,
                     ACCUMULATE=c > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
-                    BLOCK_M=gm["BLOCK_M"], BLOCK_N=gm["BLOCK_N"], BLOCK_K=bk, GROUP=gm["GROUP"],
-                    num_warps=gm["num_warps"], num_stages=gm["num_stages"],
+                    BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, BLOCK_K=bk, GROUP=gm.GROUP,
+                    num_warps=gm.num_warps, num_stages=gm.num_stages,
                 )
             if need_h:
                 w_slab = w[v0:]
-                grid = (triton.cdiv(n_rows, gm["BLOCK_M"]) * triton.cdiv(D, gm["BLOCK_N"]),)
+                grid = (triton.cdiv(n_rows, gm.BLOCK_M) * triton.cdiv(D, gm.BLOCK_N),)
                 _dh_gemm_kernel[grid](
                     dz, dz.stride(0), w_slab, w_slab.stride(0), w_slab.stride(1),
                     out_h, out_h.stride(0), out_h.stride(1), active,
                     r0, n_rows, n_cols, D,
                     ACCUMULATE=s > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
-                    BLOCK_M=gm["BLOCK_M"], BLOCK_N=gm["BLOCK_N"], BLOCK_K=bk, GROUP=gm["GROUP"],
-                    num_warps=gm["num_warps"], num_stages=gm["num_stages"],
+                    BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, BLOCK_K=bk, GROUP=gm.GROUP,
+                    num_warps=gm.num_warps, num_stages=gm.num_stages,
                 )
         if sep_h:
             dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
