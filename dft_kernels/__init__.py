@@ -1,7 +1,8 @@
 """dft_kernels: fused Triton kernels for Distribution Fine-Tuning losses."""
 from . import reference
-from .losses import DFTLossOutput, dft_loss, fused_linear_dft_loss
+from .losses import dft_loss, fused_linear_dft_loss
 from .modules import DFTLoss, FusedLinearDFTLoss
+from .options import DFTLossOutput
 from .targets import SparseTargets, blend
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ def __getattr__(name):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'dft_kernels' has no attribute {name!r}")
+
 
 __all__ = ["dft_loss", "fused_linear_dft_loss", "DFTLoss", "FusedLinearDFTLoss", "SparseTargets", "blend",
            "DFTLossOutput", "reference", "__version__"]

@@ -15,7 +15,7 @@ import torch
 from . import ops
 from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, effective_divergence,
                       needs_student_tail)
-from .validation import check_targets, validate_labels, validate_target_data
+from .validation import check_targets, compute_dtype, validate_labels, validate_target_data
 
 # --------------------------------------------------------------------------- options
 
@@ -30,9 +30,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             return env
         return "triton" if (device.type == "cuda" and ops.HAS_TRITON) else "torch"
     return impl
-
-
-# --------------------------------------------------------------------------- inputs
 
 
 # --------------------------------------------------------------------------- math
@@ -108,7 +105,7 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     K teacher columns first, then the label column when the accuracy term is on."""
     N = lse.shape[0]
     device = lse.device
-    cdt = lse.dtype  # fp32, or fp64 when the torch path runs on float64 inputs
+    cdt = compute_dtype(lse.dtype)  # the primitive's lse is fp32, or fp64 on float64 inputs
     has_div = target_index is not None
     has_acc = labels is not None and lam > 0
     K = target_index.shape[-1] if has_div else 0
@@ -208,37 +205,56 @@ def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index,
 
 # --------------------------------------------------------------------------- public
 
-_SHAPES_DOC = """
-    Args:
-        target_index: [..., K] int teacher ids (-1 = empty slot), aligned with the
-            student's rows (row t = the teacher's distribution of the token after t),
-            or None (no divergence term: a plain CE / DFT-CE loss).
-        target_logprobs: [..., K] float teacher log-probs, normalised over the
-            teacher's full vocabulary (-inf = zero mass), or None with target_index.
-        labels: [...] int next-token ids (``ignore_index`` skips a position), or None.
-        lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index,
-            reduction, num_items_in_batch: the loss options (docs/design.md sec. 3-5).
-        impl: "auto" | "triton" | "torch" | "reference" (env DFT_KERNELS_IMPL overrides auto).
-        validate: read the targets and raise on out-of-range ids, NaN or positive
-            log-probs, mass > 1 + 1e-3 (a host sync).
-        return_components: return a :class:`DFTLossOutput` instead of the loss.
-        chunk_elems: elements per chunk of the torch path (None: its default).
+_TARGET_ARGS_DOC = """\
+        target_index (torch.Tensor):
+            ids of the teacher's slots of shape `[..., K]` (int; -1 = empty slot), row t
+            holding the teacher's distribution of the token after position t; or None
+            (no divergence term: a plain cross-entropy / DFT-CE loss).
+        target_logprobs (torch.Tensor):
+            teacher log-probs of shape `[..., K]`, normalised over the teacher's full
+            vocabulary (-inf = zero mass); None together with ``target_index``.
+        labels (torch.Tensor):
+            next-token ids of shape `[...]` (``ignore_index`` skips a position), or None.
+"""
+
+_OPTION_ARGS_DOC = """\
+        lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index, reduction:
+            the loss options (docs/design.md sec. 3-5); defaults in ``options.LOSS_DEFAULTS``.
+        num_items_in_batch (int | torch.Tensor):
+            denominator of ``reduction="mean"`` (Hugging Face gradient accumulation);
+            None: the number of counted positions.
+        impl (str):
+            "auto" | "triton" | "torch" | "reference"; env ``DFT_KERNELS_IMPL`` overrides "auto".
+        validate (bool):
+            read the targets and raise on out-of-range ids, NaN or positive log-probs
+            and mass > 1 + 1e-3 (a host sync).
+        return_components (bool):
+            return a :class:`DFTLossOutput` instead of the loss.
+        chunk_elems (int):
+            elements per chunk of the torch path (None: its default).
+"""
+
+_RETURNS_DOC = """
     Returns:
-        The loss: a scalar, or [...] per position with ``reduction="none"``; or a
-        :class:`DFTLossOutput` with ``return_components=True``.
+        The loss: a scalar, or of shape `[...]` (0 where a position does not count) with
+        ``reduction="none"``; a :class:`DFTLossOutput` with ``return_components=True``.
 """
 
 
-def _dft_loss(student, lead: tuple, V: int, device, primitive, reference_call, *, target_index, target_logprobs,
-              labels, lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index, reduction,
-              num_items_in_batch, impl, validate, return_components):
-    """The plumbing both public losses share: option and shape checks, optional data
-    validation, the implementation choice, the column plan, the primitive
-    (``primitive(index, scales, impl, tail_slots) -> (lse, gathered)``) and the loss
-    math. ``reference_call(**kw)`` runs the naive reference instead."""
+def _loss_from_student(what: str, lead: tuple, V: int, device: torch.device, primitive, reference_call, *,
+                       target_index, target_logprobs, labels, lam, divergence, beta, tail, accuracy,
+                       temperature, softcap, ignore_index, reduction, num_items_in_batch, impl, validate,
+                       return_components):
+    """The option plumbing both public losses share.
+
+    ``what`` names the student input in messages, ``lead`` its leading dims and ``V``
+    the (full) vocab size. Runs the free checks, the optional data validation, the
+    implementation choice, the column plan, then ``primitive(index, scales, impl,
+    tail_slots) -> (lse, gathered)`` and the loss math of sec. 3-5;
+    ``reference_call(**loss_keywords)`` runs the naive reference instead."""
     check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
                   temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
-    check_targets(lead, target_index, target_logprobs, labels, what=student)
+    check_targets(lead, target_index, target_logprobs, labels, what=what)
     if validate:
         if target_index is not None:
             validate_target_data(target_index, target_logprobs, V)
@@ -252,13 +268,17 @@ def _dft_loss(student, lead: tuple, V: int, device, primitive, reference_call, *
         return reference_call(softcap=softcap, **kw)
     N = math.prod(lead)
     index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
-    index = index.to(device)
     scales = tuple(1.0 / t for t in temps)
     tail_slots = target_index.shape[-1] if (target_index is not None and
                                             needs_student_tail(divergence, beta, tail)) else 0
-    lse, gathered = primitive(index, scales, impl, tail_slots)
+    lse, gathered = primitive(index.to(device), scales, impl, tail_slots)
     return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
                                labels=labels, V=V, temps=temps, lead=lead, **kw)
+
+
+def _check_float(name: str, t, shape: str) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor {shape}, got {getattr(t, 'dtype', type(t))}")
 
 
 def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, lam=0.2,
@@ -267,12 +287,13 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
              validate=False, return_components=False, chunk_elems=None):
     """DFT loss on student logits: ``D(P_target || P_model) + lam * L_accuracy``.
 
+    The only `[N, V]` tensor it allocates is the gradient of the logits.
+
     Args:
-        logits: [..., V] student logits (any float dtype; leading dims are flattened).
-    """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor [..., V], got "
-                        f"{getattr(logits, 'dtype', type(logits))}")
+        logits (torch.Tensor):
+            student logits of shape `[..., V]` (any float dtype; leading dims are flattened).
+"""
+    _check_float("logits", logits, "[..., V]")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
 
@@ -283,15 +304,12 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
     def primitive(index, scales, impl, tail_slots):
         return ops.lse_gather_apply(logits, index, scales, softcap, impl, chunk_elems, tail_slots=tail_slots)
 
-    return _dft_loss("logits", tuple(logits.shape[:-1]), logits.shape[-1], logits.device, primitive, reference_call,
-                     target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
-                     divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
-                     softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-                     num_items_in_batch=num_items_in_batch, impl=impl, validate=validate,
-                     return_components=return_components)
-
-
-dft_loss.__doc__ += _SHAPES_DOC
+    return _loss_from_student(
+        "logits", tuple(logits.shape[:-1]), logits.shape[-1], logits.device, primitive, reference_call,
+        target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
+        divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
+        softcap=softcap, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        impl=impl, validate=validate, return_components=return_components)
 
 
 def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=None, labels=None, *,
@@ -300,25 +318,22 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                           reduction="mean", num_items_in_batch=None, impl="auto", validate=False,
                           return_components=False, chunk_elems=None, accum_fp32=True, vocab_parallel=None):
     """DFT loss from the last hidden states and the lm_head, never materialising the
-    [N, V] logits. With ``target_index=None`` it is a fused linear cross-entropy (or
+    `[N, V]` logits. With ``target_index=None`` it is a fused linear cross-entropy (or
     DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias, labels)``.
-    Gradients flow to ``hidden``, ``weight`` and ``bias``, each only if it requires grad
-    (a frozen lm_head allocates no dW), and are bitwise reproducible run to run.
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``, each only if it requires
+    grad (a frozen lm_head allocates no dW), and are bitwise reproducible run to run:
+    every backward path accumulates in a fixed order (no atomics), so there is no
+    switch for it.
 
     Args:
-        hidden: [..., D] last hidden states (leading dims are flattened).
-        weight: [V, D] lm_head weight (this rank's rows with ``vocab_parallel``).
-        bias: [V] lm_head bias or None.
-        accum_fp32: accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
-        vocab_parallel: a :class:`dft_kernels.distributed.VocabParallel` when ``weight`` /
-            ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
-    """
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor [..., D], got "
-                        f"{getattr(hidden, 'dtype', type(hidden))}")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor [V, D], got "
-                        f"{getattr(weight, 'dtype', type(weight))}")
+        hidden (torch.Tensor):
+            last hidden states of shape `[..., D]` (leading dims are flattened).
+        weight (torch.Tensor):
+            lm_head weight of shape `[V, D]` (this rank's rows with ``vocab_parallel``).
+"""
+    _check_float("hidden", hidden, "[..., D]")
+    _check_float("weight", weight, "[V, D]")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, D] (the lm_head weight), got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -334,7 +349,6 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                              f"{tuple(getattr(bias, 'shape', ()))}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
-    lead = tuple(hidden.shape[:-1])
     V, D = weight.shape
     if vocab_parallel is None and type(weight).__name__ == "DTensor":
         raise TypeError("weight is a DTensor: pass vocab_parallel=dft_kernels.distributed.VocabParallel."
@@ -364,12 +378,21 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
         return ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
                                            chunk_elems=chunk_elems, accum_fp32=accum_fp32, tail_slots=tail_slots)
 
-    return _dft_loss("hidden", lead, V, hidden.device, primitive, reference_call,
-                     target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
-                     divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
-                     softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-                     num_items_in_batch=num_items_in_batch, impl=impl, validate=validate,
-                     return_components=return_components)
+    return _loss_from_student(
+        "hidden", tuple(hidden.shape[:-1]), V, hidden.device, primitive, reference_call,
+        target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
+        divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
+        softcap=softcap, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        impl=impl, validate=validate, return_components=return_components)
 
 
-fused_linear_dft_loss.__doc__ += _SHAPES_DOC
+dft_loss.__doc__ += _TARGET_ARGS_DOC + _OPTION_ARGS_DOC + _RETURNS_DOC
+fused_linear_dft_loss.__doc__ += _TARGET_ARGS_DOC + """\
+        bias (torch.Tensor):
+            lm_head bias of shape `[V]`, or None.
+""" + _OPTION_ARGS_DOC + """\
+        accum_fp32 (bool):
+            accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
+        vocab_parallel (dft_kernels.distributed.VocabParallel):
+            set when ``weight`` / ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
+""" + _RETURNS_DOC

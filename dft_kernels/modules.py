@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .options import check_options
 from .losses import dft_loss, fused_linear_dft_loss
-
-_DEFAULTS = dict(lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
-                 temperature=1.0, softcap=None, ignore_index=-100, reduction="mean", impl="auto",
-                 validate=False, return_components=False)
+from .options import LOSS_DEFAULTS, check_options
 
 
 class _Base(torch.nn.Module):
@@ -16,19 +12,36 @@ class _Base(torch.nn.Module):
 
     def __init__(self, **kwargs):
         super().__init__()
-        unknown = set(kwargs) - set(_DEFAULTS) - set(self._extra)
+        unknown = set(kwargs) - set(LOSS_DEFAULTS) - set(self._extra)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown keyword(s) {sorted(unknown)}")
-        self.kwargs = {**_DEFAULTS, **self._extra, **kwargs}
+        self.kwargs = {**LOSS_DEFAULTS, **self._extra, **kwargs}
         check_options(**{k: self.kwargs[k] for k in ("lam", "divergence", "beta", "tail", "accuracy",
                                                       "temperature", "softcap", "reduction", "impl")})
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if _DEFAULTS.get(k, None) != v)
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if LOSS_DEFAULTS.get(k, None) != v)
 
 
 class DFTLoss(_Base):
-    """``DFTLoss(**keywords)(logits, target_index, target_logprobs, labels, num_items_in_batch=None)``."""
+    """:func:`dft_kernels.dft_loss` as a module: ``DFTLoss(**keywords)`` holds the loss
+    keywords (``lam``, ``divergence``, ..., ``chunk_elems``; defaults in
+    ``options.LOSS_DEFAULTS``), checked once here.
+
+    ``forward(logits, target_index=None, target_logprobs=None, labels=None, num_items_in_batch=None)``
+
+    Args:
+        logits (torch.Tensor):
+            student logits of shape `[..., V]`.
+        target_index, target_logprobs, labels, num_items_in_batch:
+            as in :func:`dft_kernels.dft_loss`: teacher ids and log-probs of shape
+            `[..., K]` (or None), next-token ids of shape `[...]` (or None), the
+            denominator of ``reduction="mean"`` (or None).
+
+    Returns:
+        The loss: a scalar, of shape `[...]` with ``reduction="none"``, or a
+        :class:`~dft_kernels.DFTLossOutput` with ``return_components=True``.
+    """
 
     _extra = {"chunk_elems": None}
 
@@ -38,7 +51,25 @@ class DFTLoss(_Base):
 
 
 class FusedLinearDFTLoss(_Base):
-    """``FusedLinearDFTLoss(**keywords)(hidden, weight, target_index, target_logprobs, labels, bias=None)``."""
+    """:func:`dft_kernels.fused_linear_dft_loss` as a module: ``FusedLinearDFTLoss(**keywords)``
+    holds the loss keywords (as :class:`DFTLoss`, plus ``accum_fp32``).
+
+    ``forward(hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
+    num_items_in_batch=None)``
+
+    Args:
+        hidden (torch.Tensor):
+            last hidden states of shape `[..., D]`.
+        weight (torch.Tensor):
+            lm_head weight of shape `[V, D]`.
+        target_index, target_logprobs, labels, num_items_in_batch:
+            as in :class:`DFTLoss`.
+        bias (torch.Tensor):
+            lm_head bias of shape `[V]`, or None.
+
+    Returns:
+        As :class:`DFTLoss`; the `[N, V]` logits are never materialised.
+    """
 
     _extra = {"chunk_elems": None, "accum_fp32": True}
 

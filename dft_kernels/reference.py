@@ -1,4 +1,4 @@
-"""Naive PyTorch reference of every term of DESIGN.md sec. 3-5.
+"""Naive PyTorch reference of every term of docs/design.md sec. 3-5.
 
 It materialises the full [N, V] log-softmax (at each temperature), builds the
 K+1 bucket distributions explicitly and applies textbook divergence formulas.
@@ -12,6 +12,7 @@ import math
 import torch
 
 from .options import TINY, DFTLossOutput, effective_divergence
+from .validation import compute_dtype
 
 
 def _kl(a: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
@@ -66,10 +67,31 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
              divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce", temperature=1.0,
              softcap=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
              return_components=False, **_ignored):
-    """Reference DFT loss on logits ``[..., V]`` (same arguments as ``dk.dft_loss``)."""
+    """Reference DFT loss: materialises the `[N, V]` log-softmax at each temperature.
+
+    Computes in ``validation.compute_dtype`` of the logits; runs no input checks.
+
+    Args:
+        logits (torch.Tensor):
+            student logits of shape `[..., V]`.
+        target_index (torch.Tensor):
+            teacher ids of shape `[..., K]` (-1 = empty slot), or None.
+        target_logprobs (torch.Tensor):
+            teacher log-probs of shape `[..., K]`, or None.
+        labels (torch.Tensor):
+            next-token ids of shape `[...]`, or None.
+        lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index, reduction,
+        num_items_in_batch, return_components:
+            as in :func:`dft_kernels.dft_loss`; other keywords of it (``impl``,
+            ``validate``, ``chunk_elems``, ...) are accepted and ignored.
+
+    Returns:
+        The loss: a scalar, or of shape `[...]` with ``reduction="none"``; a
+        :class:`~dft_kernels.options.DFTLossOutput` with ``return_components=True``.
+    """
     lead = tuple(logits.shape[:-1])
     V = logits.shape[-1]
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits.dtype)
     z = logits.reshape(-1, V).to(dtype)
     N = z.shape[0]
     if softcap is not None:
@@ -127,6 +149,22 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
 
 def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=None, labels=None, *,
                           bias=None, **kw):
-    """Reference fused loss: materialises ``logits = hidden @ weight.T + bias``."""
+    """Reference fused loss: materialises ``logits = hidden @ weight.T + bias``.
+
+    Args:
+        hidden (torch.Tensor):
+            last hidden states of shape `[..., D]`.
+        weight (torch.Tensor):
+            lm_head weight of shape `[V, D]`.
+        target_index, target_logprobs, labels:
+            as in :func:`dft_loss`, of shapes `[..., K]`, `[..., K]`, `[...]`.
+        bias (torch.Tensor):
+            lm_head bias of shape `[V]`, or None.
+        **kw:
+            the loss keywords of :func:`dft_loss`.
+
+    Returns:
+        What :func:`dft_loss` returns on those logits.
+    """
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return dft_loss(logits, target_index, target_logprobs, labels, **kw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import check_options
+from ..options import LOSS_DEFAULTS, check_options
 
 #: fields of DFTConfig that are not keywords of the loss functions
 _ADAPTER_FIELDS = ("skip_logits", "check", "log_components")
@@ -12,11 +12,13 @@ _ADAPTER_FIELDS = ("skip_logits", "check", "log_components")
 
 @dataclass
 class DFTConfig:
-    """Options of the DFT loss (DESIGN.md sec. 3-5) and of the adapter.
+    """Options of the DFT loss (docs/design.md sec. 3-5) and of the adapter.
 
     Loss options -- ``lam``, ``divergence``, ``beta``, ``tail``, ``accuracy``,
-    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems`` -- mean what they mean in :func:`dft_kernels.dft_loss`. The
-    softcap is not an option: it comes from the model (``final_logit_softcapping``).
+    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems`` -- mean
+    what they mean in :func:`dft_kernels.dft_loss`, with its defaults
+    (``options.LOSS_DEFAULTS``). The softcap is not an option: it comes from the
+    model (``final_logit_softcapping``).
 
     Adapter options:
 
@@ -30,15 +32,15 @@ class DFTConfig:
       divergence and accuracy terms separately.
     """
 
-    lam: float = 0.2
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    tail: str = "bucket"
-    accuracy: str = "ce"
-    temperature: float = 1.0
-    ignore_index: int = -100
-    impl: str = "auto"
-    validate: bool = False
+    lam: float = LOSS_DEFAULTS["lam"]
+    divergence: str = LOSS_DEFAULTS["divergence"]
+    beta: float = LOSS_DEFAULTS["beta"]
+    tail: str = LOSS_DEFAULTS["tail"]
+    accuracy: str = LOSS_DEFAULTS["accuracy"]
+    temperature: float = LOSS_DEFAULTS["temperature"]
+    ignore_index: int = LOSS_DEFAULTS["ignore_index"]
+    impl: str = LOSS_DEFAULTS["impl"]
+    validate: bool = LOSS_DEFAULTS["validate"]
     chunk_elems: int | None = None
     skip_logits: bool | None = None
     check: bool = True

@@ -1,0 +1,152 @@
+"""The public surface (docs/design.md sec. 7): every public name imports, the loss
+defaults are written once (options.LOSS_DEFAULTS), and the package's import graph
+has no cycle (sec. 8)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+
+import dft_kernels as dk
+from dft_kernels.options import LOSS_DEFAULTS
+
+PACKAGE = Path(dk.__file__).resolve().parent
+
+
+def test_every_public_name_imports():
+    for obj in (dk.dft_loss, dk.fused_linear_dft_loss, dk.DFTLoss, dk.FusedLinearDFTLoss, dk.SparseTargets,
+                dk.blend, dk.DFTLossOutput, dk.reference.dft_loss, dk.reference.fused_linear_dft_loss,
+                dk.targets.build, dk.targets.inspect, dk.targets.read_shard, dk.targets.read_manifest,
+                dk.data.DFTTargetsDataset, dk.distributed.VocabParallel):
+        assert callable(obj)
+    for name in dk.__all__:
+        assert hasattr(dk, name), name
+    from dft_kernels.cli import main
+    assert callable(main)
+
+
+def test_hf_names_import():
+    pytest.importorskip("transformers")
+    for obj in (dk.hf.patch, dk.hf.unpatch, dk.hf.DFTConfig, dk.hf.DFTDataCollator, dk.hf.DFTTrainer):
+        assert callable(obj)
+
+
+def _keyword_defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if k in LOSS_DEFAULTS}
+
+
+@pytest.mark.parametrize("fn", [dk.dft_loss, dk.fused_linear_dft_loss], ids=["dft_loss", "fused_linear_dft_loss"])
+def test_signature_defaults_are_the_loss_defaults(fn):
+    assert _keyword_defaults(fn) == LOSS_DEFAULTS
+
+
+@pytest.mark.parametrize("cls", [dk.DFTLoss, dk.FusedLinearDFTLoss], ids=["DFTLoss", "FusedLinearDFTLoss"])
+def test_module_defaults_are_the_loss_defaults(cls):
+    kwargs = cls().kwargs
+    assert {k: kwargs[k] for k in LOSS_DEFAULTS} == LOSS_DEFAULTS
+
+
+def test_dftconfig_defaults_are_the_loss_defaults():
+    from dft_kernels.hf.config import DFTConfig
+    fields = {f.name: f.default for f in dataclasses.fields(DFTConfig) if f.name in LOSS_DEFAULTS}
+    assert fields, "DFTConfig has no loss fields"
+    assert fields == {k: LOSS_DEFAULTS[k] for k in fields}
+
+
+def test_no_deterministic_keyword():
+    assert "deterministic" not in inspect.signature(dk.fused_linear_dft_loss).parameters
+    with pytest.raises(TypeError, match="deterministic"):
+        dk.FusedLinearDFTLoss(deterministic=True)
+    from dft_kernels.hf.config import DFTConfig
+    assert "deterministic" not in {f.name for f in dataclasses.fields(DFTConfig)}
+
+
+# --------------------------------------------------------------------------- import graph
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (anywhere in the file, lazy imports too)."""
+    files = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        package = name if is_pkg else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                # `from pkg import submodule` imports pkg.submodule; any other name resolves to pkg below
+                targets.update(f"{mod}.{a.name}" for a in node.names)
+        edges = set()
+        for t in targets:
+            while t and t not in files:          # `import a.b.c` / attributes: the nearest package module
+                t = t.rpartition(".")[0]
+            if not t or t == name:
+                continue
+            if is_pkg and t.startswith(name + "."):   # a package's __init__ importing its own submodules
+                continue
+            edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "dft_kernels.losses" in graph and "dft_kernels.options" in graph["dft_kernels.losses"]
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
