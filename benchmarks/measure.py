@@ -41,7 +41,8 @@ import traceback
 
 import torch
 
-from .common import Case, build, input_bytes, make_inputs
+from .cases import DTYPES, Case, input_bytes, make_inputs
+from .methods import build
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -248,7 +249,6 @@ def measure_ceilings(device: str, dtype: str, quick: bool = False) -> dict:
     GPU: a large ``torch.matmul`` in the benchmark dtype (bf16: the tensor-core rate)
     on random data, timed with CUDA events; a large device-to-device copy, counting
     bytes read + written. CPU: the same with fp32 matmul (labelled as such)."""
-    from .common import DTYPES
     dev = torch.device(device)
     if dev.type == "cuda":
         mdt = DTYPES[dtype] if dtype != "fp32" else torch.float32
@@ -300,6 +300,32 @@ def measure_ceilings(device: str, dtype: str, quick: bool = False) -> dict:
         "copy_bytes": nbytes,
         "copy_label": "large tensor copy, bytes read + written",
     }
+
+
+def combine_ceilings(start: dict, end: dict) -> dict:
+    """The ceilings measured before and after the cases: on a shared machine the larger
+    of the two is the device's."""
+    keys = ("matmul_tflops", "copy_gbps")
+    return {**start, "start": {k: start[k] for k in keys}, "end": {k: end[k] for k in keys},
+            **{k: max(start[k], end[k]) for k in keys},
+            "rule": "measured before and after the cases; the larger of the two is used"}
+
+
+#: how memory and time are measured, by device type (recorded in every results JSON)
+MEMORY_METHOD = {
+    "cuda": "GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() "
+            "once the inputs exist (after warm-up).",
+    "cpu": "CPU: each case in a fresh process; glibc mallopt(M_MMAP_THRESHOLD=64 KiB) so freed blocks return "
+           "to the OS; inputs allocated and written, one warm-up step, then peak RSS (VmHWM, reset via "
+           "/proc/self/clear_refs) minus RSS before the measured step. RSS counts pages when first written, so "
+           "a gradient buffer filled chunk by chunk hides part of a chunked method's temporaries "
+           "(benchmarks/memory_model.py predicts both the allocator-level and the RSS figure).",
+}
+TIMING_METHOD = {
+    "cuda": "CUDA events around forward and backward, median over repeats after warm-up",
+    "cpu": "time.perf_counter around forward and backward (CPU work is synchronous), median "
+           "over repeats after warm-up, in its own fresh process with default malloc settings",
+}
 
 
 def device_info(device: str) -> dict:

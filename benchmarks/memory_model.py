@@ -2,10 +2,12 @@
 
 Derived by reading ``LSEGatherTorch`` (logits path) and ``LinearLSEGatherTorch``
 (fused path) tensor by tensor, and checked against peak-RSS measurements of
-single chunks. It holds for the version of that file whose hash is
-``DERIVED_FOR`` (``model_status()`` says whether the installed file still is that
-one; results JSONs record the hash they ran with). Every number is bytes *beyond
-the inputs and the returned gradients*.
+single chunks. The check presets of the sweep put each prediction next to the
+measurement (``measured_over_predicted``), and results JSONs record the hashes of
+the sources they ran with. Which columns are gathered and at which temperatures
+comes from the library itself (``dft_kernels.losses._plan``), the chunk size from
+``dft_kernels.ops.torch_chunked.chunk_rows``. Every number is bytes *beyond the
+inputs and the returned gradients*.
 
 Notation: C = chunk rows = ``chunk_elems // V`` (``chunk_elems`` = 2**22 fp32
 elements by default), s = bytes per input element, ``c32 = C*V*4`` (one fp32
@@ -65,45 +67,30 @@ replays the chunks with that rule; ``peak_bytes`` is the allocator-level figure
 """
 from __future__ import annotations
 
-import hashlib
+import inspect
+import math
 
-#: sha256 (first 12 hex digits) of dft_kernels/ops/torch_chunked.py this model was derived for
-DERIVED_FOR = "ce504d80fd03"
+import torch
+from dft_kernels.losses import _plan as plan_columns
+from dft_kernels.ops.torch_chunked import chunk_rows
+from dft_kernels.options import LOSS_DEFAULTS, needs_student_tail
+
 LOSS_COEF = 40
-DEFAULT_CHUNK_ELEMS = 1 << 22
 MiB = 2 ** 20
 
 
-def model_status() -> dict:
-    """Whether the installed torch_chunked.py is the one this model was derived for."""
-    try:
-        import dft_kernels.ops.torch_chunked as tc
-        with open(tc.__file__, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()[:12]
-    except (ImportError, OSError):
-        return {"derived_for": DERIVED_FOR, "current": None, "matches": False}
-    return {"derived_for": DERIVED_FOR, "current": sha, "matches": sha == DERIVED_FOR}
-
-
-def _chunk_rows(V: int, chunk_elems: int | None) -> int:
-    try:
-        from dft_kernels.ops.torch_chunked import chunk_rows
-        return chunk_rows(V, chunk_elems)
-    except ImportError:
-        return max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // max(V, 1))
-
-
-def _plan(K: int, lam: float, temperature: float, tail: str = "bucket") -> tuple[list, int, int]:
-    """(scales, M, R) as dft_kernels.losses._plan / needs_student_tail choose them."""
-    has_div, has_acc = K > 0, lam > 0
-    t = []
-    if has_acc or not has_div:
-        t.append(1.0)
-    if has_div and temperature not in t:
-        t.append(temperature)
-    M = K + (1 if has_acc else 0)
-    R = int(has_div and tail == "bucket")
-    return [1.0 / x for x in t], M, R
+def _plan(K: int, lam: float, temperature: float, V: int) -> tuple[list, int, int]:
+    """(scales, M, R) as the library chooses them for the default loss options: the
+    library's own column plan on a one-row problem, and whether the divergence reads
+    the student's tail (R = 1: the tail's log-sum-exp over the vocab outside the slots)."""
+    kw = dict(target_index=torch.arange(K).unsqueeze(0) if K > 0 else None,
+              target_logprobs=torch.full((1, K), -math.log(K + 1)) if K > 0 else None,
+              labels=torch.zeros(1, dtype=torch.int64), lam=lam, temperature=float(temperature),
+              ignore_index=LOSS_DEFAULTS["ignore_index"], N=1, V=V)
+    accepted = inspect.signature(plan_columns).parameters
+    index, temps = plan_columns(**{k: v for k, v in kw.items() if k in accepted})
+    tail = needs_student_tail(LOSS_DEFAULTS["divergence"], LOSS_DEFAULTS["beta"], LOSS_DEFAULTS["tail"])
+    return [1.0 / t for t in temps], int(index.shape[1]), int(K > 0 and tail)
 
 
 def _small(N: int, M: int) -> tuple[int, int]:
@@ -120,9 +107,9 @@ def predict_logits_torch(N: int, V: int, K: int, itemsize: int, *, lam: float = 
     through the backward): ``peak_bytes`` at allocator level (what
     ``torch.cuda.max_memory_allocated`` sees), ``rss_expected_bytes`` as peak RSS sees it
     (dx's pages count once written, chunk by chunk)."""
-    C = _chunk_rows(V, chunk_elems)
+    C = chunk_rows(V, chunk_elems)
     c32 = C * V * 4
-    scales, M, R = _plan(K, lam, temperature)
+    scales, M, R = _plan(K, lam, temperature, V)
     S, sc, cast = len(scales), int(any(s != 1.0 for s in scales)), int(itemsize != 4)
     st = int(N > C)
     f_fwd = max(2 * cast * st, cast + max(1 + sc, 2 * R))     # in fp32 chunks
@@ -142,7 +129,7 @@ def predict_logits_torch(N: int, V: int, K: int, itemsize: int, *, lam: float = 
     peak_rss = max(fwd, loss_math, bwd_rss) + live - G
     return {"chunk_rows": C, "chunk_fp32_bytes": c32, "forward_bytes": fwd, "backward_bytes": bwd,
             "loss_math_bytes": loss_math, "live_small_bytes": live, "grads_bytes": G,
-            "peak_bytes": peak_alloc, "rss_expected_bytes": peak_rss, "model": model_status(),
+            "peak_bytes": peak_alloc, "rss_expected_bytes": peak_rss,
             "formula": (f"backward temporaries {f_bwd} x c32 = {bwd / MiB:.1f} MiB on top of dlogits (forward "
                         f"{f_fwd} x c32 = {fwd / MiB:.1f} MiB comes before dlogits exists) + {live / MiB:.1f} MiB "
                         f"live [N, M]; c32 = {c32 / MiB:.2f} MiB (C = {C} rows), S = {S}, sc = {sc}, R = {R}, "
@@ -156,9 +143,9 @@ def predict_fused_torch(N: int, D: int, V: int, K: int, itemsize: int, *, lam: f
     """Peak memory beyond the inputs, minus the gradients dH and dW (G): the maximum
     over forward, loss math, each backward chunk (dH buffer + dW accumulator + the
     chunk's temporaries) and the final cast of a separate fp32 accumulator."""
-    C = _chunk_rows(V, chunk_elems)
+    C = chunk_rows(V, chunk_elems)
     c32, cd = C * V * 4, C * V * itemsize
-    scales, M, R = _plan(K, lam, temperature)
+    scales, M, R = _plan(K, lam, temperature, V)
     S, sc, cast = len(scales), int(any(s != 1.0 for s in scales)), int(itemsize != 4)
     rows = _row_chunks(N, C)
     st = int(len(rows) > 1)
@@ -181,7 +168,7 @@ def predict_fused_torch(N: int, D: int, V: int, K: int, itemsize: int, *, lam: f
     return {"chunk_rows": C, "chunks": len(rows), "chunk_fp32_bytes": c32,
             "dw_accumulator_extra_bytes": V * D * 4 if sep_acc else 0, "forward_bytes": fwd,
             "backward_chunk_bytes": max(f_a * c32, b), "loss_math_bytes": loss_math, "live_small_bytes": live,
-            "grads_bytes": G, "peak_bytes": peak_alloc, "rss_expected_bytes": peak_rss, "model": model_status(),
+            "grads_bytes": G, "peak_bytes": peak_alloc, "rss_expected_bytes": peak_rss,
             "formula": (f"max(forward {fwd / MiB:.1f}, backward per chunk {max(f_a * c32, b) / MiB:.1f}"
                         + (f" + fp32 dW accumulator {V * D * 4 / MiB:.1f} - bf16/fp16 dW not yet made "
                            f"{V * D * itemsize / MiB:.1f}" if sep_acc else "")

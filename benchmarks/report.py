@@ -1,7 +1,9 @@
 """Markdown report of a sweep's results JSON."""
 from __future__ import annotations
 
+import json
 from itertools import groupby
+from pathlib import Path
 
 MiB = 2 ** 20
 
@@ -118,24 +120,7 @@ def markdown(data: dict) -> str:
                          f"{rt['fwd_bwd_ms']:.1f}; ours fwd {ot['fwd_ms']:.1f} / bwd {ot['bwd_ms']:.1f} / total "
                          f"{ot['fwd_bwd_ms']:.1f} -> ratios fwd {ch['fwd_ratio']:.3f}, bwd {ch['bwd_ratio']:.3f}, "
                          f"total {ch['time_ratio']:.3f}")
-            p = ch.get("predicted", {})
-            if "peak_bytes" in p:
-                lines.append(f"- predicted (benchmarks/memory_model.py): {p['peak_bytes'] / MiB:.1f} MiB at allocator "
-                             f"level, {p['rss_expected_bytes'] / MiB:.1f} MiB as peak RSS sees it = {p['formula']}; "
-                             f"measured / predicted ({ch['predicted_compared']}) = {ch['measured_over_predicted']:.2f}")
-            elif p:
-                lines.append(f"- predicted: {p.get('formula')}")
-            sd = ch.get("speed_diagnosis")
-            if sd:
-                lines.append(f"- phase slower than the reference's: {', '.join(sd['slow_phases'])}")
-                mb = sd.get("lse_micro_benchmark")
-                if mb:
-                    lines.append(f"- per-chunk row log-sum-exp on [{mb['chunk'][0]}, {mb['chunk'][1]}] fp32, median ms: "
-                                 + ", ".join(f"{k} {v:.2f}" for k, v in mb["median_ms"].items())
-                                 + f" ({mb['speedup']:.1f}x; max |diff| {mb['max_abs_diff']:.1e}). Suggestion: "
-                                 + mb["suggestion"])
-            if ch.get("predicted_note"):
-                lines.append(f"- note: {ch['predicted_note']}")
+            lines += [f"- {line}" for line in check_details(ch)]
             lines.append(f"- loss rel diff vs reference: {_f(ch.get('loss_rel_diff'), '.1e')}")
         lines.append("")
     lines += ["## Results", "",
@@ -151,3 +136,63 @@ def markdown(data: dict) -> str:
             lines.append(f"![{p}]({p})")
     lines += ["", "## Methods", ""] + [f"- **{k}**: {v}" for k, v in data["methods"].items()]
     return "\n".join(lines) + "\n"
+
+
+def fmt_row(r: dict) -> str:
+    s = f"{r['path']:6s} {r['head']:13s} N={r['N']:<6d} K={r['K']:<4d} {r['label']:18s} "
+    if r["status"] != "ok":
+        return s + r["status"]
+    t = r.get("time", {})
+    m = r.get("memory", {})
+    return (s + f"fwd {t.get('fwd_ms', float('nan')):9.2f} ms  bwd {t.get('bwd_ms', float('nan')):9.2f} ms  "
+            f"extra {m.get('peak_extra_bytes', 0) / MiB:9.1f} MiB  (-grads {m.get('extra_minus_grads_bytes', 0) / MiB:8.1f})"
+            f"  loss {r.get('loss', float('nan')):.6g}")
+
+
+def check_details(ch: dict) -> list[str]:
+    """The memory model's prediction and the speed diagnosis of a check, one line each."""
+    out = []
+    p = ch.get("predicted", {})
+    if "peak_bytes" in p:
+        out.append(f"predicted (benchmarks/memory_model.py): {p['peak_bytes'] / MiB:.1f} MiB at allocator level, "
+                   f"{p['rss_expected_bytes'] / MiB:.1f} MiB as peak RSS sees it = {p['formula']}; measured "
+                   f"{ch['ours_extra_minus_grads_bytes'] / MiB:.1f} MiB, measured / predicted "
+                   f"({ch['predicted_compared']}) = {_f(ch.get('measured_over_predicted'))}")
+    elif p:
+        out.append(f"predicted: {p.get('formula')}")
+    sd = ch.get("speed_diagnosis")
+    if sd:
+        out.append(f"phase slower than the reference's: {', '.join(sd['slow_phases'])}")
+        mb = sd.get("lse_micro_benchmark")
+        if mb:
+            out.append(f"per-chunk row log-sum-exp on [{mb['chunk'][0]}, {mb['chunk'][1]}] fp32, median ms: "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in mb["median_ms"].items())
+                       + f" ({mb['speedup']:.1f}x; max |diff| {mb['max_abs_diff']:.1e})")
+    return out
+
+
+def check_console_lines(ch: dict) -> list[str]:
+    """A check's verdict and figures, for the console."""
+    return [f"check {ch['kind']}: {ch['verdict']}"] + [f"  {line}" for line in check_details(ch)]
+
+
+def update_latest(out_dir: Path, data: dict, md_path: Path) -> None:
+    idx_path = out_dir / "index.json"
+    try:
+        idx = json.loads(idx_path.read_text())
+    except (OSError, ValueError):
+        idx = {}
+    key = f"{data['device']['type']}:{data['preset']}"
+    idx[key] = {"run": data["run"], "date": data["date"], "md": md_path.name, "device": data["device"]["name"],
+                "preset": data["preset"], "command": data["command"],
+                "checks": [c.get("verdict") for c in data.get("checks", [])]}
+    idx_path.write_text(json.dumps(idx, indent=1, sort_keys=True) + "\n")
+    lines = ["# Latest benchmark runs", "",
+             "Updated by every non-quick `python -m benchmarks.sweep` run; one line per (device, preset).", "",
+             "| device | preset | run | date | checks |", "|---|---|---|---|---|"]
+    for k in sorted(idx):
+        e = idx[k]
+        checks = "; ".join(c for c in e.get("checks") or [] if c) or "-"
+        lines.append(f"| {k.split(':')[0]} ({e['device']}) | {e['preset']} | [{e['run']}]({e['md']}) | "
+                     f"{e['date'][:19]} | {checks} |")
+    (out_dir / "LATEST.md").write_text("\n".join(lines) + "\n")

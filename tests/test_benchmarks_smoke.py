@@ -89,15 +89,25 @@ def test_missing_peers_are_listed(smoke_run):
         assert f"{dist}: {st}" in md
 
 
-def test_missing_peer_becomes_row_without_install():
-    """Whatever is installed here: a peer reported missing yields rows saying so."""
+def _importable():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def _cpu_small_cases(peers: dict):
+    """The cases and fixed rows of the cpu-small preset on CPU, given the peers' versions."""
+    _importable()
     from benchmarks import sweep
     args = sweep.parse_args(["--shapes", "cpu-small", "--quick", "--device", "cpu"])
-    vers = {"peers": {"liger-kernel": "missing: ImportError: test", "cut-cross-entropy": "missing: ImportError: x",
-                      "torch.nn.functional.linear_cross_entropy": "missing: no", "torch.compile": "torch"}}
-    cases, fixed = sweep.build_cases(args, sweep.PRESETS["cpu-small"], "cpu", "fp32", vers)
+    return sweep.build_cases(args, sweep.PRESETS["cpu-small"], "cpu", "fp32", {"peers": peers})
+
+
+def test_missing_peer_becomes_row_without_install():
+    """Whatever is installed here: a peer reported missing yields rows saying so."""
+    cases, fixed = _cpu_small_cases({"liger-kernel": "missing: ImportError: test",
+                                     "cut-cross-entropy": "missing: ImportError: x",
+                                     "torch.nn.functional.linear_cross_entropy": "missing: no",
+                                     "torch.compile": "torch"})
     by = {}
     for r in fixed:
         by.setdefault(r["method"], set()).add(r["status"])
@@ -114,3 +124,27 @@ def test_pngs_and_standalone_plot(smoke_run, tmp_path):
     _run(["-m", "benchmarks.plot", str(out / "smoke.json"), "--out", str(tmp_path / "again")], timeout=120)
     again = sorted(p.name for p in (tmp_path / "again").glob("*.png"))
     assert again == sorted(p.name for p in pngs)
+
+
+def test_gpu_only_peers_are_skipped_on_cpu():
+    """An installed peer whose kernels need CUDA is a skipped row on CPU, not an error."""
+    cases, fixed = _cpu_small_cases({"liger-kernel": "0.0", "cut-cross-entropy": "0.0",
+                                     "torch.nn.functional.linear_cross_entropy": "torch",
+                                     "torch.compile": "torch"})
+    assert {"cce", "liger-flce", "liger-jsd"} <= {r["method"] for r in fixed}
+    for r in fixed:
+        if r["method"] in ("cce", "liger-flce", "liger-jsd"):
+            assert r["status"].startswith("skipped"), r["status"]
+    assert all(c.method not in ("cce", "liger-flce", "liger-jsd") for c in cases)
+
+
+def test_memory_model_plans_with_the_library():
+    """The memory model takes its columns and temperatures from dft_kernels, not a copy."""
+    _importable()
+    from benchmarks import memory_model as mm
+    assert mm._plan(0, 1.0, 1.0, 1000) == ([1.0], 1, 0)          # pure CE: the label column
+    assert mm._plan(8, 0.2, 1.0, 1000) == ([1.0], 9, 1)          # K slots + label, student tail
+    assert mm._plan(8, 0.2, 2.0, 1000) == ([1.0, 0.5], 9, 1)     # CE at 1, divergence at tau = 2
+    assert mm._plan(8, 0.0, 2.0, 1000) == ([0.5], 8, 1)          # no CE term
+    pred = mm.predict_logits_torch(4096, 32000, 32, 4, lam=0.2)
+    assert pred["peak_bytes"] > 0 and pred["rss_expected_bytes"] > 0
