@@ -17,8 +17,10 @@ $(VENV)/.ready: pyproject.toml
 
 venv: $(VENV)/.ready
 
+# the whole workflow on tiny generated data, then the loss comparison; files in build/demo
 demo: venv
-	$(PY) examples/demo.py
+	rm -rf build/demo
+	$(PY) examples/demo.py --workdir build/demo
 
 test: venv
 	$(PY) -m pytest -q tests

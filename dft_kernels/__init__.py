@@ -1,5 +1,6 @@
 """dft_kernels: fused Triton kernels for Distribution Fine-Tuning losses."""
 from . import reference
+from .distill import fused_linear_distill_loss, teacher_topk
 from .losses import dft_loss, fused_linear_dft_loss
 from .modules import DFTLoss, FusedLinearDFTLoss
 from .options import DFTLossOutput
@@ -17,4 +18,4 @@ def __getattr__(name):
 
 
 __all__ = ["dft_loss", "fused_linear_dft_loss", "DFTLoss", "FusedLinearDFTLoss", "SparseTargets", "blend",
-           "DFTLossOutput", "reference", "__version__"]
+           "DFTLossOutput", "reference", "__version__", "teacher_topk", "fused_linear_distill_loss"]

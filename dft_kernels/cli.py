@@ -1,126 +1,67 @@
-"""The ``dft-kernels`` command.
+"""The ``dft-kernels`` command (docs/design.md sec. 7): it parses and dispatches; the
+work lives in ``dft_kernels.targets`` and ``dft_kernels.workflow``.
 
-    dft-kernels targets build --teacher DIR --data FILE.jsonl --k 32 --out DIR
+    dft-kernels targets build --teacher DIR --data FILE.jsonl --k 32 --out DIR [--name N --description D]
     dft-kernels targets inspect DIR
+    dft-kernels targets list DIR...
+    dft-kernels targets blend A B --weights 0.7 0.3 --out DIR [--k 32]
+    dft-kernels train --student DIR --data FILE (--targets DIR | --teacher DIR --online topk|dense) --out DIR
+    dft-kernels eval --model DIR [DIR ...] --data FILE [--targets DIR] [--teacher DIR] --out DIR
+    dft-kernels plan --model CONFIG.json|NAME --tokens N [--gpu a100-80gb]
 
-Each command group registers itself with ``add_<group>_parser(subparsers)`` and sets
-``func`` on its parsers; a new group (e.g. ``bench``) adds one such function to
-``COMMAND_GROUPS``.
+Bad input (a ValueError / TypeError / missing file) ends with exit code 2 and one line
+``error: ...`` on stderr. Each command group registers itself in ``COMMAND_GROUPS``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
-    return v
-
+from .workflow.inputs import UsageError, nonnegative_int, positive_float, positive_int
 
 # --------------------------------------------------------------------------- targets
 
 
-def _read_jsonl(path: Path, tokenizer_dir: str, max_length: int | None):
-    """Yield one list of token ids per line: {"input_ids": [...]} or {"text": ...}."""
-    tok = None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{n} is not JSON ({e})") from None
-            if isinstance(rec, dict) and "input_ids" in rec:
-                ids = rec["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                        for x in ids):
-                    raise SystemExit(f"error: {path}:{n}: input_ids must be a list of ints")
-            elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                if tok is None:
-                    from transformers import AutoTokenizer
-                    try:
-                        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-                    except Exception as e:  # noqa: BLE001 - many loader errors
-                        raise SystemExit(f"error: {path}:{n} has 'text' but no tokenizer loads from "
-                                         f"--teacher {tokenizer_dir} ({e}); pre-tokenize to "
-                                         '{"input_ids": [...]} lines instead') from None
-                ids = tok(rec["text"])["input_ids"]
-            else:
-                raise SystemExit(f'error: {path}:{n}: each line must be {{"text": "..."}} or '
-                                 '{"input_ids": [...]}')
-            yield ids[:max_length] if max_length else ids
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _batched(seqs, batch_size: int):
-    batch = []
-    for s in seqs:
-        batch.append(s)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _cmd_targets_build(args) -> int:
+    import inspect as _inspect
+
     import torch
 
     from . import targets
-    data = Path(args.data)
-    if not data.is_file():
-        raise SystemExit(f"error: --data {data} does not exist")
-    teacher = Path(args.teacher)
-    if not teacher.is_dir():
-        raise SystemExit(f"error: --teacher {teacher} is not a directory (a local Hugging Face model dir)")
-    from transformers import AutoModelForCausalLM
+    from .workflow.inputs import load_causal_lm, read_examples
+    from .workflow.presets import check_preset_name, set_preset
+    check_preset_name(args.name)
+    if not Path(args.teacher).is_dir():
+        raise UsageError(f"--teacher {args.teacher} is not a directory (a local Hugging Face model dir)")
+    seqs = read_examples(args.data, args.teacher, args.max_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.model_dtype]
-    import transformers
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # the keyword was renamed in 4.56
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), **{key: dtype}).to(device)
-    batches = _batched(_read_jsonl(data, str(teacher), args.max_length), args.batch_size)
-    try:
-        man = targets.build(model, batches, args.k, args.temperature, out_dir=args.out,
-                            shard_size=args.shard_size, chunk_vocab=args.chunk_vocab, dtype=args.dtype,
-                            teacher_name=str(teacher), progress=not args.quiet, total=_count_lines(data))
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    model = load_causal_lm(args.teacher, arg="--teacher", dtype=dtype, device=device)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if args.k == 0 and args.samples == 0:
+        raise UsageError("--k 0 keeps no slot: give --k >= 1 (top-k) and/or --samples >= 1 (sampled targets)")
+    if args.k > vocab:
+        raise UsageError(f"--k {args.k} is larger than the teacher's vocab size {vocab}: use --k <= {vocab}")
+    batches = [seqs[i:i + args.batch_size] for i in range(0, len(seqs), args.batch_size)]
+    preset = {"name": args.name, "description": args.description}
+    takes_preset = "description" in _inspect.signature(targets.build).parameters
+    man = targets.build(model, batches, args.k, args.temperature, out_dir=args.out, shard_size=args.shard_size,
+                        chunk_vocab=args.chunk_vocab, dtype=args.dtype, teacher_name=str(args.teacher),
+                        progress=not args.quiet, total=len(seqs), samples=args.samples, seed=args.seed,
+                        **(preset if takes_preset else {}))
+    if not takes_preset:
+        set_preset(args.out, args.name, args.description)
     print(f"wrote {len(man['shards'])} shard(s), {man['n_sequences']} sequences, {man['n_positions']} "
-          f"positions to {args.out}")
+          f"positions to {args.out}" + (f" (preset {args.name})" if args.name else ""))
     return 0
 
 
 def _cmd_targets_inspect(args) -> int:
     from . import targets
-    try:
-        info = targets.inspect(args.dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    info = targets.inspect(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -128,17 +69,56 @@ def _cmd_targets_inspect(args) -> int:
     print(f"positions:    {info['n_positions']}")
     print(f"sequences:    {info['n_sequences']} in {info['n_shards']} shard(s)"
           + ("" if info["complete"] else "  (INCOMPLETE: re-run the build)"))
-    print(f"k:            {info['k']}")
+    print(f"kind:         {info.get('kind', 'topk')}")
+    print(f"k:            {info['k']}" + (f" slots = top-{info['topk']} + {info['samples']} samples, seed "
+                                          f"{info['seed']}" if info.get("kind", "topk") != "topk" else ""))
     print(f"vocab:        {info['vocab_size']}")
     print(f"temperature:  {info['temperature']}")
     print(f"dtype:        {info['dtype']}")
-    print(f"top-k mass P: mean {info['mass_mean']:.4f}, 5th percentile {info['mass_p5']:.4f}")
+    print(f"slot mass P:  mean {info['mass_mean']:.4f}, 5th percentile {info['mass_p5']:.4f}")
+    return 0
+
+
+def _cmd_targets_list(args) -> int:
+    from .workflow.presets import list_presets
+    rows = list_presets(args.dirs)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no targets directories in {' '.join(args.dirs)}")
+        return 0
+    print(f"{'name':<16}{'kind':<7}{'k':>4}{'vocab':>8}{'seqs':>7}  {'path':<28}description")
+    for r in rows:
+        print(f"{r['name'] or '-':<16}{r['kind']:<7}{r['k']:>4}{r['vocab_size']:>8}{r['n_sequences']:>7}  "
+              f"{r['path']:<28}{r['description'] or ''}{'' if r['complete'] else '  (INCOMPLETE)'}")
+    return 0
+
+
+def _cmd_targets_blend(args) -> int:
+    from .targets.blending import blend_dirs
+    from .workflow.presets import check_preset_name, resolve_target_dir
+    check_preset_name(args.name)
+    if len(args.sources) < 2:
+        raise UsageError(f"targets blend needs two or more directories or preset names, got {len(args.sources)}")
+    if args.weights is not None and len(args.weights) != len(args.sources):
+        raise UsageError(f"--weights has {len(args.weights)} values for {len(args.sources)} sources: give one "
+                         "weight per directory, in the same order")
+    if args.weights is not None and any(w < 0 for w in args.weights):
+        raise UsageError(f"--weights {' '.join(map(str, args.weights))}: weights must be > 0")
+    search = args.presets or os.environ.get("DFT_KERNELS_PRESETS", ".").split(os.pathsep)
+    dirs = [resolve_target_dir(s, search) for s in args.sources]
+    weights = None if args.weights is None else [w / sum(args.weights) for w in args.weights]
+    man = blend_dirs(dirs, weights, out_dir=args.out, k=args.k, name=args.name, description=args.description,
+                     progress=not args.quiet)
+    print(f"wrote {len(man['shards'])} shard(s), {man['n_sequences']} sequences, K={man['k']}: {man['teacher']} "
+          f"to {args.out}")
     return 0
 
 
 def add_targets_parser(sub) -> None:
-    p = sub.add_parser("targets", help="build and inspect sparse teacher targets")
-    tsub = p.add_subparsers(dest="targets_command", metavar="{build,inspect}", required=True)
+    p = sub.add_parser("targets", help="build, inspect, list and blend sparse teacher targets")
+    tsub = p.add_subparsers(dest="targets_command", metavar="{build,inspect,list,blend}", required=True)
 
     b = tsub.add_parser("build", help="run a teacher over a dataset and store its top-K log-probs",
                         description="Run a local Hugging Face causal LM over a jsonl dataset and write "
@@ -147,13 +127,21 @@ def add_targets_parser(sub) -> None:
     b.add_argument("--data", required=True,
                    help='jsonl file, one {"text": ...} (needs the tokenizer in --teacher) or {"input_ids": [...]} '
                         "per line")
-    b.add_argument("--k", type=_positive_int, default=32, help="teacher slots per position (default 32)")
+    b.add_argument("--k", type=nonnegative_int, default=32,
+                   help="exact top-k slots per position (default 32; 0 with --samples: sampled targets)")
+    b.add_argument("--samples", type=nonnegative_int, default=0,
+                   help="sampled slots per position on top of the top-k (default 0: plain top-k; "
+                        "--k 4 --samples 12: hybrid)")
+    b.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the sampled slots (same seed: byte-identical shards; default 0)")
     b.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    b.add_argument("--temperature", type=_positive_float, default=1.0, help="teacher temperature (default 1)")
-    b.add_argument("--max-length", type=_positive_int, default=None, help="truncate sequences to this length")
-    b.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per teacher forward (default 8)")
-    b.add_argument("--shard-size", type=_positive_int, default=1024, help="sequences per shard (default 1024)")
-    b.add_argument("--chunk-vocab", type=_positive_int, default=8192,
+    b.add_argument("--name", default=None, help="preset name recorded in the manifest (for list / blend)")
+    b.add_argument("--description", default=None, help="a short description of the preset")
+    b.add_argument("--temperature", type=positive_float, default=1.0, help="teacher temperature (default 1)")
+    b.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this length")
+    b.add_argument("--batch-size", type=positive_int, default=8, help="sequences per teacher forward (default 8)")
+    b.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard (default 1024)")
+    b.add_argument("--chunk-vocab", type=positive_int, default=8192,
                    help="vocab tile of the top-K pass (default 8192)")
     b.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the log-probs (default float16)")
@@ -168,9 +156,95 @@ def add_targets_parser(sub) -> None:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=_cmd_targets_inspect)
 
+    ls = tsub.add_parser("list", help="list the targets directories (presets) in some directories")
+    ls.add_argument("dirs", nargs="+", help="targets directories, or folders holding them")
+    ls.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ls.set_defaults(func=_cmd_targets_list)
+
+    bl = tsub.add_parser("blend", help="weighted mixture of target directories or presets, shard by shard",
+                         description="Per position, the mixture sum_i w_i p_i over the union of the teachers' ids, "
+                                     "the K of largest mass kept (resumable: re-run to finish).")
+    bl.add_argument("sources", nargs="+", help="targets directories or preset names (see --presets)")
+    bl.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="one weight per source (normalised to sum 1; default uniform)")
+    bl.add_argument("--out", required=True, help="output directory")
+    bl.add_argument("--k", type=positive_int, default=None, help="slots per position (default: the largest K)")
+    bl.add_argument("--name", default=None, help="preset name of the blend")
+    bl.add_argument("--description", default=None, help="a short description of the blend")
+    bl.add_argument("--presets", nargs="+", default=None,
+                    help="folders searched for preset names (default: $DFT_KERNELS_PRESETS or .)")
+    bl.add_argument("--quiet", action="store_true", help="no progress bar")
+    bl.set_defaults(func=_cmd_targets_blend)
+
+
+# --------------------------------------------------------------------------- train / eval / plan
+
+
+def _cmd_train(args) -> int:
+    from .workflow.train import run_train, summary_line
+    summary = run_train(args, args.hf_overrides)
+    print(summary_line(summary, args.out))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from .workflow.train import add_train_arguments
+    t = sub.add_parser("train", help="fine-tune a model with DFT (DFTTrainer); any TrainingArguments as --hf-KEY V",
+                       description="Fine-tune --student with the DFT loss against offline --targets or an online "
+                                   "--teacher (neither: plain cross-entropy). Checkpoints in --out; re-run the same "
+                                   "command to resume after a crash.")
+    add_train_arguments(t)
+    t.set_defaults(func=_cmd_train, takes_hf=True, train_parser=t)
+
+
+def _cmd_eval(args) -> int:
+    from .workflow.evaluate import markdown_table, run_eval
+    report = run_eval(args)
+    print(markdown_table(report), end="")
+    print(f"report in {args.out}/report.json, report.md, report.png")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="held-out CE / perplexity, KL to the teacher, lexical diversity; JSON + MD + PNG")
+    e.add_argument("--model", nargs="+", required=True, help="one or more model directories (side by side)")
+    e.add_argument("--data", required=True, help="held-out jsonl")
+    e.add_argument("--targets", default=None, help="targets built from --data: sparse KL and mass on the top-k")
+    e.add_argument("--teacher", default=None, help="teacher model directory: full-vocabulary KL(teacher || model)")
+    e.add_argument("--generate", type=int, default=0, help="sample N continuations per model for distinct-1/2, TTR")
+    e.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per sample (default 32)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (default 8)")
+    e.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this length")
+    e.add_argument("--out", required=True, help="report directory")
+    e.set_defaults(func=_cmd_eval)
+
+
+def _cmd_plan(args) -> int:
+    from .workflow.plan import load_config, memory_plan, plan_text
+    p = memory_plan(load_config(args.model), tokens=args.tokens, k=args.k, lora=args.lora, optimizer=args.optimizer,
+                    grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype)
+    print(json.dumps(p, indent=1) if args.json else plan_text(p))
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    from .workflow.plan import DTYPE_BYTES, GPUS, NAMED_CONFIGS, OPTIMIZER_BYTES
+    p = sub.add_parser("plan", help="memory of a training step for a model config and a GPU")
+    p.add_argument("--model", required=True, help=f"config.json (or its dir) or one of {', '.join(NAMED_CONFIGS)}")
+    p.add_argument("--tokens", type=positive_int, required=True, help="tokens per step (batch * sequence length)")
+    p.add_argument("--k", type=positive_int, default=32, help="teacher slots per position (default 32)")
+    p.add_argument("--lora", type=positive_int, default=None, help="LoRA rank (default: full fine-tune)")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_BYTES), default="adamw")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every decoder layer")
+    p.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="weights / activations dtype")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
 
 #: One function per command group; each adds its parser(s) to the top-level subparsers.
-COMMAND_GROUPS = [add_targets_parser]
+COMMAND_GROUPS = [add_targets_parser, add_train_parser, add_eval_parser, add_plan_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -181,9 +255,50 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv) -> argparse.Namespace:
+    """Parse; ``train`` also takes ``--hf-KEY VALUE`` pairs and a ``--config`` YAML file
+    (its keys are the flags' names; command-line flags win)."""
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "takes_hf", False):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    from .workflow.train import parse_hf_overrides
+    hf = {}
+    if args.config:
+        import yaml
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path} does not exist: give a YAML file")
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path} is not YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"--config {path} must be a mapping of flag names to values")
+        hf = dict(cfg.pop("hf", None) or {})
+        flags = {k.replace("-", "_"): v for k, v in cfg.items()}
+        unknown = sorted(k for k in flags if not hasattr(args, k) or k in ("func", "takes_hf", "train_parser", "config"))
+        if unknown:
+            raise UsageError(f"--config {path}: unknown key {unknown[0]!r}: use train's flag names")
+        for k, v in flags.items():   # YAML fills the flags the command line left at their default
+            if getattr(args, k) == args.train_parser.get_default(k):
+                setattr(args, k, v)
+    hf.update(parse_hf_overrides(extra))
+    args.hf_overrides = hf
+    return args
+
+
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command; 0 on success, 2 with one line ``error: ...`` on bad input."""
+    try:
+        args = _parse(argv)
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import targets as _t
+from .validation import validate_target_data
 
 ITEM_KEYS = ("input_ids", "attention_mask", "labels", "target_index", "target_logprobs")
 
@@ -34,23 +35,28 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
 
     ``examples``: a sequence (len + indexing; a list or a ``datasets.Dataset``) of
     dicts with ``input_ids`` (one unpadded sequence) and optionally ``labels``, in
-    the order the targets were built from. ``vocab_size``: the student's vocab;
-    target ids >= it raise ValueError.
+    the order the targets were built from. ``vocab_size``: the student's vocab; a
+    manifest ``vocab_size`` larger than it raises ValueError up front, and so does a
+    ``tokenizer`` (the student's) whose :func:`~dft_kernels.targets.fingerprint_tokenizer`
+    differs from the manifest's ``tokenizer_fingerprint``.
 
     On construction the manifest is read, every shard's header is checked (a
     truncated or corrupted file raises ValueError naming it) and the sha256 of each
     shard's examples' input_ids is compared with the one the shard stores (a
     mismatch raises ValueError naming the shard file and the first example that
     differs). ``verify="full"`` also reads every shard whole and checks the stored
-    hash of its index / log-probs.
+    hash of its index / log-probs. Every item's targets are checked on CPU (ids in
+    [-1, vocab), log-probs <= 0, top-K mass <= 1 + 1e-3: logits or probabilities
+    raise ValueError naming the example); docs/design.md sec. 7.
 
     Items are dicts with exactly the keys ``input_ids`` (LongTensor [T]),
     ``attention_mask`` (ones [T]), ``labels`` ([T], = input_ids unless the example
     has labels), ``target_index`` (IntTensor [T, K]) and ``target_logprobs``
     (float32 [T, K]); row t of the targets is the teacher's distribution for the
-    token after position t (DESIGN.md sec. 2)."""
+    token after position t (docs/design.md sec. 2)."""
 
-    def __init__(self, examples, targets_dir, vocab_size: int | None = None, *, verify: str = "ids"):
+    def __init__(self, examples, targets_dir, vocab_size: int | None = None, *, verify: str = "ids",
+                 tokenizer=None):
         if verify not in ("ids", "full"):
             raise ValueError(f"verify={verify!r} must be 'ids' (headers + input_ids hash) or 'full' "
                              "(also the hash of every shard's data)")
@@ -71,6 +77,7 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
             raise ValueError(f"examples has {len(examples)} examples but the targets in "
                              f"{str(self.targets_dir)!r} were built for {man.get('n_sequences')} sequences: "
                              "pass the examples the targets were built from, in the same order")
+        self._check_student(man, vocab_size, tokenizer)
         self.k = int(man["k"])
         self._loc: list[tuple[int, int, int]] = []   # example -> (shard, first row, length)
         self._paths: list[Path] = []
@@ -81,7 +88,8 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
             try:
                 shapes = {n: handle.get_slice(n).get_shape() for n in ("index", "logprobs", "input_ids", "lengths")}
             except Exception as e:  # noqa: BLE001 - a missing tensor or a bad header
-                raise _t.shard_error(path, str(e)) from None
+                raise _missing_tensors(path, handle) or _t.shard_error(path, str(e)) from None
+            _t.check_shard_k(path, meta.get("k"), self.k)
             n_pos, n_seq = meta.get("n_positions"), meta.get("n_sequences")
             if shapes["index"] != [n_pos, self.k] or shapes["logprobs"] != [n_pos, self.k] \
                     or shapes["input_ids"] != [n_pos] or shapes["lengths"] != [n_seq]:
@@ -103,6 +111,24 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
                 row += len(x)
         self._handles: dict[int, object] = {}
 
+    def _check_student(self, man: dict, vocab_size, tokenizer) -> None:
+        """The targets' vocab and tokenizer against the student's, before any item is read."""
+        where = str(self.targets_dir)
+        built = man.get("vocab_size")
+        if vocab_size is not None and isinstance(built, int) and built > vocab_size:
+            raise ValueError(f"the targets in {where!r} were built by a teacher with vocab_size={built}, the student "
+                             f"has vocab_size={vocab_size}: the teacher's ids do not fit the student. Build targets "
+                             "with a teacher that shares the student's tokenizer")
+        if tokenizer is not None:
+            recorded = man.get("tokenizer_fingerprint")
+            if recorded is None:
+                raise ValueError(f"tokenizer= was given but the targets in {where!r} record no tokenizer "
+                                 "fingerprint (built without one): rebuild them with tokenizer=, or drop tokenizer=")
+            if _t.fingerprint_tokenizer(tokenizer) != recorded:
+                raise ValueError(f"the tokenizer differs from the one the targets in {where!r} were built with (its "
+                                 "token -> id map): the teacher's ids would mean other tokens. Use the teacher's "
+                                 "tokenizer, or rebuild the targets")
+
     def _explain_mismatch(self, path: Path, first: int, seqs) -> None:
         tensors, _ = _t.read_shard(path, check_data=False)
         stored = torch.split(tensors["input_ids"], tensors["lengths"].tolist())
@@ -117,6 +143,24 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._loc)
+
+    def as_hf_dataset(self):
+        """This dataset as a ``datasets.IterableDataset`` (what TRL's SFTTrainer takes),
+        reading one item at a time: nothing is loaded up front.
+
+        Returns:
+            a ``datasets.IterableDataset`` of the items as lists: ``input_ids``,
+            ``attention_mask``, ``labels`` [T] (int64), ``target_index`` [T, K] (int32),
+            ``target_logprobs`` [T, K] (float32). It has no length: give the trainer
+            ``max_steps``."""
+        import datasets
+        seq = datasets.Sequence
+        features = datasets.Features({
+            "input_ids": seq(datasets.Value("int64")), "attention_mask": seq(datasets.Value("int64")),
+            "labels": seq(datasets.Value("int64")), "target_index": seq(seq(datasets.Value("int32"))),
+            "target_logprobs": seq(seq(datasets.Value("float32")))})
+        return datasets.IterableDataset.from_generator(_items_as_lists, features=features,
+                                                       gen_kwargs={"dataset": self})
 
     def __getstate__(self):  # file handles do not cross process boundaries (DataLoader workers)
         state = dict(self.__dict__)
@@ -147,10 +191,10 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
             logprobs = h.get_slice("logprobs")[row:row + n]
         except Exception as e:  # noqa: BLE001
             raise _t.shard_error(self._paths[s], str(e)) from None
-        if self.vocab_size is not None and index.numel() and int(index.max()) >= self.vocab_size:
-            raise ValueError(f"example {i}: {self._paths[s].name} holds target id {int(index.max())} >= "
-                             f"vocab_size={self.vocab_size}: is the teacher's vocab larger than the student's? "
-                             "Map or drop those ids")
+        try:  # cheap on CPU, every item: ids in range, log-probs <= 0, mass <= 1 + 1e-3
+            validate_target_data(index, logprobs, self.vocab_size or self.manifest.get("vocab_size"))
+        except ValueError as e:
+            raise ValueError(f"example {i} ({self._paths[s].name}): {e}") from None
         labels = ex["labels"] if "labels" in ex and ex["labels"] is not None else None
         if labels is None:
             labels = input_ids.clone()
@@ -164,3 +208,22 @@ class DFTTargetsDataset(torch.utils.data.Dataset):
                 "labels": labels,
                 "target_index": index.to(torch.int32),
                 "target_logprobs": logprobs.to(torch.float32)}
+
+
+def _missing_tensors(path: Path, handle) -> ValueError | None:
+    """A clear error for a safetensors file that is not a build shard, else None."""
+    try:
+        missing = [n for n in ("index", "logprobs", "input_ids", "lengths") if n not in set(handle.keys())]
+    except Exception:  # noqa: BLE001
+        return None
+    if not missing:
+        return None
+    return ValueError(f"{str(path)!r} is not a build shard: it lacks the tensors {missing} (a file written by "
+                      "SparseTargets.save holds index / logprobs only). A dataset directory needs shards with the "
+                      "input_ids they were computed for: blend build directories with `dft-kernels targets blend`, or "
+                      "build them with dk.targets.build")
+
+
+def _items_as_lists(dataset):
+    for i in range(len(dataset)):
+        yield {k: v.tolist() for k, v in dataset[i].items()}

@@ -376,19 +376,32 @@ class _EmptyShard(torch.autograd.Function):
 
 
 def _localize(index: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global ids -> ids into this shard (-1 where the id is not in [start, stop))."""
+    """Global ids -> ids into this shard (-1 where the id is not in [start, stop)), plus
+    one last column: the ops skip rows without an id of their own (docs/design.md sec. 10),
+    but a row whose ids all live on other shards still needs this shard's log-sum-exp,
+    so such a row gets local id 0 there (its gathered value is dropped again)."""
     mine = (index >= start) & (index < stop)
-    return torch.where(mine, index - start, torch.full_like(index, -1)).contiguous(), mine
+    local = torch.where(mine, index - start, torch.full_like(index, -1))
+    elsewhere = (index >= 0).any(1, keepdim=True) & ~mine.any(1, keepdim=True)
+    keep_alive = torch.where(elsewhere, torch.zeros_like(local[:, :1]), torch.full_like(local[:, :1], -1))
+    return torch.cat([local, keep_alive], dim=1).contiguous(), mine
+
+
+def _skipped_rows_as_ops(lse: torch.Tensor, gathered: torch.Tensor, index: torch.Tensor, vocab_size: int):
+    """Rows without a valid id anywhere are skipped by every shard's op; report them as the
+    single-device ops do (lse 0), not as the combination of the shards' placeholders."""
+    active = ((index >= 0) & (index < vocab_size)).any(1, keepdim=True)
+    return torch.where(active, lse, torch.zeros_like(lse)), gathered
 
 
 def _local_primitive(h, w, b, index, scales, softcap, impl, tail_slots, **kw):
     """This shard's pieces in the compute dtype; every rank returns the same shapes."""
     cdt = compute_dtype(h.dtype)
     if w.shape[0] == 0:
-        return _EmptyShard.apply(h, w, b, index.shape[0], index.shape[1],
+        return _EmptyShard.apply(h, w, b, index.shape[0], index.shape[1] - 1,
                                  len(scales) + (tail_slots > 0), cdt)
     lse, gathered = ops.linear_lse_gather_apply(h, w, b, index, scales, softcap, impl, tail_slots=tail_slots, **kw)
-    return lse.to(cdt), gathered.to(cdt)
+    return lse.to(cdt), gathered[:, :-1].to(cdt)    # drop _localize's keep-alive column
 
 
 # --------------------------------------------------------------------------- entry point
@@ -426,7 +439,7 @@ def vocab_parallel_lse_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
         local_index, mine = _localize(index, vp.start, vp.stop)
         lse_loc, g_loc = _local_primitive(_CopyToGroup.apply(h, group), w, b, local_index, scales, softcap,
                                           impl, tail_slots, **kw)
-        return _CombineShards.apply(lse_loc, g_loc, mine, group)
+        return _skipped_rows_as_ops(*_CombineShards.apply(lse_loc, g_loc, mine, group), index, vp.vocab_size)
 
     # rows == "sharded": gather every rank's rows, compute this shard for all, keep ours
     N, M = index.shape
@@ -450,4 +463,4 @@ def vocab_parallel_lse_gather(h: torch.Tensor, weight: torch.Tensor, bias: torch
         b = _ScaleGrad.apply(b, scale)
     lse_loc, g_loc = _local_primitive(h_all, w, b, local_index, scales, softcap, impl, tail_slots, **kw)
     lse_all, g_all = _CombineShards.apply(lse_loc, g_loc, mine, group)
-    return _OwnRows.apply(lse_all, g_all, group, sizes)
+    return _skipped_rows_as_ops(*_OwnRows.apply(lse_all, g_all, group, sizes), index, vp.vocab_size)

@@ -13,8 +13,9 @@ import os
 import torch
 
 from . import ops
-from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, effective_divergence,
-                      needs_student_tail)
+from .memory import chunk_rows_for, loss_extra_bytes
+from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, check_strategy,
+                      effective_divergence, needs_student_tail)
 from .validation import check_targets, compute_dtype, validate_labels, validate_target_data
 
 # --------------------------------------------------------------------------- options
@@ -97,6 +98,33 @@ def divergence_terms(lq: torch.Tensor, lp: torch.Tensor, ok: torch.Tensor, *, ki
     return div, P, Q
 
 
+def valid_slots(idx: torch.Tensor, lp: torch.Tensor, V: int) -> torch.Tensor:
+    """[N, K] bool: teacher slots with an id in [0, V) and mass > 0."""
+    return (idx >= 0) & (idx < V) & (lp > -torch.inf)
+
+
+def counted_rows(target_index, target_logprobs, labels, *, V: int, ignore_index: int, N: int,
+                 device=None) -> torch.Tensor:
+    """[N] bool: the positions that count (docs/design.md sec. 5): label not
+    ``ignore_index`` when labels are given, else at least one valid slot."""
+    if labels is not None:
+        return labels.reshape(N) != ignore_index
+    if target_index is not None:
+        K = target_index.shape[-1]
+        return valid_slots(target_index.reshape(N, K), target_logprobs.reshape(N, K), V).any(-1)
+    return torch.zeros(N, dtype=torch.bool, device=device)
+
+
+def mean_denominator(num_items_in_batch, n_tokens: torch.Tensor, cdt: torch.dtype):
+    """The denominator of reduction="mean": ``num_items_in_batch`` if given, else the
+    counted positions, at least 1 (a batch with nothing to count gives 0, not NaN)."""
+    if num_items_in_batch is None:
+        return n_tokens.clamp(min=1).to(cdt)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(device=n_tokens.device, dtype=cdt).clamp(min=1)
+    return max(num_items_in_batch, 1)
+
+
 def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_index, target_logprobs,
                         labels, V: int, temps: tuple[float, ...], lam: float, divergence: str, beta: float,
                         tail: str, accuracy: str, temperature: float, ignore_index: int, reduction: str,
@@ -110,14 +138,15 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     has_acc = labels is not None and lam > 0
     K = target_index.shape[-1] if has_div else 0
 
-    if labels is not None:
-        label_ok = labels.reshape(N) != ignore_index
+    counted = counted_rows(target_index, target_logprobs, labels, V=V, ignore_index=ignore_index, N=N,
+                           device=device)
+    label_ok = counted if labels is not None else None
     div = torch.zeros(N, dtype=cdt, device=device)
     P = Q = None
     if has_div:
         idx = target_index.reshape(N, K)
         lp = target_logprobs.reshape(N, K).to(cdt)
-        ok = (idx >= 0) & (idx < V) & (lp > -torch.inf)
+        ok = valid_slots(idx, lp, V)
         lse_tau = lse[:, temps.index(temperature)]
         lq = gathered[:, :K] / temperature - lse_tau.unsqueeze(-1)
         kind = effective_divergence(divergence, beta)
@@ -127,9 +156,6 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
             div = div * (temperature ** 2)
         has_slot = ok.any(-1)
         div = torch.where(has_slot, div, torch.zeros_like(div))
-        counted = label_ok if labels is not None else has_slot
-    else:
-        counted = label_ok if labels is not None else torch.zeros(N, dtype=torch.bool, device=device)
 
     acc = torch.zeros(N, dtype=cdt, device=device)
     if has_acc:
@@ -150,14 +176,7 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     else:
         loss, red_div, red_acc = per_row.sum(), div.sum(), acc.sum()
         if reduction == "mean":
-            if num_items_in_batch is not None:
-                denom = num_items_in_batch  # clamped: a batch with nothing to count gives 0, not NaN
-                if isinstance(denom, torch.Tensor):
-                    denom = denom.to(device=device, dtype=cdt).clamp(min=1)
-                else:
-                    denom = max(denom, 1)
-            else:
-                denom = n_tokens.clamp(min=1).to(cdt)
+            denom = mean_denominator(num_items_in_batch, n_tokens, cdt)
             loss, red_div, red_acc = loss / denom, red_div / denom, red_acc / denom
     if not return_components:
         return loss
@@ -172,11 +191,12 @@ def loss_from_primitive(lse: torch.Tensor, gathered: torch.Tensor, *, target_ind
     return DFTLossOutput(loss, red_div.detach(), red_acc.detach(), n_tokens, tm, sm)
 
 
-def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index, N: int):
+def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index, N: int, V: int):
     """Columns to gather ([N, M] ids: K teacher ids, then the label) and the scales.
 
     Teacher slots with zero mass (-inf log-prob) are passed as empty (-1): their
-    student mass belongs to the tail bucket."""
+    student mass belongs to the tail bucket. Rows that do not count are all -1, so the
+    ops never project them (docs/design.md sec. 10)."""
     has_div = target_index is not None
     has_acc = labels is not None and lam > 0
     cols = []
@@ -193,6 +213,9 @@ def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index,
         index = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
     else:
         index = torch.empty((N, 0), dtype=torch.int64, device=labels.device if labels is not None else None)
+    if index.shape[1]:
+        counted = counted_rows(target_index, target_logprobs, labels, V=V, ignore_index=ignore_index, N=N)
+        index = torch.where(counted.to(index.device).unsqueeze(1), index, torch.full_like(index, -1))
     temps = []
     if has_acc or not has_div:
         temps.append(1.0)
@@ -244,14 +267,16 @@ _RETURNS_DOC = """
 def _loss_from_student(what: str, lead: tuple, V: int, device: torch.device, primitive, reference_call, *,
                        target_index, target_logprobs, labels, lam, divergence, beta, tail, accuracy,
                        temperature, softcap, ignore_index, reduction, num_items_in_batch, impl, validate,
-                       return_components):
+                       return_components, fast_primitive=None):
     """The option plumbing both public losses share.
 
     ``what`` names the student input in messages, ``lead`` its leading dims and ``V``
     the (full) vocab size. Runs the free checks, the optional data validation, the
     implementation choice, the column plan, then ``primitive(index, scales, impl,
     tail_slots) -> (lse, gathered)`` and the loss math of sec. 3-5;
-    ``reference_call(**loss_keywords)`` runs the naive reference instead."""
+    ``reference_call(**loss_keywords)`` runs the naive reference instead.
+    ``fast_primitive(index, scales, impl, tail_slots, chunk_loss) -> (loss, lse,
+    gathered)``, when given, runs the fast strategy (docs/design.md sec. 10) instead."""
     check_options(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
                   temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
     check_targets(lead, target_index, target_logprobs, labels, what=what)
@@ -267,13 +292,48 @@ def _loss_from_student(what: str, lead: tuple, V: int, device: torch.device, pri
     if impl == "reference":
         return reference_call(softcap=softcap, **kw)
     N = math.prod(lead)
-    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N)
+    index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N, V)
     scales = tuple(1.0 / t for t in temps)
     tail_slots = target_index.shape[-1] if (target_index is not None and
                                             needs_student_tail(divergence, beta, tail)) else 0
-    lse, gathered = primitive(index.to(device), scales, impl, tail_slots)
+    index, plan = index.to(device), dict(V=V, temps=temps)
+    if fast_primitive is not None:
+        return _fast_loss(fast_primitive, index, scales, impl, tail_slots, plan, N=N, lead=lead,
+                          target_index=target_index, target_logprobs=target_logprobs, labels=labels, **kw)
+    lse, gathered = primitive(index, scales, impl, tail_slots)
     return loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
-                               labels=labels, V=V, temps=temps, lead=lead, **kw)
+                               labels=labels, lead=lead, **plan, **kw)
+
+
+def _fast_loss(fast_primitive, index, scales, impl, tail_slots, plan: dict, *, N: int, lead: tuple,
+               target_index, target_logprobs, labels, **kw):
+    """The fast strategy: the loss math of sec. 3-5 as a per-chunk callable whose shares
+    (the chunk's sum, over the batch's mean denominator) add up to the scalar loss."""
+    K = target_index.shape[-1] if target_index is not None else 0
+    idx_rows = target_index.reshape(N, K) if K else None
+    lp_rows = target_logprobs.reshape(N, K) if K else None
+    label_rows = labels.reshape(N) if labels is not None else None
+    denom = 1.0
+    if kw["reduction"] == "mean":
+        counted = counted_rows(target_index, target_logprobs, labels, V=plan["V"], ignore_index=kw["ignore_index"],
+                               N=N, device=index.device)
+        denom = mean_denominator(kw["num_items_in_batch"], counted.sum(), torch.float64)
+    chunk_kw = {**kw, "reduction": "sum", "num_items_in_batch": None, "return_components": False}
+
+    def chunk_loss(lse, gathered, rows):
+        share = loss_from_primitive(
+            lse, gathered, target_index=None if idx_rows is None else idx_rows[rows],
+            target_logprobs=None if lp_rows is None else lp_rows[rows],
+            labels=None if label_rows is None else label_rows[rows], lead=(lse.shape[0],), **plan, **chunk_kw)
+        return share / (denom.to(share.dtype) if isinstance(denom, torch.Tensor) else denom)
+
+    loss, lse, gathered = fast_primitive(index, scales, impl, tail_slots, chunk_loss)
+    if not kw["return_components"]:
+        return loss
+    with torch.no_grad():
+        parts = loss_from_primitive(lse, gathered, target_index=target_index, target_logprobs=target_logprobs,
+                                    labels=labels, lead=lead, **plan, **kw)
+    return parts._replace(loss=loss)
 
 
 def _check_float(name: str, t, shape: str) -> None:
@@ -316,7 +376,8 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                           bias=None, lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket",
                           accuracy="ce", temperature=1.0, softcap=None, ignore_index=-100,
                           reduction="mean", num_items_in_batch=None, impl="auto", validate=False,
-                          return_components=False, chunk_elems=None, accum_fp32=True, vocab_parallel=None):
+                          return_components=False, chunk_elems=None, accum_fp32=True, vocab_parallel=None,
+                          strategy="auto", memory_budget=1 << 30):
     """DFT loss from the last hidden states and the lm_head, never materialising the
     `[N, V]` logits. With ``target_index=None`` it is a fused linear cross-entropy (or
     DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias, labels)``.
@@ -349,6 +410,7 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                              f"{tuple(getattr(bias, 'shape', ()))}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
+    check_strategy(strategy, memory_budget)
     V, D = weight.shape
     if vocab_parallel is None and type(weight).__name__ == "DTensor":
         raise TypeError("weight is a DTensor: pass vocab_parallel=dft_kernels.distributed.VocabParallel."
@@ -378,12 +440,58 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
         return ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
                                            chunk_elems=chunk_elems, accum_fp32=accum_fp32, tail_slots=tail_slots)
 
+    N = math.prod(hidden.shape[:-1])
+    fast_rows = chunk_rows_for("fast", V, N, chunk_elems)
+    fast_primitive = None
+    if choose_strategy(strategy, memory_budget, reduction=reduction, vocab_parallel=vocab_parallel,
+                       tensors=(hidden, weight, bias), n_rows=N, hidden=D, vocab=V,
+                       k=0 if target_index is None else target_index.shape[-1], chunk_rows=fast_rows) == "fast":
+        def fast_primitive(index, scales, impl, tail_slots, chunk_loss):
+            return ops.linear_fast_loss_apply(hidden.reshape(-1, D), weight, bias, index, scales, softcap, chunk_loss,
+                                              impl, chunk_rows=fast_rows, accum_fp32=accum_fp32,
+                                              tail_slots=tail_slots)
+
     return _loss_from_student(
         "hidden", tuple(hidden.shape[:-1]), V, hidden.device, primitive, reference_call,
         target_index=target_index, target_logprobs=target_logprobs, labels=labels, lam=lam,
         divergence=divergence, beta=beta, tail=tail, accuracy=accuracy, temperature=temperature,
         softcap=softcap, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        impl=impl, validate=validate, return_components=return_components)
+        impl=impl, validate=validate, return_components=return_components, fast_primitive=fast_primitive)
+
+
+def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_parallel, tensors, n_rows: int,
+                    hidden: int, vocab: int, k: int, chunk_rows: int) -> str:
+    """"lean" or "fast" for a fused call (docs/design.md sec. 10).
+
+    Fast applies to scalar reductions under grad mode with something to differentiate;
+    elsewhere every strategy runs lean (same results). "auto" picks fast when
+    ``memory.loss_extra_bytes("fast", ...)`` fits ``memory_budget``.
+
+    Args:
+        strategy: "auto" | "lean" | "fast"; memory_budget: bytes.
+        reduction: the loss reduction; vocab_parallel: the sharding, or None.
+        tensors: (hidden, weight, bias) -- what may need a gradient.
+        n_rows, hidden, vocab, k, chunk_rows: the sizes of the memory model.
+    Returns:
+        "lean" or "fast".
+    """
+    if strategy == "lean":
+        return "lean"
+    if vocab_parallel is not None:
+        if strategy == "fast":
+            raise ValueError("strategy='fast' does not support vocab_parallel (a vocab-sharded head); "
+                             "use strategy='lean' or 'auto'")
+        return "lean"
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if reduction == "none" or not needs_grad:
+        return "lean"
+    if strategy == "fast":
+        return "fast"
+    weight = tensors[1]
+    extra = loss_extra_bytes("fast", n_rows=n_rows, hidden=hidden, vocab=vocab, k=k,
+                             dtype_bytes=weight.element_size(), head_trains=weight.requires_grad,
+                             chunk_rows=chunk_rows)
+    return "fast" if extra <= memory_budget else "lean"
 
 
 dft_loss.__doc__ += _TARGET_ARGS_DOC + _OPTION_ARGS_DOC + _RETURNS_DOC
@@ -395,4 +503,11 @@ fused_linear_dft_loss.__doc__ += _TARGET_ARGS_DOC + """\
             accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
         vocab_parallel (dft_kernels.distributed.VocabParallel):
             set when ``weight`` / ``bias`` hold only this rank's rows of a vocab-sharded lm_head.
+        strategy (str):
+            "lean" (logits recomputed in the backward), "fast" (each chunk's logits once,
+            gradients formed in the forward; no double backward) or "auto": fast when its
+            extra memory (``memory.loss_extra_bytes``) fits ``memory_budget``
+            (docs/design.md sec. 10). ``reduction="none"`` and calls without grad run lean.
+        memory_budget (int):
+            bytes the fast strategy may use beyond the inputs (default 1 GiB).
 """ + _RETURNS_DOC

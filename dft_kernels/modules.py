@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .losses import dft_loss, fused_linear_dft_loss
-from .options import LOSS_DEFAULTS, check_options
+from .options import LOSS_DEFAULTS, STRATEGY_DEFAULTS, check_options, check_strategy
 
 
 class _Base(torch.nn.Module):
@@ -18,6 +18,8 @@ class _Base(torch.nn.Module):
         self.kwargs = {**LOSS_DEFAULTS, **self._extra, **kwargs}
         check_options(**{k: self.kwargs[k] for k in ("lam", "divergence", "beta", "tail", "accuracy",
                                                       "temperature", "softcap", "reduction", "impl")})
+        if "strategy" in self.kwargs:
+            check_strategy(self.kwargs["strategy"], self.kwargs["memory_budget"])
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if LOSS_DEFAULTS.get(k, None) != v)
@@ -52,7 +54,8 @@ class DFTLoss(_Base):
 
 class FusedLinearDFTLoss(_Base):
     """:func:`dft_kernels.fused_linear_dft_loss` as a module: ``FusedLinearDFTLoss(**keywords)``
-    holds the loss keywords (as :class:`DFTLoss`, plus ``accum_fp32``).
+    holds the loss keywords (as :class:`DFTLoss`, plus ``accum_fp32``, ``strategy`` and
+    ``memory_budget``: docs/design.md sec. 10).
 
     ``forward(hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
     num_items_in_batch=None)``
@@ -71,7 +74,7 @@ class FusedLinearDFTLoss(_Base):
         As :class:`DFTLoss`; the `[N, V]` logits are never materialised.
     """
 
-    _extra = {"chunk_elems": None, "accum_fp32": True}
+    _extra = {"chunk_elems": None, "accum_fp32": True, **STRATEGY_DEFAULTS}
 
     def forward(self, hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
                 num_items_in_batch=None):

@@ -12,11 +12,19 @@ TAILS = ("bucket", "renorm", "raw")
 ACCURACIES = ("ce", "dft")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
+STRATEGIES = ("auto", "lean", "fast")
+
+#: Defaults of the fused path's strategy keywords (docs/design.md sec. 10): fast when its
+#: extra memory (``memory.loss_extra_bytes``) fits ``memory_budget`` bytes, else lean.
+STRATEGY_DEFAULTS = dict(strategy="auto", memory_budget=1 << 30)
 
 #: Defaults of the loss keywords (signatures, modules and DFTConfig derive from here).
 LOSS_DEFAULTS = dict(lam=0.2, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
                      temperature=1.0, softcap=None, ignore_index=-100, reduction="mean", impl="auto",
                      validate=False, return_components=False)
+
+#: The smallest loss temperature: logits / temperature must keep the softmax from being one-hot.
+MIN_TEMPERATURE = 1e-2
 
 #: float32's smallest normal number: the floor of both tails inside logarithms.
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -55,6 +63,10 @@ def check_options(*, lam, divergence, beta, tail, accuracy, temperature, softcap
         raise ValueError(f"beta={beta!r} must be a number in [0, 1] (0 = forward KL, 1 = reverse KL)")
     if not isinstance(temperature, (int, float)) or not float(temperature) > 0.0 or math.isinf(temperature):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if float(temperature) < MIN_TEMPERATURE:
+        raise ValueError(f"temperature={temperature!r} must be >= {MIN_TEMPERATURE}: below it the scaled logits "
+                         "make the student's softmax one-hot in float32 and the divergence term vanishes "
+                         "(silently trains on the accuracy term only)")
     if not isinstance(lam, (int, float)) or not float(lam) >= 0.0 or math.isinf(lam):
         raise ValueError(f"lam={lam!r} must be a finite number >= 0 (0 turns the accuracy term off)")
     if softcap is not None and (not isinstance(softcap, (int, float)) or not float(softcap) > 0.0):
@@ -66,6 +78,16 @@ def check_options(*, lam, divergence, beta, tail, accuracy, temperature, softcap
     if tail == "renorm" and kind == "reverse_kl":
         raise ValueError("reverse KL is undefined with tail='renorm' (the teacher's tail mass is 0 "
                          "where the student's is not); use tail='bucket'")
+
+
+def check_strategy(strategy, memory_budget) -> None:
+    """The fused path's strategy keywords (docs/design.md sec. 10). Raises ValueError / TypeError."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise TypeError(f"memory_budget={memory_budget!r} must be a number of bytes (e.g. 1 << 30 for 1 GiB)")
+    if not memory_budget >= 0:
+        raise ValueError(f"memory_budget={memory_budget!r} must be >= 0 bytes (0 always picks lean)")
 
 
 def effective_divergence(divergence: str, beta: float) -> str:

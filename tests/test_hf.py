@@ -449,7 +449,7 @@ def test_accelerate_device_hook_on_lm_head_keeps_the_fused_path():
 def test_collator_pads_everything_together():
     feats = [
         dict(input_ids=[5, 6, 7], attention_mask=[1, 1, 1], labels=[-100, 6, 7],
-             target_index=[[1, 2], [3, -1], [4, 5]], target_logprobs=[[-0.1, -2.0], [-0.5, -math.inf], [-1., -1.]]),
+             target_index=[[1, 2], [3, -1], [4, 5]], target_logprobs=[[-0.2, -2.0], [-0.5, -math.inf], [-1., -1.]]),
         dict(input_ids=torch.tensor([8, 9]), attention_mask=torch.tensor([1, 1]), labels=torch.tensor([8, 9]),
              target_index=torch.tensor([[1, 2, 3], [4, 5, 6]]), target_logprobs=torch.full((2, 3), -1.5)),
         dict(input_ids=[10], labels=[10]),           # plain SFT example: no targets, no mask

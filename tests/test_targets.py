@@ -145,7 +145,7 @@ def test_retemper_matches_dense_when_k_is_v(a):
     r = dk.SparseTargets.from_logits(z, V, temperature=2.0).retemper(a)
     dense = torch.log_softmax(a * torch.log_softmax(z / 2.0, -1), -1)
     torch.testing.assert_close(r.logprobs, dense.gather(-1, r.index.long()), rtol=0, atol=1e-10)
-    # = the teacher at temperature T / a
+    # = the teacher at temperature tau / a
     torch.testing.assert_close(dense, torch.log_softmax(z * a / 2.0, -1), rtol=0, atol=1e-10)
     assert r.metadata["temperature"] == pytest.approx(2.0 / a)
 

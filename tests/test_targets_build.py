@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dft_kernels as dk  # noqa: E402
-from dft_kernels import targets as T  # noqa: E402
+from dft_kernels import targets as dkt  # noqa: E402
 from dft_kernels.targets import building, store  # noqa: E402
 from dft_kernels.data import ITEM_KEYS, DFTTargetsDataset  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_build_equals_log_softmax_of_teacher_logits(teacher, teacher_dir, tmp_pa
     examples = _examples()
     # by path (loaded inside build) and by model; vocab tile 64 does not divide V = 300
     src = teacher_dir if dtype == torch.float32 else teacher
-    man = T.build(src, _batches(examples), 8, 1.5, out_dir=tmp_path, shard_size=4, chunk_vocab=64, dtype=dtype,
+    man = dkt.build(src, _batches(examples), 8, 1.5, out_dir=tmp_path, shard_size=4, chunk_vocab=64, dtype=dtype,
                   progress=False)
     assert man["complete"] and man["k"] == 8 and man["vocab_size"] == V and man["temperature"] == 1.5
     assert man["teacher"] == str(teacher_dir) and man["n_sequences"] == len(examples)
@@ -81,7 +81,7 @@ def test_build_equals_log_softmax_of_teacher_logits(teacher, teacher_dir, tmp_pa
         assert torch.equal(got_ids, ref_ids), f"example {i}: top-K ids differ"
         torch.testing.assert_close(item["target_logprobs"].double().gather(-1, order),
                                    top.values.gather(-1, ref_order), rtol=tol, atol=tol)
-        assert T.SparseTargets(item["target_index"], item["target_logprobs"]).validate(V)
+        assert dkt.SparseTargets(item["target_index"], item["target_logprobs"]).validate(V)
     shard = dk.SparseTargets.load(tmp_path / "shard-00000.safetensors")
     assert shard.logprobs.dtype == dtype and shard.index.dtype == torch.int32
     assert shard.metadata["teacher"] == str(teacher_dir) and shard.metadata["temperature"] == 1.5
@@ -103,7 +103,7 @@ def test_build_applies_the_models_logit_transform(tmp_path, family, extra):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30.0)
     ids = list(range(5, 17))
-    T.build(model, [[ids]], 6, out_dir=tmp_path, chunk_vocab=128, dtype=torch.float32, progress=False,
+    dkt.build(model, [[ids]], 6, out_dir=tmp_path, chunk_vocab=128, dtype=torch.float32, progress=False,
             teacher_name=f"tiny-{family}")
     t = dk.SparseTargets.load(tmp_path / "shard-00000.safetensors")
     ref = _dense_logprobs(model, ids)            # the model's own forward applies the transform
@@ -113,7 +113,7 @@ def test_build_applies_the_models_logit_transform(tmp_path, family, extra):
 
 def test_batch_forms_give_identical_shards(teacher, tmp_path):
     examples = _examples(5)
-    T.build(teacher, _batches(examples, 5), 4, out_dir=tmp_path / "lists", progress=False)
+    dkt.build(teacher, _batches(examples, 5), 4, out_dir=tmp_path / "lists", progress=False)
     # the same sequences as one padded [B, T] batch with an attention mask (left padding)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.zeros(5, width, dtype=torch.long)
@@ -121,14 +121,14 @@ def test_batch_forms_give_identical_shards(teacher, tmp_path):
     for j, e in enumerate(examples):
         ids[j, width - len(e["input_ids"]):] = torch.tensor(e["input_ids"])
         mask[j, width - len(e["input_ids"]):] = 1
-    T.build(teacher, [{"input_ids": ids, "attention_mask": mask}], 4, out_dir=tmp_path / "dict", progress=False)
+    dkt.build(teacher, [{"input_ids": ids, "attention_mask": mask}], 4, out_dir=tmp_path / "dict", progress=False)
     assert _files(tmp_path / "lists") == _files(tmp_path / "dict")
 
 
 def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch):
     examples = _examples(11)
     kw = dict(shard_size=3, chunk_vocab=128, progress=False)
-    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "ref", **kw)
+    dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "ref", **kw)
 
     real_write = building.write_shard
     written = []
@@ -141,7 +141,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
 
     monkeypatch.setattr(building, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+        dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     monkeypatch.undo()
     assert sorted(_files(tmp_path / "run")) == ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
     assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
@@ -151,7 +151,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
     calls = []
     real_topk = building._Teacher.topk
     monkeypatch.setattr(building._Teacher, "topk", lambda self, seqs, *a: calls.append(len(seqs)) or real_topk(self, seqs, *a))
-    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+    dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     assert sum(calls) == len(examples) - 6, "finished shards are skipped, not recomputed"
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
@@ -161,7 +161,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     calls.clear()
-    T.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
+    dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     assert sum(calls) == 3
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
@@ -172,27 +172,27 @@ def test_crash_while_writing_leaves_no_partial_shard(teacher, tmp_path, monkeypa
 
     monkeypatch.setattr(store.os, "fsync", no_disk)
     with pytest.raises(OSError, match="disk full"):
-        T.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_build_refuses_other_parameters_in_same_dir(teacher, tmp_path):
-    T.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
+    dkt.build(teacher, [_examples(2)], 4, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="k=4"):
-        T.build(teacher, [_examples(2)], 6, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, [_examples(2)], 6, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="temperature"):
-        T.build(teacher, [_examples(2)], 4, 2.0, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, [_examples(2)], 4, 2.0, out_dir=tmp_path, progress=False)
 
 
 def test_build_rejects_bad_input(teacher, tmp_path):
     with pytest.raises(ValueError, match="outside the teacher's vocab"):
-        T.build(teacher, [[[1, 2, V]]], 4, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, [[[1, 2, V]]], 4, out_dir=tmp_path, progress=False)
     with pytest.raises(TypeError, match="batches"):
-        T.build(teacher, ["some text"], 4, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, ["some text"], 4, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="k=301"):
-        T.build(teacher, [[[1, 2]]], V + 1, out_dir=tmp_path, progress=False)
+        dkt.build(teacher, [[[1, 2]]], V + 1, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="shard_size"):
-        T.build(teacher, [[[1, 2]]], 4, out_dir=tmp_path, shard_size=0, progress=False)
+        dkt.build(teacher, [[[1, 2]]], 4, out_dir=tmp_path, shard_size=0, progress=False)
 
 
 # --------------------------------------------------------------------------- loader
@@ -202,7 +202,7 @@ def test_build_rejects_bad_input(teacher, tmp_path):
 def built(teacher, tmp_path_factory):
     examples = _examples(9, seed=3)
     out = tmp_path_factory.mktemp("built")
-    T.build(teacher, _batches(examples, 4), 6, out_dir=out, shard_size=4, progress=False)
+    dkt.build(teacher, _batches(examples, 4), 6, out_dir=out, shard_size=4, progress=False)
     return examples, out
 
 
@@ -219,7 +219,7 @@ def test_loader_items(built):
     examples[2]["labels"] = [-100] + examples[2]["input_ids"][1:]
     ds = DFTTargetsDataset(examples, out, vocab_size=V)
     assert len(ds) == 9
-    rows = torch.cat([T.read_shard(out / e["file"])[0]["logprobs"] for e in ds.manifest["shards"]])
+    rows = torch.cat([dkt.read_shard(out / e["file"])[0]["logprobs"] for e in ds.manifest["shards"]])
     row = 0
     for i, ex in enumerate(examples):
         item = ds[i]
@@ -253,9 +253,8 @@ def test_loader_refuses_mismatched_input_ids(built):
 
 def test_loader_checks_vocab(built):
     examples, out = built
-    ds = DFTTargetsDataset(examples, out, vocab_size=5)
-    with pytest.raises(ValueError, match="vocab_size=5"):
-        ds[0]
+    with pytest.raises(ValueError, match="vocab_size=5"):       # up front, from the manifest
+        DFTTargetsDataset(examples, out, vocab_size=5)
 
 
 def test_loader_names_truncated_or_corrupted_shard(built, tmp_path):

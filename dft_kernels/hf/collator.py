@@ -5,6 +5,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..validation import validate_target_data
+
 _SEQ_KEYS = ("input_ids", "attention_mask", "labels")
 _TARGET_KEYS = ("target_index", "target_logprobs")
 
@@ -44,6 +46,16 @@ class DFTDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """Pad and stack a list of features.
+
+        Args:
+            features: dicts with ``input_ids`` [T] (and optionally ``attention_mask`` /
+                ``labels`` [T], ``target_index`` / ``target_logprobs`` [T, K]); T and K
+                may differ between features.
+        Returns:
+            ``input_ids``, ``attention_mask``, ``labels`` [B, L] and, when any feature has
+            targets, ``target_index`` / ``target_logprobs`` [B, L, K_max]; L = the longest
+            T (rounded up to ``pad_to_multiple_of``)."""
         if not features:
             raise ValueError("DFTDataCollator got an empty list of features")
         feats = []
@@ -70,17 +82,17 @@ class DFTDataCollator:
             for f in feats:
                 T = f["input_ids"].shape[0]
                 if "target_index" in f:
-                    ti = f["target_index"].to(idx_dtype)
-                    tl = f["target_logprobs"].to(lp_dtype)
+                    target_idx = f["target_index"].to(idx_dtype)
+                    target_lp = f["target_logprobs"].to(lp_dtype)
                 else:
-                    ti = torch.full((T, 0), -1, dtype=idx_dtype)
-                    tl = torch.full((T, 0), -torch.inf, dtype=lp_dtype)
-                k = ti.shape[1]
+                    target_idx = torch.full((T, 0), -1, dtype=idx_dtype)
+                    target_lp = torch.full((T, 0), -torch.inf, dtype=lp_dtype)
+                k = target_idx.shape[1]
                 if k < K:
-                    ti = torch.cat([ti, ti.new_full((T, K - k), -1)], dim=1)
-                    tl = torch.cat([tl, tl.new_full((T, K - k), -torch.inf)], dim=1)
-                idx.append(ti)
-                lps.append(tl)
+                    target_idx = torch.cat([target_idx, target_idx.new_full((T, K - k), -1)], dim=1)
+                    target_lp = torch.cat([target_lp, target_lp.new_full((T, K - k), -torch.inf)], dim=1)
+                idx.append(target_idx)
+                lps.append(target_lp)
             batch["target_index"] = self._stack(idx, L, -1)
             batch["target_logprobs"] = self._stack(lps, L, -torch.inf)
         extra = set(feats[0]) - set(_SEQ_KEYS) - set(_TARGET_KEYS)
@@ -108,26 +120,30 @@ class DFTDataCollator:
         for key in ("attention_mask", "labels"):
             if out[key].shape[0] != T:
                 raise ValueError(f"feature {i}: {key} has length {out[key].shape[0]} but input_ids has {T}")
-        ti, tl = f.get("target_index"), f.get("target_logprobs")
-        if (ti is None) != (tl is None):
+        target_idx, target_lp = f.get("target_index"), f.get("target_logprobs")
+        if (target_idx is None) != (target_lp is None):
             raise ValueError(f"feature {i}: target_index and target_logprobs go together: give both or neither")
-        if ti is not None:
-            ti = torch.as_tensor(ti)
-            tl = torch.as_tensor(tl)
-            if ti.is_floating_point():
-                raise TypeError(f"feature {i}: target_index must hold integer token ids, got {ti.dtype}")
-            if not tl.is_floating_point():
-                tl = tl.to(torch.float32)
-            if ti.dim() == 1 and T == 0:
-                ti, tl = ti.reshape(0, 0), tl.reshape(0, 0)
-            if ti.dim() != 2 or ti.shape != tl.shape:
-                raise ValueError(f"feature {i}: target_index {tuple(ti.shape)} and target_logprobs "
-                                 f"{tuple(tl.shape)} must both have shape [seq_len, K]")
-            if ti.shape[0] != T:
-                raise ValueError(f"feature {i}: the targets have {ti.shape[0]} rows but input_ids has {T} tokens; "
-                                 "give one row of teacher slots per input position (row t = the teacher's "
+        if target_idx is not None:
+            target_idx = torch.as_tensor(target_idx)
+            target_lp = torch.as_tensor(target_lp)
+            if target_idx.is_floating_point():
+                raise TypeError(f"feature {i}: target_index must hold integer token ids, got {target_idx.dtype}")
+            if not target_lp.is_floating_point():
+                target_lp = target_lp.to(torch.float32)
+            if target_idx.dim() == 1 and T == 0:
+                target_idx, target_lp = target_idx.reshape(0, 0), target_lp.reshape(0, 0)
+            if target_idx.dim() != 2 or target_idx.shape != target_lp.shape:
+                raise ValueError(f"feature {i}: target_index {tuple(target_idx.shape)} and target_logprobs "
+                                 f"{tuple(target_lp.shape)} must both have shape [seq_len, K]")
+            if target_idx.shape[0] != T:
+                raise ValueError(f"feature {i}: the targets have {target_idx.shape[0]} rows but input_ids has {T} "
+                                 "tokens; give one row of teacher slots per input position (row t = the teacher's "
                                  "distribution of the token after position t)")
-            out["target_index"], out["target_logprobs"] = ti, tl
+            try:  # cheap on CPU: ids >= -1, log-probs <= 0, mass <= 1 + 1e-3 (docs/design.md sec. 7)
+                validate_target_data(target_idx, target_lp, None)
+            except ValueError as e:
+                raise ValueError(f"feature {i}: {e}") from None
+            out["target_index"], out["target_logprobs"] = target_idx, target_lp
         for key, value in f.items():
             if key not in out and key not in _SEQ_KEYS and key not in _TARGET_KEYS:
                 out[key] = value

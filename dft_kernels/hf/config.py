@@ -4,10 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import LOSS_DEFAULTS, check_options
+from ..options import LOSS_DEFAULTS, STRATEGY_DEFAULTS, check_options, check_strategy
 
 #: fields of DFTConfig that are not keywords of the loss functions
-_ADAPTER_FIELDS = ("skip_logits", "check", "log_components")
+_ADAPTER_FIELDS = ("skip_logits", "check", "log_components", "teacher", "k")
 
 
 @dataclass
@@ -15,8 +15,8 @@ class DFTConfig:
     """Options of the DFT loss (docs/design.md sec. 3-5) and of the adapter.
 
     Loss options -- ``lam``, ``divergence``, ``beta``, ``tail``, ``accuracy``,
-    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems`` -- mean
-    what they mean in :func:`dft_kernels.dft_loss`, with its defaults
+    ``temperature``, ``ignore_index``, ``impl``, ``validate``, ``chunk_elems``, ``strategy``,
+    ``memory_budget`` -- mean what they mean in :func:`dft_kernels.fused_linear_dft_loss`, with its defaults
     (``options.LOSS_DEFAULTS``). The softcap is not an option: it comes from the
     model (``final_logit_softcapping``).
 
@@ -30,6 +30,10 @@ class DFTConfig:
       its logits in a way the adapter does not reproduce.
     - ``log_components``: :class:`~dft_kernels.hf.DFTTrainer` logs the
       divergence and accuracy terms separately.
+    - ``teacher``: "offline" (targets in the batches), or with ``DFTTrainer(...,
+      teacher_model=m)`` "topk" (the live teacher's top-``k`` targets) or "dense" (the
+      full-vocab two-head loss, :func:`dft_kernels.fused_linear_distill_loss`);
+      docs/design.md sec. 11.
     """
 
     lam: float = LOSS_DEFAULTS["lam"]
@@ -42,14 +46,23 @@ class DFTConfig:
     impl: str = LOSS_DEFAULTS["impl"]
     validate: bool = LOSS_DEFAULTS["validate"]
     chunk_elems: int | None = None
+    strategy: str = STRATEGY_DEFAULTS["strategy"]
+    memory_budget: int = STRATEGY_DEFAULTS["memory_budget"]
     skip_logits: bool | None = None
     check: bool = True
     log_components: bool = True
+    teacher: str = "offline"
+    k: int = 32
 
     def __post_init__(self):
         check_options(lam=self.lam, divergence=self.divergence, beta=self.beta, tail=self.tail,
                       accuracy=self.accuracy, temperature=self.temperature, softcap=None,
                       reduction="mean", impl=self.impl)
+        check_strategy(self.strategy, self.memory_budget)
+        if self.teacher not in ("offline", "topk", "dense"):
+            raise ValueError(f"teacher={self.teacher!r} must be 'offline', 'topk' or 'dense'")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k={self.k!r} must be an int >= 1 (teacher slots per position)")
         if self.skip_logits not in (None, True, False):
             raise ValueError(f"skip_logits={self.skip_logits!r} must be None (auto), True or False")
 

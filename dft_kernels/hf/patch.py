@@ -15,7 +15,8 @@ forward *without* ``labels`` (so the model computes no loss of its own) and
   ``[B, T, V]`` logits are never computed. The loss is then
   :func:`dft_kernels.fused_linear_dft_loss` on the recorded hidden states and the
   head's own ``weight`` / ``bias`` (tied embeddings included: it is the same
-  parameter), with the model's known logit transforms folded in: Gemma-style
+  parameter), with the model's known logit transforms (``hf/transforms.py``,
+  shared with the targets build's teacher) folded in: Gemma-style
   ``final_logit_softcapping`` -> ``softcap``; Cohere-style ``logit_scale`` and
   Granite-style ``1 / logits_scaling`` -> the hidden states and the bias are
   multiplied by the scale (``(s*h) @ W.T + s*b == s * (h @ W.T + b)``). On the
@@ -37,7 +38,7 @@ Label alignment follows transformers' ``ForCausalLMLoss`` exactly: ``labels`` ar
 padded on the right with ``ignore_index`` and shifted left by one, so position t
 is scored against token t+1 and the last position against nothing; a pre-shifted
 ``shift_labels=`` is used as is. The targets are *not* shifted: row t already is
-the teacher's distribution of the token after position t (DESIGN.md sec. 2), i.e.
+the teacher's distribution of the token after position t (docs/design.md sec. 2), i.e.
 aligned with the logits row t like the shifted labels. A position counts when its
 shifted label is not ``ignore_index`` (sec. 5), so the last position -- whose
 shifted label is always ``ignore_index`` -- drops out together with its targets,
@@ -59,6 +60,8 @@ import torch
 
 from ..losses import dft_loss, fused_linear_dft_loss
 from ..options import DFTLossOutput, check_options
+from .first_batch import check_first_batch, check_label_arguments
+from .transforms import logit_transforms
 
 _STATE_ATTR = "_dft_kernels_patch"
 _FORWARD_MARK = "_dft_kernels_forward"
@@ -94,6 +97,7 @@ class _PatchState:
     active: bool = True
     checked: bool = False
     warned: bool = False
+    data_checked: bool = False       # the first batch's data / alignment (hf/first_batch.py)
     last_components: DFTLossOutput | None = None
 
 
@@ -268,7 +272,7 @@ def _check_model(target) -> None:
                              "shifted labels; only causal LMs are supported")
 
 
-def _check_batch(kwargs, labels, shift_labels, ti, tl):
+def _check_batch(kwargs, labels, shift_labels, target_idx, target_lp):
     """Shape checks that cost nothing; returns the (batch, seq_len) of the input."""
     ref, lead = None, None
     for name in ("input_ids", "inputs_embeds"):
@@ -276,10 +280,10 @@ def _check_batch(kwargs, labels, shift_labels, ti, tl):
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
             ref, lead = name, tuple(t.shape[:2])
             break
-    if (ti is None) != (tl is None):
+    if (target_idx is None) != (target_lp is None):
         raise ValueError("target_index and target_logprobs go together: pass both or neither")
-    if ti is not None:
-        for name, t in (("target_index", ti), ("target_logprobs", tl)):
+    if target_idx is not None:
+        for name, t in (("target_index", target_idx), ("target_logprobs", target_lp)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor of shape [batch, seq_len, K], got {type(t).__name__}")
             if t.dim() != 3:
@@ -359,13 +363,14 @@ def _patched_forward(model, args, kwargs):
 def _loss_forward(model, state: _PatchState, orig, args, kwargs):
     labels = kwargs.pop("labels", None)
     shift_labels = kwargs.pop("shift_labels", None)
-    ti = kwargs.pop("target_index", None)
-    tl = kwargs.pop("target_logprobs", None)
+    target_idx = kwargs.pop("target_index", None)
+    target_lp = kwargs.pop("target_logprobs", None)
     nib = kwargs.pop("num_items_in_batch", None)
     return_dict = kwargs.pop("return_dict", None)
     kwargs["return_dict"] = True
     ignore_index = state.loss_kwargs.get("ignore_index", _FUSED_KEYWORDS["ignore_index"])
-    _check_batch(kwargs, labels, shift_labels, ti, tl)
+    _check_batch(kwargs, labels, shift_labels, target_idx, target_lp)
+    check_label_arguments(labels, shift_labels)
 
     # ForCausalLMLoss's alignment: pad right with ignore_index, shift left by one
     if shift_labels is not None:
@@ -374,11 +379,15 @@ def _loss_forward(model, state: _PatchState, orig, args, kwargs):
         shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     else:
         shifted = None
-    if shifted is None and ti is not None and ti.shape[1] > 0:
+    if shifted is None and target_idx is not None and target_idx.shape[1] > 0:
         # no labels: positions count by their targets; drop the last one like the label shift does
-        ti = ti.clone()
-        ti[:, -1] = -1
+        target_idx = target_idx.clone()
+        target_idx[:, -1] = -1
 
+    if not state.data_checked:      # once per model, even with validate=False (docs/design.md sec. 7)
+        check_first_batch(kwargs.get("input_ids"), labels, shifted, target_idx, target_lp,
+                          model.get_output_embeddings().weight.shape[0], ignore_index)
+        state.data_checked = True
     skip = state.skip_logits if state.skip_logits is not None else model.training
     head = model.get_output_embeddings()
     fused = bool(skip) and _is_plain_linear(head)
@@ -388,10 +397,10 @@ def _loss_forward(model, state: _PatchState, orig, args, kwargs):
                       f"{type(head).__name__}, not a plain nn.Linear; computing the loss from the model's logits "
                       "(materialised) instead of the fused path", stacklevel=3)
     if fused:
-        out, comps = _fused_loss(model, state, orig, head, args, kwargs, shifted, ti, tl, nib)
+        out, comps = _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib)
         logits = None
     else:
-        out, comps = _logits_loss(model, state, orig, args, kwargs, shifted, ti, tl, nib)
+        out, comps = _logits_loss(model, state, orig, args, kwargs, shifted, target_idx, target_lp, nib)
         logits = out.logits
     state.last_components = comps
     out = _rebuild(model, out, loss=comps.loss, logits=logits)
@@ -415,7 +424,7 @@ def _is_plain_linear(head) -> bool:
     return "forward" not in head.__dict__ or hasattr(head, "_hf_hook")
 
 
-def _fused_loss(model, state, orig, head, args, kwargs, shifted, ti, tl, nib):
+def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib):
     captured = []
 
     def take_hidden(module, h_args, h_kwargs):
@@ -444,7 +453,8 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, ti, tl, nib):
                          f"({type(head).__name__}), so the final hidden states could not be captured; "
                          "patch with skip_logits=False to compute the loss from the model's logits")
     h = captured[0]
-    weight, bias = head.weight, head.bias
+    softcap, scale, bias = logit_transforms(model)
+    weight = head.weight
     if h.device != weight.device:          # e.g. device_map: the head's hook would have moved it
         h = h.to(weight.device)
     their_logits = getattr(out, "logits", None)
@@ -454,12 +464,11 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, ti, tl, nib):
         weight = weight[:V]
         bias = bias[:V] if bias is not None else None
     rows = tuple(h.shape[:-1])
-    for name, t in (("labels", shifted), ("target_index", ti)):
+    for name, t in (("labels", shifted), ("target_index", target_idx)):
         if t is not None and tuple(t.shape[:2]) != rows:
             raise ValueError(f"{name} is {tuple(t.shape)[:2]} per batch but the final hidden states of {cls} "
                              f"cover {rows}; do not pass logits_to_keep (or other arguments that drop positions) "
                              "together with labels / targets")
-    softcap, scale = _logit_transforms(model)
     if state.check and not state.checked:
         _verify(model, their_logits, h, weight, bias, scale, softcap)
         state.checked = True
@@ -478,24 +487,24 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, ti, tl, nib):
     ctx = torch.autocast(dev, enabled=False) if ac_dtype is not None else contextlib.nullcontext()
     with ctx:
         comps = fused_linear_dft_loss(
-            h, weight, _to(ti, h.device), _to(tl, h.device), _to(shifted, h.device), bias=bias, softcap=softcap,
-            num_items_in_batch=nib, return_components=True, **state.loss_kwargs)
+            h, weight, _to(target_idx, h.device), _to(target_lp, h.device), _to(shifted, h.device), bias=bias,
+            softcap=softcap, num_items_in_batch=nib, return_components=True, **state.loss_kwargs)
     return out, comps
 
 
-def _logits_loss(model, state, orig, args, kwargs, shifted, ti, tl, nib):
+def _logits_loss(model, state, orig, args, kwargs, shifted, target_idx, target_lp, nib):
     out = orig(*args, **kwargs)
     logits = getattr(out, "logits", None)
     cls = type(model).__name__
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"dk.hf.patch: {cls}.forward returned no logits tensor to compute the loss from")
     rows = tuple(logits.shape[:-1])
-    for name, t in (("labels", shifted), ("target_index", ti)):
+    for name, t in (("labels", shifted), ("target_index", target_idx)):
         if t is not None and tuple(t.shape[:2]) != rows:
             raise ValueError(f"{name} is {tuple(t.shape)[:2]} per batch but the logits of {cls} cover {rows}; "
                              "do not pass logits_to_keep together with labels / targets")
     kw = {k: v for k, v in state.loss_kwargs.items() if k in _LOGITS_KEYWORDS}
-    comps = dft_loss(logits, _to(ti, logits.device), _to(tl, logits.device), _to(shifted, logits.device),
+    comps = dft_loss(logits, _to(target_idx, logits.device), _to(target_lp, logits.device), _to(shifted, logits.device),
                      num_items_in_batch=nib, return_components=True, **kw)
     return out, comps
 
@@ -513,40 +522,7 @@ def _rebuild(model, out, **updates):
     return type(out)(**values)
 
 
-# --------------------------------------------------------------------------- logit transforms
-
-
-def _logit_transforms(model):
-    """(softcap, scale) the model applies to ``lm_head(h)``: ``softcap(scale * z)``."""
-    cfg = getattr(model, "config", None)
-    tcfg = cfg
-    if cfg is not None and callable(getattr(cfg, "get_text_config", None)):
-        try:
-            tcfg = cfg.get_text_config()
-        except Exception:  # noqa: BLE001 -- unusual configs: fall back to the top-level one
-            tcfg = cfg
-
-    def attr(name):
-        for c in (tcfg, cfg):
-            v = getattr(c, name, None) if c is not None else None
-            if v is not None:
-                return v
-        return None
-
-    softcap = attr("final_logit_softcapping")
-    softcap = float(softcap) if softcap else None
-    scale = 1.0
-    ls = getattr(model, "logit_scale", None)          # Cohere keeps config.logit_scale on the model
-    if ls is None:
-        ls = attr("logit_scale")
-    if isinstance(ls, torch.Tensor):
-        scale = ls if ls.numel() == 1 else scale
-    elif isinstance(ls, (int, float)):
-        scale = float(ls)
-    lsc = attr("logits_scaling")                      # Granite divides by it
-    if isinstance(lsc, (int, float)) and float(lsc) != 1.0:
-        scale = scale / float(lsc)
-    return softcap, scale
+# --------------------------------------------------------------------------- transforms, dtype, check
 
 
 def _autocast_dtype(device_type: str):

@@ -33,7 +33,7 @@ class DFTTrainerMixin:
     entropy from logits, which the fused path does not return).
     """
 
-    def __init__(self, *args, dft_config: DFTConfig | dict | None = None, **kwargs):
+    def __init__(self, *args, dft_config: DFTConfig | dict | None = None, teacher_model=None, **kwargs):
         if isinstance(dft_config, dict):
             dft_config = DFTConfig(**dft_config)
         if dft_config is not None and not isinstance(dft_config, DFTConfig):
@@ -59,14 +59,29 @@ class DFTTrainerMixin:
         super().__init__(*args, **kwargs)
         if self.model is not None:
             self._dft_patch(self.model, dft_config)
+        if dft_config is not None:  # reverse KL / JSD on sampled targets: warn once (docs/design.md sec. 12)
+            from ..targets.sampling import warn_if_biased
+            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            for ds in [self.train_dataset, *evals]:
+                warn_if_biased(getattr(ds, "manifest", None), dft_config.divergence, dft_config.beta)
         # the patched forward takes num_items_in_batch; its labels are shifted like ForCausalLMLoss's, so the
         # Trainer must count labels[..., 1:] (it does not for every model class, e.g. GPT-2's)
         self.model_accepts_loss_kwargs = True
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
+        self._dft_teacher = None
+        mode = dft_config.teacher if dft_config is not None else "offline"
+        if (teacher_model is None) != (mode == "offline"):
+            raise ValueError(f"DFTConfig(teacher={mode!r}) with teacher_model={type(teacher_model).__name__}: pass "
+                             "teacher_model together with teacher='topk' or 'dense', neither for offline targets")
+        if teacher_model is not None:
+            from .online import OnlineTeacher
+            self._dft_teacher = OnlineTeacher(teacher_model, mode, dft_config.k, dft_config.temperature,
+                                              device=self.args.device)
         self._dft_train = _Accumulator()
         self._dft_eval = _Accumulator()
         self._dft_last_step = 0
+        self.add_callback(_SyncLoggedStep(self))     # resume: count steps from the checkpoint's global step
 
     def call_model_init(self, trial=None):
         # models made by model_init (hyper-parameter search) are patched like a passed model
@@ -92,10 +107,17 @@ class DFTTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "use_cache" not in inputs:
             inputs = {**inputs, "use_cache": False}      # no KV cache to build while training
-        loss, outputs = transformers.Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                                          num_items_in_batch=num_items_in_batch)
+        comps = None
+        if self._dft_teacher is not None and self._dft_teacher.mode == "dense":
+            loss, outputs, comps = self._dft_teacher.dense_loss(model, inputs, num_items_in_batch,
+                                                                self.dft_config.loss_kwargs())
+        else:
+            if self._dft_teacher is not None:
+                inputs = self._dft_teacher.targets(inputs, self.args.device)
+            loss, outputs = transformers.Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                              num_items_in_batch=num_items_in_batch)
         if self.dft_config is None or self.dft_config.log_components:
-            comps = last_loss_components(self.accelerator.unwrap_model(model))
+            comps = comps if comps is not None else last_loss_components(self.accelerator.unwrap_model(model))
             if comps is not None:
                 if model.training:
                     # make the parts add up like the Trainer's logged loss: scaled for gradient accumulation
@@ -128,6 +150,18 @@ class DFTTrainerMixin:
 class DFTTrainer(DFTTrainerMixin, transformers.Trainer):
     """``transformers.Trainer`` with the DFT loss: ``DFTTrainer(model, args, train_dataset=...,
     dft_config=DFTConfig(lam=0.2, ...))``. See :class:`DFTTrainerMixin`."""
+
+
+class _SyncLoggedStep(transformers.TrainerCallback):
+    """At the start of ``train()`` (after a checkpoint's state is loaded) the logged
+    components count steps from the current global step, like the Trainer's loss."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._dft_last_step = state.global_step
+        self.trainer._dft_train.reset()
 
 
 class _Accumulator:

@@ -80,3 +80,66 @@ def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
         return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots)
     from .torch_chunked import LinearLSEGatherTorch
     return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots)
+
+
+def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
+                           scales: tuple[float, ...], softcap: float | None, chunk_loss, impl: str, *,
+                           chunk_rows: int, accum_fp32: bool = True, tail_slots: int = 0):
+    """Strategy "fast" (docs/design.md sec. 10): a scalar loss whose gradients are formed
+    in the forward, chunk by chunk of rows, each chunk's logits computed once.
+
+    Args:
+        h, w, b, index, scales, softcap, impl, accum_fp32, tail_slots: as in
+            :func:`linear_lse_gather_apply`.
+        chunk_loss: ``chunk_loss(lse [C, T], gathered [C, M], rows) -> scalar``, the chunk's
+            share of the loss (``rows``: a slice or int64 row numbers into [0, N)).
+        chunk_rows: C, rows per chunk.
+    Returns:
+        ``loss`` (0-dim, differentiable w.r.t. h, w, b; no double backward), ``lse``
+        [N, T] and ``gathered`` [N, M] (detached).
+    """
+    if impl == "triton":
+        _check_triton(h.device)
+    from .fast_chunked import FastLinearLoss
+    return FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, impl, chunk_rows, accum_fp32,
+                                tail_slots)
+
+
+def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, inv_temp: float,
+                       softcap: float | None, impl: str):
+    """A teacher's top-k from hidden states (docs/design.md sec. 11), no [N, V] tensor.
+
+    Args:
+        h: [N, D] hidden states (logit scale folded in); w: [V, D]; b: [V] or None.
+        k: slots per row (1 <= k <= V); inv_temp: 1 / temperature; softcap: or None.
+        impl: "triton" (k <= ``teacher_topk.MAX_TRITON_K``) or "torch".
+    Returns:
+        ``index`` [N, k] int32, ``logprobs`` [N, k] fp32 normalised over the full vocab
+        (value descending, ties by ascending id), ``lse`` [N] fp32. No gradients.
+    """
+    with torch.no_grad():
+        if impl == "triton":
+            _check_triton(h.device)
+            from .teacher_topk import teacher_topk_forward
+            return teacher_topk_forward(h, w, b, k, 1.0, inv_temp, softcap)
+        from .teacher_chunked import chunked_topk
+        return chunked_topk(h, w, b, k, inv_temp, softcap)
+
+
+def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, kind: str, beta: float, *,
+                              row_weight: torch.Tensor | None = None):
+    """Dense per-row divergence between two heads' softmaxes (see ops/teacher_chunked.py).
+
+    Args:
+        student, teacher: ``(h [N, D], w [V, D], b [V] | None, softcap | None)``; the
+            teacher's hidden size may differ; gradients flow to the student's tensors only.
+        inv_temp: 1 / temperature; kind: "forward_kl" | "reverse_kl" | "jsd"; beta: JSD weight.
+        row_weight: None for the lean strategy; [N] row weights for the fast one.
+    Returns:
+        lean: ``div`` [N] (differentiable); fast: ``(loss, div)``, ``loss = sum(row_weight * div)``
+        (0-dim, differentiable, no double backward) and ``div`` [N] detached.
+    """
+    from .teacher_chunked import TwoHeadDivergenceLean, two_head_divergence_fast
+    if row_weight is not None:
+        return two_head_divergence_fast(student, teacher, row_weight, inv_temp, kind, beta)
+    return TwoHeadDivergenceLean.apply(*student[:3], *teacher[:3], student[3], teacher[3], inv_temp, kind, beta)

@@ -10,15 +10,18 @@ from ._triton_common import _cast, _dot, _tile_ids
 @triton.jit
 def _dw_gemm_kernel(
     DZ, stride_zn, H, stride_hn, stride_hd, OUT, stride_ov, stride_od,
-    BLKS, COUNT, n_rows, n_cols, D,
+    COUNT, n_rows, n_cols, D,
     ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """OUT[c, d] (+)= sum over the active token blocks of dz[tok, c] * h[tok, d] (H points
-    at the chunk's first row, OUT at the slab's first row).
+    """OUT[c, d] (+)= sum over the chunk's first ``COUNT`` token blocks of dz[tok, c] * h[tok, d]
+    (H points at the chunk's first row, OUT at the slab's first row).
 
-    ``BLKS`` lists the chunk's token blocks (BLOCK_K rows each) with the active ones
-    first and ``COUNT`` how many are active: the loop bound is read on the device."""
+    ``COUNT`` (read on the device) is the number of BLOCK_K-row token blocks up to the
+    last one holding an active row; blocks after it have dz = 0 and are skipped. The
+    token offset is the loop counter times BLOCK_K, not an index loaded in the loop: a
+    loaded offset makes Triton's pipeliner keep fewer operand buffers (docs/design.md
+    sec. 13)."""
     n_mb = tl.cdiv(n_cols, BLOCK_M)
     n_db = tl.cdiv(D, BLOCK_N)
     pid_m, pid_d = _tile_ids(tl.program_id(0).to(tl.int64), n_mb, n_db, GROUP)
@@ -33,14 +36,15 @@ def _dw_gemm_kernel(
     b_offs = lk[:, None] * stride_hn + ld[None, :] * stride_hd          # h tile [BLOCK_K, BLOCK_N]
     a_base = DZ + c0
     b_base = H + d0 * stride_hd
-    n_active = tl.load(COUNT)
+    n_blocks = tl.load(COUNT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, n_active):
-        t0 = tl.load(BLKS + i).to(tl.int64) * BLOCK_K
-        kmask = lk < n_rows - t0
-        a = tl.load(a_base + t0 * stride_zn + a_offs, mask=cmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + t0 * stride_hn + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
+    for i in range(0, n_blocks):
+        kmask = lk < n_rows - i * BLOCK_K
+        a = tl.load(a_base + a_offs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + b_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE, INTERP_BF16)
+        a_base += BLOCK_K * stride_zn
+        b_base += BLOCK_K * stride_hn
     out_ptrs = OUT + c0 * stride_ov + d0 * stride_od + lc[:, None] * stride_ov + ld[None, :] * stride_od
     omask = cmask[:, None] & dmask[None, :]
     if ACCUMULATE:

@@ -1,8 +1,44 @@
 """Triton helpers used by more than one op file (no loss knowledge)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 import triton
 import triton.language as tl
+
+#: Compute capability the launchers assume for ``meta`` tensors (set only by
+#: :func:`compile_target`, for the ahead-of-time compile check, docs/design.md sec. 13).
+_META_CAPABILITY: tuple[int, int] | None = None
+
+
+def target_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability kernels launched on ``device`` are built for.
+
+    Args:
+        device: the tensors' device.
+    Returns:
+        ``(major, minor)`` on a CUDA device, the capability set by :func:`compile_target`
+        for ``meta`` tensors, None for the Triton interpreter on the CPU.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    if device.type == "meta":
+        return _META_CAPABILITY
+    return None
+
+
+@contextlib.contextmanager
+def compile_target(capability: tuple[int, int]) -> Iterator[None]:
+    """Within the block, launchers given ``meta`` tensors choose the GPU configuration of
+    ``capability`` (the launches themselves are recorded by the compile check, not run)."""
+    global _META_CAPABILITY
+    previous, _META_CAPABILITY = _META_CAPABILITY, tuple(capability)
+    try:
+        yield
+    finally:
+        _META_CAPABILITY = previous
 
 
 @triton.jit

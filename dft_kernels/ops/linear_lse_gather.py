@@ -12,15 +12,14 @@ handling and the memory model: docs/fused_path.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import merge_duplicate_ids, sorted_slots
-from ._gemm import _dh_gemm_kernel, _dw_gemm_kernel
-from ._triton_common import _cast, _dot, _tanh, _tile_ids
+from .linear_config import FusedConfig, fused_config
+from .linear_lse_gather_products import check_backward_gemm, dh_product, dw_product
+from ._triton_common import _cast, _dot, _tanh, _tile_ids, target_capability
 
 #: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
 SLAB_BYTES = 64 << 20
@@ -265,83 +264,6 @@ def _sparse_fix_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """A logits-tile kernel (forward ``_lse_tile_kernel``, backward ``_dz_tile_kernel``)."""
-    BLOCK_N: int
-    BLOCK_V: int
-    BLOCK_D: int
-    GROUP: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    """The backward products ``_dw_gemm_kernel`` / ``_dh_gemm_kernel``."""
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    GROUP: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class RowConfig:
-    """A one-program-per-row kernel (``_indexed_dot_kernel``, ``_sparse_fix_kernel``)."""
-    BLOCK_M: int
-    BLOCK_D: int
-    num_warps: int
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Every launch parameter of the fused path."""
-    fwd: TileConfig
-    dz: TileConfig
-    gemm: GemmConfig
-    gather: RowConfig
-    fix: RowConfig
-
-
-def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int) -> FusedConfig:
-    """Block sizes, warps and stages of every kernel: the one place they are chosen.
-
-    Args:
-        capability: the GPU's compute capability, e.g. (8, 0) or (9, 0); None for the
-            Triton interpreter on the CPU (tests): small tiles, few programs.
-        dtype: the input dtype; M: gathered columns per row.
-    """
-    bm = lambda cap: min(triton.next_power_of_2(max(M, 1)), cap)  # noqa: E731
-    if capability is None:
-        tile = TileConfig(BLOCK_N=16, BLOCK_V=128, BLOCK_D=64, GROUP=2, num_warps=4, num_stages=1)
-        return FusedConfig(
-            fwd=tile, dz=tile,
-            gemm=GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1),
-            gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=64, num_warps=4),
-            fix=RowConfig(BLOCK_M=bm(64), BLOCK_D=0, num_warps=1),
-        )
-    # 128 x 128 fp32 tiles over 8 warps = 64 registers per tile-sized value: room for the
-    # accumulator plus the two or three tiles the epilogues keep live (z, dz, the
-    # exponent of one scale). 128 x 256 tiles or BLOCK_D = 64 spill (the operand offsets
-    # of a [128, 64] tile cost ~64 registers); 128 x 128 x 32 does not, and 4 stages keep
-    # the loads ahead (64 KiB of shared memory for 16-bit operands). fp32 operands halve
-    # BLOCK_D.
-    bd = 16 if dtype == torch.float32 else 32
-    tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4)
-    return FusedConfig(
-        fwd=tile, dz=tile,
-        gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
-        gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=256, num_warps=4),
-        fix=RowConfig(BLOCK_M=bm(256), BLOCK_D=0, num_warps=4),
-    )
-
-
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-
-
 def _ieee(h: torch.Tensor) -> bool:
     """Exact fp32 dot products: fp32 inputs unless torch allows TF32 matmuls (the same
     choice torch makes for ``h @ w.T``), and the interpreter's bf16 workaround."""
@@ -351,7 +273,7 @@ def _ieee(h: torch.Tensor) -> bool:
 
 
 def _interp_bf16(h: torch.Tensor) -> bool:
-    return h.device.type != "cuda" and h.dtype == torch.bfloat16
+    return target_capability(h.device) is None and h.dtype == torch.bfloat16
 
 
 def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
@@ -382,12 +304,13 @@ def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torc
 
 
 def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
-                              scales: tuple[float, ...], softcap: float | None, tail_slots: int = 0
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              scales: tuple[float, ...], softcap: float | None, tail_slots: int = 0,
+                              config: FusedConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``lse`` [N, T (+1)] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``.
 
     With ``tail_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
-    over the vocab outside the first ``tail_slots`` ids of each row (-inf if empty)."""
+    over the vocab outside the first ``tail_slots`` ids of each row (-inf if empty).
+    ``config``: the launch config (None: ``fused_config`` for the device)."""
     _check(h, w, b, index)
     N, D = h.shape
     V = w.shape[0]
@@ -399,7 +322,7 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     gathered = torch.empty((N, M), dtype=torch.float32, device=dev)
     if N == 0:
         return lse, gathered
-    cfg = fused_config(_capability(dev), h.dtype, M)
+    cfg = config or fused_config(target_capability(dev), h.dtype, M)
     interp_bf16 = _interp_bf16(h)
     ieee = _ieee(h)
     bias = b if b is not None else w
@@ -500,8 +423,10 @@ def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tup
 
 
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
-                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0):
-    """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed."""
+                               need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0,
+                               config: FusedConfig | None = None):
+    """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed.
+    ``config``: the launch config (None: ``fused_config`` for the device)."""
     N, D = h.shape
     V = w.shape[0]
     M = index.shape[1]
@@ -511,7 +436,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     if not (need_h or need_w or need_b):
         return dh, dw, db
     sa, sb, two = _scales(scales)
-    cfg = fused_config(_capability(dev), h.dtype, M)
+    cfg = config or fused_config(target_capability(dev), h.dtype, M)
+    products = check_backward_gemm(cfg.backward_gemm)
     interp_bf16 = _interp_bf16(h)
     ieee = _ieee(h)
     bias = b if b is not None else w
@@ -557,14 +483,14 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
 
     for c, r0 in enumerate(range(0, N, n_chunk)):
         n_rows = min(n_chunk, N - r0)
-        if need_w:
-            # active token blocks of this chunk first (stable order), count on device
+        count = None
+        if need_w and products == "triton":
+            # token blocks of this chunk up to the last active one, counted on device
             nb = triton.cdiv(n_rows, bk)
             pad = torch.zeros(nb * bk, dtype=torch.int32, device=dev)
             pad[:n_rows] = active[r0:r0 + n_rows]
             blk_on = pad.view(nb, bk).amax(1)
-            blks = torch.sort(1 - blk_on, stable=True).indices.to(torch.int32)
-            count = blk_on.sum(dtype=torch.int32).reshape(1)
+            count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
         out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
         for s, v0 in enumerate(range(0, V, n_slab)):
             n_cols = min(n_slab, V - v0)
@@ -591,26 +517,9 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                     r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx.BLOCK_M, num_warps=fx.num_warps,
                 )
             if need_w:
-                out_w, h_c = dw_acc[v0:], h[r0:]     # views: 64-bit offsets computed by torch
-                grid = (triton.cdiv(n_cols, gm.BLOCK_M) * triton.cdiv(D, gm.BLOCK_N),)
-                _dw_gemm_kernel[grid](
-                    dz, dz.stride(0), h_c, h_c.stride(0), h_c.stride(1), out_w, out_w.stride(0), out_w.stride(1),
-                    blks, count, n_rows, n_cols, D,
-                    ACCUMULATE=c > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
-                    BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, BLOCK_K=bk, GROUP=gm.GROUP,
-                    num_warps=gm.num_warps, num_stages=gm.num_stages,
-                )
+                dw_product(products, gm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
             if need_h:
-                w_slab = w[v0:]
-                grid = (triton.cdiv(n_rows, gm.BLOCK_M) * triton.cdiv(D, gm.BLOCK_N),)
-                _dh_gemm_kernel[grid](
-                    dz, dz.stride(0), w_slab, w_slab.stride(0), w_slab.stride(1),
-                    out_h, out_h.stride(0), out_h.stride(1), active,
-                    r0, n_rows, n_cols, D,
-                    ACCUMULATE=s > 0, IEEE=ieee, INTERP_BF16=interp_bf16,
-                    BLOCK_M=gm.BLOCK_M, BLOCK_N=gm.BLOCK_N, BLOCK_K=bk, GROUP=gm.GROUP,
-                    num_warps=gm.num_warps, num_stages=gm.num_stages,
-                )
+                dh_product(products, gm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
         if sep_h:
             dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
     if need_w and dw_acc is not dw:
@@ -627,15 +536,18 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T (+1)], gathered [N, M])``.
 
     Gradients only for the inputs that need them (a frozen ``w`` allocates no dW); the
-    backward has no atomics and is bitwise reproducible."""
+    backward has no atomics and is bitwise reproducible. The last argument, ``config``
+    (a :class:`FusedConfig`, None: ``fused_config`` for the device), forces a launch
+    config, e.g. a GPU architecture's under the interpreter or ``backward_gemm="torch"``."""
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0):
+    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None):
         index = index.contiguous()
         tail_slots = min(int(tail_slots or 0), index.shape[1])
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots)
+        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config)
         ctx.save_for_backward(h, w, b, index, lse, gathered)
         ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
+        ctx.config = config
         return lse, gathered
 
     @staticmethod
@@ -644,5 +556,5 @@ class LinearLSEGatherTriton(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = linear_lse_gather_backward(
             h, w, b, index, ctx.scales, ctx.softcap, lse, gathered, g_lse, g_gathered,
-            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots)
-        return dh, dw, db, None, None, None, None, None
+            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config)
+        return dh, dw, db, None, None, None, None, None, None

@@ -17,12 +17,14 @@ Backward: dz_j = sum_t g_lse[t] * scales[t] * softmax(z * scales[t])_j
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import merge_sparse_grad, row_view, sorted_slots
-from ._triton_common import _online_lse, _tanh
+from ._triton_common import _online_lse, _tanh, target_capability
 
 
 @triton.jit
@@ -182,12 +184,34 @@ def _lse_gather_bwd_kernel(
 MAX_BLOCK_V = 8192
 
 
-def _config(V: int, M: int) -> tuple[int, int, int]:
-    """Block sizes and warps: the one place they are chosen."""
+@dataclass(frozen=True)
+class LogitsConfig:
+    """Launch parameters of the logits path (one program per row)."""
+    BLOCK_V: int
+    BLOCK_M: int
+    fwd_warps: int
+    bwd_warps: int
+
+
+def lse_gather_config(capability: tuple[int, int] | None, dtype: torch.dtype, V: int, M: int) -> LogitsConfig:
+    """Block sizes and warps of both kernels: the one place they are chosen.
+
+    Args:
+        capability: the GPU's compute capability, e.g. (8, 0) or (9, 0); None for the
+            Triton interpreter on the CPU.
+        dtype: the logits' dtype; V: vocab size; M: gathered columns per row.
+    Returns:
+        The :class:`LogitsConfig`.
+
+    The backward keeps about four [BLOCK_V] fp32 vectors live (x, z, dz, one exponent);
+    at 16 warps a thread may hold at most 128 registers and the 8192-wide tile spills
+    on sm_90a, so it runs at 8 warps (255 registers, 32 values per vector per thread).
+    The forward holds fewer values and keeps 16 warps for the memory bandwidth."""
+    del capability, dtype   # the same on every architecture and dtype (docs/design.md sec. 13)
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     block_m = min(triton.next_power_of_2(max(M, 1)), 256)
-    num_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
-    return block_v, block_m, num_warps
+    fwd_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
+    return LogitsConfig(BLOCK_V=block_v, BLOCK_M=block_m, fwd_warps=fwd_warps, bwd_warps=min(fwd_warps, 8))
 
 
 def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
@@ -209,13 +233,13 @@ def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float
     if N == 0:
         return lse, gathered
     slots = sorted_slots(index, V, max(tail_slots, 1))
-    block_v, block_m, num_warps = _config(V, M)
+    cfg = lse_gather_config(target_capability(x.device), x.dtype, V, M)
     _lse_gather_fwd_kernel[(N,)](
         xv, sb, st, seq_len, index, index.stride(0), lse, lse.stride(0), gathered, gathered.stride(0),
         slots, slots.stride(0), tail_slots,
         V, M, sa, sbb, float(softcap or 1.0),
         TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_TAIL=tail_slots > 0,
-        BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
+        BLOCK_V=cfg.BLOCK_V, BLOCK_M=cfg.BLOCK_M, num_warps=cfg.fwd_warps,
     )
     return lse, gathered
 
@@ -234,14 +258,14 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
     uidx, ug, is_slot = merge_sparse_grad(index, g_gathered.float(), V, tail_slots)
     slots = sorted_slots(index, V, max(tail_slots, 1))
     g_lse = g_lse.float().contiguous()
-    block_v, block_m, num_warps = _config(V, M)
+    cfg = lse_gather_config(target_capability(x.device), x.dtype, V, M)
     _lse_gather_bwd_kernel[(N,)](
         xv, sb, st, seq_len, dx, V, lse, lse.stride(0), g_lse, g_lse.stride(0),
         uidx, uidx.stride(0), ug, ug.stride(0), is_slot, is_slot.stride(0),
         slots, slots.stride(0), tail_slots,
         V, M, sa, sbb, float(softcap or 1.0),
         TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_TAIL=tail_slots > 0,
-        BLOCK_V=block_v, BLOCK_M=block_m, num_warps=num_warps,
+        BLOCK_V=cfg.BLOCK_V, BLOCK_M=cfg.BLOCK_M, num_warps=cfg.bwd_warps,
     )
     return dx
 

@@ -21,11 +21,41 @@ def chunk_rows(V: int, chunk_elems: int | None = None) -> int:
     return max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // max(V, 1))
 
 
-def _rows(base: torch.Tensor, seq_len: int, sb: int, i: int, j: int) -> torch.Tensor:
-    """Rows i:j of a logits tensor described by ``row_view`` as a [j-i, V] tensor."""
+def active_rows(index: torch.Tensor, V: int) -> torch.Tensor | None:
+    """Rows whose ``index`` row holds an id in [0, V) (docs/design.md sec. 10: the
+    others do not count and are never projected).
+
+    Args:
+        index: [N, M] ids. V: the vocab size.
+    Returns:
+        int64 [A] row numbers, ascending, or None when every row is active (a host sync:
+        the torch path's one).
+    """
+    ok = ((index >= 0) & (index < V)).any(1)
+    n_active = int(ok.sum())
+    if n_active == index.shape[0]:
+        return None
+    return ok.nonzero().squeeze(1)
+
+
+def row_chunks(n_rows: int, step: int, rows: torch.Tensor | None):
+    """Chunks of at most ``step`` rows: slices of ``range(n_rows)`` when ``rows`` is
+    None, else int64 sub-tensors of ``rows``."""
+    if rows is None:
+        for i in range(0, n_rows, step):
+            yield slice(i, min(i + step, n_rows))
+    else:
+        for i in range(0, rows.numel(), step):
+            yield rows[i:i + step]
+
+
+def _rows(base: torch.Tensor, seq_len: int, r) -> torch.Tensor:
+    """Rows ``r`` (a slice or int64 row numbers) of a logits tensor described by
+    ``row_view`` as a [len(r), V] tensor."""
     if base.dim() == 2:
-        return base[i:j]
-    r = torch.arange(i, j, device=base.device)
+        return base[r]
+    if isinstance(r, slice):
+        r = torch.arange(r.start, r.stop, device=base.device)
     return base[r // seq_len, r % seq_len]
 
 
@@ -53,7 +83,9 @@ def _rest_logits(z: torch.Tensor, idx: torch.Tensor, tail_slots: int, s: float) 
     return zr
 
 
-def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales, tail_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales, tail_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The primitive on one chunk: lse [C, T] and the logits gathered at idx [C, M]
+    (0 where an id is out of [0, V)); z [C, V] in the compute dtype."""
     V = z.shape[-1]
     cols = [torch.logsumexp(z * s if s != 1.0 else z, dim=-1) for s in scales]
     if tail_slots:
@@ -64,10 +96,26 @@ def _lse_and_gather(z: torch.Tensor, idx: torch.Tensor, scales, tail_slots: int 
     return lse, g
 
 
-def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered, tail_slots: int = 0) -> torch.Tensor:
-    """fp32 gradient w.r.t. the raw logits of one chunk."""
+def logits_grad(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered, tail_slots: int = 0, *,
+                overwrite_z: bool = False) -> torch.Tensor:
+    """Gradient w.r.t. the raw logits of one chunk (docs/design.md sec. 6), in z's dtype.
+
+    Args:
+        z: [C, V] (softcapped) logits in the compute dtype; t: tanh(z_raw / c) or None.
+        idx: [C, M] ids; scales: the lse scales; lse: [C, T] from :func:`lse_and_gather`.
+        g_lse: [C, T] and g_gathered: [C, M] upstream gradients.
+        tail_slots: as in ``lse_and_gather``.
+        overwrite_z: z is not needed afterwards: with one scale and no tail the softmax
+            is formed in z's storage, in one pass (``exp(z * s - lse)``), no new [C, V].
+    Returns:
+        dz [C, V].
+    """
     V = z.shape[-1]
     dz = None
+    if overwrite_z and len(scales) == 1 and not tail_slots:
+        s = scales[0]
+        dz = (z.mul_(s) if s != 1.0 else z).sub_(lse[:, :1]).exp_().mul_((g_lse[:, :1] * s))
+        scales = ()
     for k, s in enumerate(scales):
         p = torch.softmax(z * s if s != 1.0 else z, dim=-1)
         p.mul_((g_lse[:, k] * s).unsqueeze(1))
@@ -84,8 +132,34 @@ def _dz(z: torch.Tensor, t, idx, scales, lse, g_lse, g_gathered, tail_slots: int
     return dz
 
 
+def accumulate_chunk_grads(dz: torch.Tensor, r, h: torch.Tensor, w: torch.Tensor, dh, dw, db) -> None:
+    """Add one chunk's logits gradient to dH / dW / db (each None when not wanted).
+
+    Args:
+        dz: [C, V] gradient of the chunk's logits (compute dtype); r: the chunk's rows
+            (a slice or int64 row numbers); h: [N, D]; w: [V, D].
+        dh: [N, D] written at rows r; dw: [V, D] accumulator (fp32 or w's dtype),
+            updated in place (no [V, D] temporary); db: [V] fp32 accumulator.
+    """
+    if db is not None:
+        db += dz.sum(0)
+    dzc = dz if dz.dtype == h.dtype else dz.to(h.dtype)
+    if dh is not None:
+        if isinstance(r, slice) and dh.is_contiguous():
+            torch.mm(dzc, w, out=dh[r])
+        else:
+            dh[r] = dzc @ w
+    if dw is not None:
+        hr = h[r]
+        if dw.dtype == h.dtype:
+            dw.addmm_(dzc.t(), hr)
+        else:
+            dw.addmm_(dz.t(), hr.to(dw.dtype))
+
+
 class LSEGatherTorch(torch.autograd.Function):
-    """Logits path: ``x`` [..., V] (any float dtype, any row strides)."""
+    """Logits path: ``x`` [..., V] (any float dtype, any row strides). Rows whose
+    index holds no id in [0, V) are skipped: lse 0, gathered 0, gradient 0."""
 
     @staticmethod
     def forward(ctx, x, index, scales, softcap, chunk_elems=None, tail_slots=0):
@@ -94,37 +168,39 @@ class LSEGatherTorch(torch.autograd.Function):
         V = x.shape[-1]
         step = chunk_rows(V, chunk_elems)
         cdt = _cdtype(x)
-        lse = torch.empty((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=x.device)
-        gathered = torch.empty((N, M), dtype=cdt, device=x.device)
-        for i in range(0, N, step):
-            j = min(i + step, N)
-            z, _ = _softcap(_rows(base, seq_len, sb, i, j).to(cdt), softcap)
-            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales, tail_slots)
-        ctx.save_for_backward(x, index, lse)
+        rows = active_rows(index, V)
+        lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=x.device)
+        gathered = torch.zeros((N, M), dtype=cdt, device=x.device)
+        for r in row_chunks(N, step, rows):
+            z, _ = _softcap(_rows(base, seq_len, r).to(cdt), softcap)
+            lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
+        ctx.save_for_backward(x, index, lse, rows)
         ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.tail_slots = scales, softcap, chunk_elems, tail_slots
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
-        x, index, lse = ctx.saved_tensors
+        x, index, lse, rows = ctx.saved_tensors
         base, seq_len, sb, _ = row_view(x)
         N = index.shape[0]
         V = x.shape[-1]
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx = (torch.empty if rows is None else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
         dx2 = dx.view(-1, V)
         step = chunk_rows(V, ctx.chunk_elems)
         cdt = _cdtype(x)
         g_lse = g_lse.to(cdt)
         g_gathered = g_gathered.to(cdt)
-        for i in range(0, N, step):
-            j = min(i + step, N)
-            z, t = _softcap(_rows(base, seq_len, sb, i, j).to(cdt), ctx.softcap)
-            dx2[i:j] = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j], ctx.tail_slots)
+        for r in row_chunks(N, step, rows):
+            z, t = _softcap(_rows(base, seq_len, r).to(cdt), ctx.softcap)
+            dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
+                             overwrite_z=z.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+            dx2[r] = dz.to(dx2.dtype)
         return dx, None, None, None, None, None
 
 
 class LinearLSEGatherTorch(torch.autograd.Function):
-    """Fused path: logits ``h @ W.T (+ b)`` recomputed chunk by chunk, never stored.
+    """Fused path (strategy "lean"): logits ``h @ W.T (+ b)`` recomputed chunk by chunk,
+    never stored. Rows whose index holds no id in [0, V) are never projected.
 
     Gradients are returned only for inputs that require them; dW / db accumulate
     in fp32 across chunks when ``accum_fp32`` (cast to the weight dtype at the end).
@@ -136,51 +212,44 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         V = w.shape[0]
         step = chunk_rows(V, chunk_elems)
         cdt = _cdtype(h)
-        lse = torch.empty((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
-        gathered = torch.empty((N, M), dtype=cdt, device=h.device)
-        for i in range(0, N, step):
-            j = min(i + step, N)
-            logits = torch.nn.functional.linear(h[i:j], w, b)
+        rows = active_rows(index, V)
+        lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
+        gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
+        for r in row_chunks(N, step, rows):
+            logits = torch.nn.functional.linear(h[r], w, b)
             z, _ = _softcap(logits.to(cdt), softcap)
             del logits
-            lse[i:j], gathered[i:j] = _lse_and_gather(z, index[i:j], scales, tail_slots)
-        ctx.save_for_backward(h, w, b, index, lse)
+            lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
+        ctx.save_for_backward(h, w, b, index, lse, rows)
         ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
         ctx.tail_slots = tail_slots
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
-        h, w, b, index, lse = ctx.saved_tensors
+        h, w, b, index, lse, rows = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N = index.shape[0]
         V = w.shape[0]
         step = chunk_rows(V, ctx.chunk_elems)
         cdt = _cdtype(h)
         acc_dtype = cdt if ctx.accum_fp32 else w.dtype
-        dh = torch.empty_like(h) if need_h else None
+        dh = None
+        if need_h:
+            dh = torch.empty_like(h) if rows is None else torch.zeros_like(h)
         dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
         db = torch.zeros((V,), dtype=cdt, device=w.device) if (need_b and b is not None) else None
         g_lse = g_lse.to(cdt)
         g_gathered = g_gathered.to(cdt)
-        for i in range(0, N, step):
-            j = min(i + step, N)
-            logits = torch.nn.functional.linear(h[i:j], w, b)
+        for r in row_chunks(N, step, rows):
+            logits = torch.nn.functional.linear(h[r], w, b)
             z, t = _softcap(logits.to(cdt), ctx.softcap)
             del logits
-            dz = _dz(z, t, index[i:j], ctx.scales, lse[i:j], g_lse[i:j], g_gathered[i:j], ctx.tail_slots)
+            dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
+                             overwrite_z=True)
             del z, t
-            if db is not None:
-                db += dz.sum(0)
-            dzc = dz if dz.dtype == h.dtype else dz.to(h.dtype)
-            if dh is not None:
-                torch.mm(dzc, w, out=dh[i:j]) if dh.is_contiguous() else dh[i:j].copy_(dzc @ w)
-            if dw is not None:  # accumulate in place: no [V, D] temporary per chunk
-                if dw.dtype == h.dtype:
-                    dw.addmm_(dzc.t(), h[i:j])
-                else:
-                    dw.addmm_(dz.t(), h[i:j].to(dw.dtype))
-            del dz, dzc
+            accumulate_chunk_grads(dz, r, h, w, dh, dw, db)
+            del dz
         if dw is not None and dw.dtype != w.dtype:
             dw = dw.to(w.dtype)
         if db is not None:

@@ -12,9 +12,9 @@ from .blending import blend
 from .building import build
 from .container import LOGPROB_DTYPES, SparseTargets, resolve_dtype
 from .inspection import inspect
-from .store import (MANIFEST, METADATA_KEY, SHARD_FORMAT, input_ids_sha256, read_header, read_manifest,
-                    read_shard, shard_error, shard_name)
+from .store import (MANIFEST, METADATA_KEY, SHARD_FORMAT, check_shard_k, fingerprint_model, fingerprint_tokenizer,
+                    input_ids_sha256, read_header, read_manifest, read_shard, shard_error, shard_name)
 
 __all__ = ["SparseTargets", "blend", "build", "inspect", "read_shard", "read_manifest", "read_header",
-           "shard_error", "shard_name", "input_ids_sha256", "resolve_dtype", "LOGPROB_DTYPES", "MANIFEST",
-           "METADATA_KEY", "SHARD_FORMAT"]
+           "shard_error", "shard_name", "check_shard_k", "fingerprint_model", "fingerprint_tokenizer", "input_ids_sha256",
+           "resolve_dtype", "LOGPROB_DTYPES", "MANIFEST", "METADATA_KEY", "SHARD_FORMAT"]

@@ -1,16 +1,53 @@
 """Blend several teachers' sparse targets into one mixture per position."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..ops._common import SLOT_SENTINEL, merge_duplicate_ids
 from ..validation import compute_dtype
-from .container import SparseTargets, _check_k
+from .container import SparseTargets, _check_k, _dtype_name
+from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, previous_manifest, read_manifest,
+                    read_shard, shard_name, write_shard)
 
 # --------------------------------------------------------------------------- blend
+
+#: metadata keys that must agree between blended targets: (key, what a mismatch means)
+_SAME_SOURCE = (("input_ids_sha256", "built over different sequences (input_ids sha256 differ): blend targets "
+                                     "built from the same examples, in the same order"),
+                ("vocab_size", "built for different vocab sizes: blend teachers that share one tokenizer"),
+                ("kind", "of different kinds (topk / sampled / hybrid): blend targets of one kind"))
+
+
+def _check_weights(weights, n: int, what: str) -> list[float]:
+    """``weights`` as n floats > 0 summing to 1 (None: uniform); ValueError / TypeError otherwise."""
+    if weights is None:
+        return [1.0 / n] * n
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise TypeError(f"weights must be a sequence of {n} numbers") from None
+    if len(w) != n:
+        raise ValueError(f"weights has {len(w)} entries for {n} {what}: give one weight per entry")
+    if not all(math.isfinite(x) and x > 0 for x in w):
+        raise ValueError(f"weights {w} must all be > 0 (drop a teacher instead of giving it weight 0)")
+    if abs(sum(w) - 1.0) > 1e-6:
+        raise ValueError(f"weights {w} sum to {sum(w):.8g}, not 1 (+-1e-6); normalise them: w / sum(w)")
+    return w
+
+
+def _check_same_source(metas, names) -> None:
+    """ValueError naming both sides when two targets disagree on a key of ``_SAME_SOURCE``
+    (a key absent from one side's metadata is not checked)."""
+    for key, why in _SAME_SOURCE:
+        seen = [(name, m.get(key)) for name, m in zip(names, metas) if m.get(key) is not None]
+        for name, val in seen[1:]:
+            if val != seen[0][1]:
+                raise ValueError(f"{seen[0][0]} and {name} are {why} ({key} {seen[0][1]!r} vs {val!r})")
 
 
 def blend(targets, weights=None, k=None) -> SparseTargets:
@@ -29,18 +66,8 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
         if not isinstance(t, SparseTargets):
             raise TypeError(f"targets[{i}] is {type(t).__name__}, not SparseTargets")
     n = len(targets)
-    if weights is None:
-        weights = [1.0 / n] * n
-    try:
-        w = [float(x) for x in weights]
-    except (TypeError, ValueError):
-        raise TypeError(f"weights must be a sequence of {n} numbers") from None
-    if len(w) != n:
-        raise ValueError(f"weights has {len(w)} entries for {n} targets")
-    if not all(math.isfinite(x) and x > 0 for x in w):
-        raise ValueError(f"weights {w} must all be > 0 (drop a teacher instead of giving it weight 0)")
-    if abs(sum(w) - 1.0) > 1e-6:
-        raise ValueError(f"weights {w} sum to {sum(w):.8g}, not 1 (+-1e-6); normalise them: w / sum(w)")
+    w = _check_weights(weights, n, "targets")
+    _check_same_source([t.metadata for t in targets], [f"targets[{i}]" for i in range(n)])
     lead = targets[0].index.shape[:-1]
     for i, t in enumerate(targets):
         if t.index.shape[:-1] != lead:
@@ -49,6 +76,12 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
         if t.device != targets[0].device:
             raise ValueError(f"targets[{i}] is on {t.device}, targets[0] on {targets[0].device}; "
                              "move them to one device with .to(device)")
+    from .sampling import is_sampled
+    if is_sampled(targets[0].metadata):  # every slot kept: the mixture of unbiased estimates stays one
+        if k is not None and _check_k(k) < sum(t.k for t in targets):
+            raise ValueError(f"k={k} would drop slots of {targets[0].metadata['kind']} targets and bias the "
+                             f"mixture (docs/design.md sec. 12): pass k >= {sum(t.k for t in targets)} or None")
+        k = sum(t.k for t in targets)
     kout = max(t.k for t in targets) if k is None else _check_k(k)
     out_dtype = targets[0].logprobs.dtype
     for t in targets[1:]:
@@ -87,8 +120,119 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
     vs = [t.metadata.get("vocab_size") for t in targets]
     if all(isinstance(v, int) for v in vs):
         meta["vocab_size"] = max(vs)
+    for key in ("input_ids_sha256", "kind"):          # equal on every side that records them
+        vals = {t.metadata.get(key) for t in targets} - {None}
+        if len(vals) == 1:
+            meta[key] = vals.pop()
     temps = {t.metadata.get("temperature") for t in targets}
     if len(temps) == 1 and None not in temps:
         meta["temperature"] = temps.pop()
     out = SparseTargets(out_id.reshape(*lead, -1), out_lp.reshape(*lead, -1), meta)
     return out.pad(kout) if out.k < kout else out
+
+
+# --------------------------------------------------------------------------- blend on disk
+
+
+def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, description=None,
+               progress: bool = True) -> dict:
+    """:func:`blend` applied shard by shard to target directories written by ``build``.
+
+    Args:
+        targets_dirs: two or more build directories (complete, same examples in the same
+            shard layout: each shard's input_ids sha256 must agree, as must vocab size and kind).
+        weights: one positive weight per directory summing to 1 (default: uniform).
+        out_dir: the output directory (shards + manifest.json, each written atomically).
+        k: slots per position of the mixture (default: the largest input K).
+        name, description: recorded in the manifest (a preset, see ``targets list``).
+        progress: tqdm bar over shards.
+    Returns:
+        The manifest dict. Re-running the same blend skips output shards whose
+        hashes verify (resume after a crash); a different blend into the same
+        ``out_dir`` raises ValueError.
+    """
+    dirs = [Path(d) for d in targets_dirs]
+    if len(dirs) < 2:
+        raise ValueError(f"targets_dirs has {len(dirs)} directory; blend needs two or more")
+    mans = [read_manifest(d) for d in dirs]
+    for d, m in zip(dirs, mans):
+        if not m.get("complete"):
+            raise ValueError(f"the build in {str(d)!r} is incomplete: re-run its build to finish it first")
+    w = _check_weights(weights, len(dirs), "directories")
+    names = [str(d) for d in dirs]
+    _check_same_source(mans, names)
+    for d, m in zip(dirs[1:], mans[1:]):
+        if len(m["shards"]) != len(mans[0]["shards"]) or m.get("n_sequences") != mans[0].get("n_sequences"):
+            raise ValueError(f"{names[0]} ({mans[0].get('n_sequences')} sequences in {len(mans[0]['shards'])} "
+                             f"shard(s)) and {d} ({m.get('n_sequences')} in {len(m['shards'])}) are built over "
+                             "different examples or shard sizes: rebuild them from one data file with one "
+                             "--shard-size")
+    for s in range(len(mans[0]["shards"])):
+        _check_same_source([m["shards"][s] for m in mans], names)
+    from .sampling import is_sampled
+    if is_sampled(mans[0]):
+        raise ValueError(f"{names[0]} holds {mans[0]['kind']} targets: blend_dirs writes a 'blend' kind that would "
+                         "lose that (docs/design.md sec. 12); blend them in memory with blend(), which keeps "
+                         "every slot, or build top-k targets to blend on disk")
+    kout = max(int(m["k"]) for m in mans) if k is None else _check_k(k)
+    vocab = mans[0].get("vocab_size")
+    if isinstance(vocab, int) and kout > vocab:
+        raise ValueError(f"k={kout} is larger than the vocab size {vocab}")
+    dtype = mans[0]["dtype"]
+    for m in mans[1:]:  # the widest storage dtype
+        dtype = _dtype_name(torch.promote_types(getattr(torch, dtype), getattr(torch, m["dtype"])))
+    sources = [{"dir": str(d), "name": m.get("name"), "teacher": m.get("teacher"), "weight": float(wi)}
+               for d, m, wi in zip(dirs, mans, w)]
+    params = {"format": SHARD_FORMAT, "kind": "blend", "teacher": " + ".join(
+              f"{s['weight']:g} * {s['name'] or s['teacher']}" for s in sources),
+              "vocab_size": vocab, "k": kout, "dtype": dtype, "shard_size": mans[0].get("shard_size"),
+              "temperature": mans[0].get("temperature") if len({m.get("temperature") for m in mans}) == 1 else None,
+              "sources": sources}
+    out = Path(out_dir)
+    if out.resolve() in {d.resolve() for d in dirs}:
+        raise ValueError(f"out_dir {str(out)!r} is one of the inputs: write the blend to a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(_TMP_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
+    mpath = out / MANIFEST
+    old = previous_manifest(out)
+    for key, val in params.items():
+        if key in old and old[key] != val:
+            raise ValueError(f"out_dir {str(out)!r} holds another blend ({key}={old[key]!r}, this one has "
+                             f"{val!r}): use a new out_dir (or delete the old one)")
+    info = {key: val for key, val in (("name", name), ("description", description)) if val is not None}
+    entries: list[dict] = []
+
+    def write_manifest(complete: bool) -> dict:
+        man = dict(params, **info, complete=complete, shards=entries,
+                   n_sequences=sum(e["n_sequences"] for e in entries),
+                   n_positions=sum(e["n_positions"] for e in entries))
+        atomic_write(mpath, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
+        return man
+
+    from tqdm.auto import tqdm
+    for s in tqdm(range(len(mans[0]["shards"])), desc="blend", unit="shard", disable=not progress):
+        files = [d / m["shards"][s]["file"] for d, m in zip(dirs, mans)]
+        want = {"shard": s, "sources_data_sha256": [m["shards"][s]["data_sha256"] for m in mans]}
+        path = out / shard_name(s)
+        done = None
+        if path.exists():
+            try:
+                _, old_meta = read_shard(path)
+                if all(old_meta.get(key) == val for key, val in {**params, **want}.items()):
+                    done = old_meta
+            except (ValueError, FileNotFoundError):
+                done = None
+        if done is None:
+            parts = [read_shard(f) for f in files]
+            mix = blend([SparseTargets(t["index"], t["logprobs"], meta) for t, meta in parts], w, kout)
+            t0, m0 = parts[0]
+            seqs = list(torch.split(t0["input_ids"], t0["lengths"].tolist()))
+            meta = dict(params, **want, first_sequence=m0["first_sequence"], n_sequences=m0["n_sequences"],
+                        n_positions=m0["n_positions"], input_ids_sha256=m0["input_ids_sha256"])
+            done = write_shard(path, index=mix.index, logprobs=mix.logprobs.to(getattr(torch, dtype)),
+                               seqs=seqs, meta=meta)
+        entries.append({key: done[key] for key in ("first_sequence", "n_sequences", "n_positions",
+                                                   "input_ids_sha256", "data_sha256")} | {"file": path.name})
+        write_manifest(complete=False)
+    return write_manifest(complete=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from numbers import Integral
 from pathlib import Path
 from typing import Mapping
@@ -11,8 +12,10 @@ from typing import Mapping
 import torch
 
 from .container import _check_k, _check_positive, _dtype_name, resolve_dtype
-from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, input_ids_sha256, read_shard, shard_name, write_shard)
+from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, fingerprint_tokenizer, input_ids_sha256,
+                    model_fingerprints, previous_manifest, read_shard, shard_name, write_shard)
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _as_sequences(batch, where: str) -> list[torch.Tensor]:
@@ -89,7 +92,7 @@ def _iter_sequences(batches):
 
 
 class _Teacher:
-    """The pieces of a HF causal LM the build needs: decoder, lm_head, softcap."""
+    """The pieces of a HF causal LM the build needs: decoder, lm_head, logit transforms."""
 
     def __init__(self, model, name=None):
         if isinstance(model, (str, os.PathLike)):
@@ -117,19 +120,11 @@ class _Teacher:
                             "get_decoder()) and an lm_head (get_output_embeddings())")
         self.decoder = decoder
         self.weight = head.weight
-        self.bias = getattr(head, "bias", None)
+        # what the model's own forward does to lm_head's output, read as the student's patch reads it
+        from ..hf.transforms import logit_transforms
+        self.softcap, scale, self.bias = logit_transforms(model)
+        self.scale = float(scale)
         cfg = getattr(model, "config", None)
-        tcfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-        def option(key):
-            val = getattr(cfg, key, None)
-            val = getattr(tcfg, key, None) if val is None else val
-            return float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) and val else None
-
-        # what the model's own forward does to lm_head's output: Gemma-2 style softcap,
-        # Cohere's logit_scale (multiply), Granite's logits_scaling (divide)
-        self.softcap = option("final_logit_softcapping")
-        self.scale = (option("logit_scale") or 1.0) / (option("logits_scaling") or 1.0)
         self.vocab_size = int(self.weight.shape[0])
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.input_vocab = int(emb.weight.shape[0]) if emb is not None else self.vocab_size
@@ -139,10 +134,13 @@ class _Teacher:
 
     @torch.inference_mode()
     def topk(self, seqs: list[torch.Tensor], k: int, temperature: float, chunk_vocab: int,
-             chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k ids and fp32 log-probs for every position of ``seqs`` (concatenated)."""
+             chunk_rows: int, sampling: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k ids and fp32 log-probs for every position of ``seqs`` (concatenated);
+        ``sampling`` = (samples, seed, index of seqs[0]) adds sampled slots (sec. 12)."""
         lengths = [len(s) for s in seqs]
         n = sum(lengths)
+        if sampling is not None:
+            k = k + sampling[0]
         if n == 0:
             return torch.empty(0, k, dtype=torch.int32), torch.empty(0, k)
         live = [s for s in seqs if len(s)]
@@ -156,6 +154,8 @@ class _Teacher:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         h = hidden[mask.to(hidden.device).bool()].to(self.weight.device)  # [n, D], sequences in order
         del out, hidden
+        if sampling is not None:
+            return _sampled_targets(self, h, k - sampling[0], temperature, lengths, *sampling)
         index = torch.empty(n, k, dtype=torch.int32)
         logprobs = torch.empty(n, k, dtype=torch.float32)
         for r in range(0, n, chunk_rows):
@@ -166,45 +166,45 @@ class _Teacher:
         return index, logprobs
 
 
-def _chunked_topk(h, weight, bias, k, temperature, softcap, chunk_vocab, scale=1.0):
-    """Top-k of log_softmax over the full vocab, one [rows, chunk_vocab] logits tile at
-    a time: a running top-k and a running log-sum-exp (fp32)."""
-    rows, v = h.shape[0], weight.shape[0]
-    best_v = torch.empty(rows, 0, dtype=torch.float32, device=h.device)
-    best_i = torch.empty(rows, 0, dtype=torch.long, device=h.device)
-    lse = torch.full((rows,), -torch.inf, dtype=torch.float32, device=h.device)
-    for c0 in range(0, v, chunk_vocab):
-        c1 = min(v, c0 + chunk_vocab)
-        z = torch.nn.functional.linear(h, weight[c0:c1], None if bias is None else bias[c0:c1]).float()
-        if scale != 1.0:
-            z = z * scale
-        if softcap is not None:
-            z = torch.tanh(z / softcap) * softcap
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-        vals, ids = z.topk(min(k, c1 - c0), dim=-1)
-        best_v = torch.cat([best_v, vals], dim=-1)
-        best_i = torch.cat([best_i, ids + c0], dim=-1)
-        if best_v.shape[1] > k:
-            best_v, pos = best_v.topk(k, dim=-1)
-            best_i = best_i.gather(1, pos)
-    best_v, pos = best_v.sort(dim=-1, descending=True, stable=True)
-    best_i = best_i.gather(1, pos)
-    return best_i.to(torch.int32), best_v - lse.unsqueeze(-1)
+def _sampled_targets(tm: "_Teacher", h, k, temperature, lengths, samples, seed, first_sequence):
+    """Hybrid / sampled rows (docs/design.md sec. 12) of consecutive sequences, each
+    sequence's draws from its own (seed, index) generator: resume-safe."""
+    from .sampling import sequence_uniforms, targets_from_hidden
+    b = tm.bias
+    if tm.scale != 1.0:
+        h, b = h * tm.scale, None if b is None else b * tm.scale
+    u = sequence_uniforms(seed, first_sequence, lengths, samples)
+    index, logprobs = targets_from_hidden(h, tm.weight, b, k, samples, 1.0 / temperature, tm.softcap, u)
+    return index.cpu(), logprobs.cpu()
 
+
+def _chunked_topk(h, weight, bias, k, temperature, softcap, chunk_vocab, scale=1.0):
+    """Top-k of log_softmax over the full vocab without [N, V] logits: the Triton teacher
+    top-k on CUDA (k <= its register limit), chunked PyTorch tiles of ``chunk_vocab``
+    columns elsewhere (docs/design.md sec. 11)."""
+    from ..ops import teacher_topk_apply, triton_usable
+    from ..ops.teacher_chunked import MAX_TRITON_K, chunked_topk
+    if scale != 1.0:
+        h, bias = h * scale, None if bias is None else bias * scale
+    if h.device.type == "cuda" and triton_usable(h.device) and k <= MAX_TRITON_K:
+        index, logprobs, _ = teacher_topk_apply(h, weight, bias, k, 1.0 / temperature, softcap, "triton")
+    else:
+        index, logprobs, _ = chunked_topk(h, weight, bias, k, 1.0 / temperature, softcap, chunk_vocab=chunk_vocab)
+    return index, logprobs
 
 
 def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_size: int = 1024,
           chunk_vocab: int = 8192, chunk_rows: int = 8192, dtype=torch.float16, teacher_name: str | None = None,
-          progress: bool = True, total: int | None = None) -> dict:
+          progress: bool = True, total: int | None = None, tokenizer=None, name: str | None = None,
+          description: str | None = None, samples: int = 0, seed: int = 0) -> dict:
     """Run ``teacher`` over ``batches`` and store its top-``k`` log-probs as shards.
 
     ``teacher``: a Hugging Face causal LM (or a local model path). Its decoder gives
     the last hidden state; the logits are formed one [rows, chunk_vocab] tile at a
-    time from ``get_output_embeddings()`` (the config's Gemma-2
+    time from ``get_output_embeddings()`` (the model's Gemma-2
     ``final_logit_softcapping``, Cohere ``logit_scale`` and Granite
-    ``logits_scaling`` honoured, then divided by ``temperature``; matmul in the
+    ``logits_scaling`` honoured, read by ``dft_kernels.hf.transforms`` as for the
+    student, then divided by ``temperature``; matmul in the
     teacher's dtype, as its own forward does, the rest in fp32) with a running top-k and a running
     log-sum-exp, so the log-probs are normalised over the full vocab and the
     [N, V] logits never exist.
@@ -222,8 +222,30 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
     skips shards already on disk whose hashes verify (resume after a crash); a shard
     that fails verification is recomputed. A tqdm bar counts sequences (``total``:
     their number, if known; ``progress=False`` hides it). Log-probs are stored in
-    ``dtype`` (fp16 default; bf16 / fp32). Returns the manifest dict."""
-    k = _check_k(k)
+    ``dtype`` (fp16 default; bf16 / fp32).
+
+    The manifest records ``teacher_fingerprint`` (weights + config,
+    :func:`~dft_kernels.targets.fingerprint_model`) and ``tokenizer_fingerprint``
+    (:func:`~dft_kernels.targets.fingerprint_tokenizer` of ``tokenizer``, else of the
+    teacher's directory when it holds tokenizer files, else None). A re-run resumes
+    only when both match; otherwise ValueError naming what changed (weights / config /
+    tokenizer). ``name`` / ``description`` are free text recorded in the manifest. With
+    ``progress`` a line on stderr says how many shards were computed and how many were
+    verified and kept.
+
+    ``samples > 0`` stores hybrid targets (``k`` exact top-k slots, then ``samples``
+    draws from the rest of the vocab) or, with ``k=0``, sampled ones (docs/design.md
+    sec. 12): K = k + samples slots, the manifest's ``k`` is that K and it adds
+    ``kind``, ``topk``, ``samples``, ``seed``. Sequence i's draws come from a generator
+    seeded by ``(seed, i)``, so the same seed gives byte-identical shards, resumed or not.
+
+    Returns:
+        the manifest dict. ValueError when ``batches`` hold no sequence."""
+    from .sampling import check_sampling, sampling_metadata
+    k, samples = check_sampling(k, samples)
+    k = _check_k(k) if not samples else k
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0 (the sampled slots' seed)")
     temperature = _check_positive(temperature, "temperature")
     shard_size = _check_k(shard_size, "shard_size")
     chunk_vocab = _check_k(chunk_vocab, "chunk_vocab")
@@ -246,26 +268,30 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
 
     params = {"format": SHARD_FORMAT, "teacher": str(tm.name), "vocab_size": tm.vocab_size, "k": k,
               "temperature": temperature, "dtype": _dtype_name(dtype), "shard_size": shard_size}
+    if samples:  # K = k + samples slots; "topk" = the exact ones
+        params.update(sampling_metadata(k, samples, int(seed), temperature), k=k + samples)
+    fingerprints = _fingerprints(tm, teacher, tokenizer)
+    params.update(teacher_fingerprint=fingerprints["teacher_fingerprint"],
+                  tokenizer_fingerprint=fingerprints["tokenizer_fingerprint"])
+    described = {"name": name, "description": description, "teacher_weights_sha256": fingerprints["weights"],
+                 "teacher_config_sha256": fingerprints["config"]}
     mpath = out / MANIFEST
-    if mpath.exists():
-        try:
-            old = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        for key, val in params.items():
-            if key in old and old[key] != val:
-                raise ValueError(f"out_dir {str(out)!r} holds targets built with {key}={old[key]!r}, this build "
-                                 f"has {key}={val!r}: use a new out_dir (or delete the old one)"
-                                 + ("; pass teacher_name= to keep the old name" if key == "teacher" else ""))
+    old = previous_manifest(out)
+    _check_same_teacher(old, fingerprints, out)
+    for key, val in params.items():
+        if key in old and old[key] != val:
+            raise ValueError(f"out_dir {str(out)!r} holds targets built with {key}={old[key]!r}, this build "
+                             f"has {key}={val!r}: use a new out_dir (or delete the old one)"
+                             + ("; pass teacher_name= to keep the old name" if key == "teacher" else ""))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="seq", desc="teacher top-k", disable=not progress, dynamic_ncols=True)
 
     entries: list[dict] = []
-    stats = {"n_sequences": 0, "n_positions": 0}
+    stats = {"n_sequences": 0, "n_positions": 0, "written": 0, "kept": 0}
 
     def write_manifest(complete: bool):
-        man = dict(params)
+        man = dict(params, **described)
         man.update(complete=complete, n_sequences=stats["n_sequences"], n_positions=stats["n_positions"],
                    shards=entries)
         atomic_write(mpath, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
@@ -292,15 +318,18 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
                 e = j
                 while e < len(buf) and buf[e][0] == buf[j][0]:
                     e += 1
-                i, lp = tm.topk(seqs[j:e], k, temperature, chunk_vocab, chunk_rows)
+                i, lp = tm.topk(seqs[j:e], k, temperature, chunk_vocab, chunk_rows,
+                                (samples, int(seed), s * shard_size + j) if samples else None)
                 idx_parts.append(i)
                 lp_parts.append(lp.to(dtype))
                 bar.update(e - j)
                 j = e
             done = write_shard(path, index=torch.cat(idx_parts), logprobs=torch.cat(lp_parts), seqs=seqs,
                                 meta=meta)
+            stats["written"] += 1
         else:
             bar.update(len(seqs))
+            stats["kept"] += 1
         entries.append({"file": path.name, "first_sequence": done["first_sequence"],
                         "n_sequences": done["n_sequences"], "n_positions": done["n_positions"],
                         "input_ids_sha256": done["input_ids_sha256"], "data_sha256": done["data_sha256"]})
@@ -320,9 +349,46 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
             if len(buf) == shard_size:
                 finish_shard(buf)
                 buf = []
-        if buf or not entries:
+        if not buf and not entries:
+            raise ValueError("batches held no sequences (an empty dataset?): nothing to build targets for")
+        if buf:
             finish_shard(buf)
     finally:
         tm.model.train(was_training)
         bar.close()
-    return write_manifest(complete=True)
+    man = write_manifest(complete=True)
+    if progress:
+        print(f"targets: {stats['written']} shard(s) computed, {stats['kept']} already on disk verified and "
+              f"kept (resumed) in {str(out)!r}", file=sys.stderr)
+    return man
+
+
+def _fingerprints(tm: _Teacher, teacher, tokenizer) -> dict:
+    """The teacher's weights / config hashes, their joint fingerprint and the tokenizer's
+    (``tokenizer``, else the teacher's directory when it holds tokenizer files, else None)."""
+    parts = model_fingerprints(tm.model)
+    if tokenizer is None:
+        src = teacher if isinstance(teacher, (str, os.PathLike)) else \
+            getattr(getattr(tm.model, "config", None), "_name_or_path", None)
+        if src and any((Path(src) / f).is_file() for f in _TOKENIZER_FILES):
+            tokenizer = str(src)
+    return {"weights": parts["weights"], "config": parts["config"], "teacher_fingerprint": parts["fingerprint"],
+            "tokenizer_fingerprint": None if tokenizer is None else fingerprint_tokenizer(tokenizer)}
+
+
+def _check_same_teacher(old: dict, fingerprints: dict, out: Path) -> None:
+    """Resume only with the teacher and tokenizer the old shards were built with."""
+    if not old.get("shards"):
+        return
+    changed = []
+    if "teacher_fingerprint" not in old:
+        changed.append("the teacher (the old build recorded no fingerprint)")
+    elif old["teacher_fingerprint"] != fingerprints["teacher_fingerprint"]:
+        parts = [what for what, key in (("weights", "teacher_weights_sha256"), ("config", "teacher_config_sha256"))
+                 if old.get(key) != fingerprints[what]]
+        changed.append(f"the teacher's {' and '.join(parts) or 'weights or config'}")
+    if old.get("tokenizer_fingerprint") != fingerprints["tokenizer_fingerprint"]:
+        changed.append("the tokenizer")
+    if changed:
+        raise ValueError(f"out_dir {str(out)!r} holds targets built with another teacher: {', '.join(changed)} "
+                         "changed since (retrained in place?). Use a new out_dir, or delete the old one to rebuild")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..validation import compute_dtype, validate_target_data
+from ..validation import compute_dtype, mass_rounding, validate_target_data
 from .store import METADATA_KEY, atomic_write, metadata_json, read_safetensors
 
 LOGPROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,7 +142,7 @@ class SparseTargets:
 
     def validate(self, vocab_size: int | None = None) -> "SparseTargets":
         """Read the data and raise ValueError on ids out of range, NaN or positive
-        log-probs, or mass > 1 + 1e-3. Returns self."""
+        log-probs, or mass > 1 + 1e-3 + its storage rounding. Returns self."""
         validate_target_data(self.index, self.logprobs, vocab_size)
         return self
 
@@ -180,22 +180,30 @@ class SparseTargets:
         i.e. ``logprobs' = a * logprobs - log Z`` on the valid slots. ``retemper(1)``
         is the identity (Z = 1), the slots still sum to <= 1, and when K = V (no tail)
         this is exactly the dense ``softmax(a * log p)``. For a teacher at temperature
-        T this gives the teacher at T / a (metadata["temperature"] is updated); the
+        tau this gives the teacher at tau / a (metadata["temperature"] is updated); the
         tail, being one bucket for many tokens, is an approximation when K < V.
 
         A tail smaller than the rounding error of P (``eps(dtype) * sum_k p_k |log p_k|
         + K * eps(fp32)``) is taken as 0: otherwise, for a < 1, rounding noise in P
-        (e.g. 1e-7 when K = V) would be amplified into visible tail mass."""
+        (e.g. 1e-7 when K = V) would be amplified into visible tail mass.
+
+        Args:
+            ratio: the power ``a`` > 0.
+        Returns:
+            New SparseTargets: the same ``index`` [..., K], ``logprobs`` [..., K] in the
+            same dtype."""
         a = _check_positive(ratio, "ratio")
+        from .sampling import is_sampled
+        if is_sampled(self.metadata) and a != 1.0:
+            raise ValueError(f"retemper() of {self.metadata['kind']} targets would be biased: p_hat**a is not an "
+                             "estimate of p**a (docs/design.md sec. 12); rebuild them at the new temperature")
         cd = compute_dtype(self.logprobs.dtype)
         lp = self.logprobs.to(cd)
         valid = self.index >= 0
         neg = torch.full_like(lp, -torch.inf)
         lpa = torch.where(valid, lp * a, neg)
         log_tail = _tail_log(lp, valid)
-        p = torch.where(valid, lp.exp(), torch.zeros_like(lp))
-        noise = torch.finfo(self.logprobs.dtype).eps * (p * torch.where(valid, lp, 0.0).abs()).sum(-1) \
-            + self.k * torch.finfo(cd).eps
+        noise = mass_rounding(self.logprobs, valid)
         log_tail = torch.where(log_tail.exp() <= noise, torch.full_like(log_tail, -torch.inf), log_tail * a)
         log_z = torch.logsumexp(torch.cat([lpa, log_tail.unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
         out = torch.where(valid, lpa - log_z, neg).to(self.logprobs.dtype)
@@ -207,20 +215,34 @@ class SparseTargets:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0, *,
-                    chunk_rows: int | None = None, dtype=None, metadata: dict | None = None) -> "SparseTargets":
-        """Top-``k`` of ``log_softmax(logits / temperature)`` per row of ``logits`` [..., V].
+    def from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0, *, samples: int = 0,
+                    generator: torch.Generator | None = None, chunk_rows: int | None = None, dtype=None,
+                    metadata: dict | None = None) -> "SparseTargets":
+        """Top-``k`` of ``log_softmax(logits / temperature)`` per row of ``logits`` [..., V],
+        plus ``samples`` draws from the rest of the vocab (docs/design.md sec. 12).
+
+        ``samples=0``: plain top-k. ``k > 0, samples > 0``: hybrid (the top-k, then each
+        distinct drawn id with ``log((1 - P_topk) * count / samples)``); ``k=0``: sampled.
+        Then K = k + samples slots (repeated draws share one, the rest are -1 / -inf
+        padding), each row sums to 1, and the metadata holds ``kind``, ``topk`` (= k),
+        ``samples``, ``seed`` (``generator.initial_seed()``, None without a generator)
+        and ``temperature``. ``generator``: the draws' torch.Generator (None: torch's).
 
         Rows are processed in chunks (``chunk_rows``, default: about 2**24 elements
         per chunk), so the fp32 copies are chunk-sized [rows, V] temporaries, never [N, V].
         Log-probs come back in ``dtype`` (default fp32; fp64 for fp64 logits)."""
+        from .sampling import check_sampling, sampling_metadata, targets_from_logits
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
             raise TypeError("logits must be a floating-point tensor [..., V]")
-        k = _check_k(k)
+        k, samples = check_sampling(k, samples)
+        if samples == 0:
+            k = _check_k(k)
         t = _check_positive(temperature, "temperature")
         v = logits.shape[-1]
         if k > v:
             raise ValueError(f"k={k} is larger than the vocab size {v} (logits' last dim)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
         out_dtype = resolve_dtype(dtype) if dtype is not None else cd
         lead = logits.shape[:-1]
@@ -229,20 +251,13 @@ class SparseTargets:
         if chunk_rows is None:
             chunk_rows = max(1, (1 << 24) // max(v, 1))
         chunk_rows = _check_k(chunk_rows, "chunk_rows")
-        index = torch.empty(n, k, dtype=torch.int32, device=logits.device)
-        logprobs = torch.empty(n, k, dtype=out_dtype, device=logits.device)
-        for i in range(0, n, chunk_rows):
-            x = flat[i:i + chunk_rows].to(cd, copy=True)
-            if t != 1.0:
-                x.div_(t)
-            vals, ids = x.topk(k, dim=-1)
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)
-            index[i:i + chunk_rows] = ids.to(torch.int32)
-            logprobs[i:i + chunk_rows] = (vals - lse).to(out_dtype)
-            del x
+        index, logprobs = targets_from_logits(flat, k, samples, t, generator, chunk_rows=chunk_rows,
+                                              out_dtype=out_dtype)
         meta = {"vocab_size": v, "temperature": t}
+        if samples:
+            meta.update(sampling_metadata(k, samples, None if generator is None else generator.initial_seed(), t))
         meta.update(metadata or {})
-        return cls(index.reshape(*lead, k), logprobs.reshape(*lead, k), meta)
+        return cls(index.reshape(*lead, k + samples), logprobs.reshape(*lead, k + samples), meta)
 
     @classmethod
     def from_vllm_prompt_logprobs(cls, prompt_logprobs, k: int | None = None, *, dtype=torch.float32,

@@ -39,6 +39,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600: give the file the mode open() would (umask)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -61,12 +65,35 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def shard_error(path: Path, why: str) -> ValueError:
+    """The error for a damaged targets file (raise it).
+
+    Args:
+        path: the shard file.
+        why: what is wrong, e.g. the reader's own message.
+    Returns:
+        A ValueError naming the file and how to regenerate it."""
     return ValueError(f"targets file {str(path)!r} is truncated or corrupted ({why}); delete it and "
                       "re-run the build (dft-kernels targets build / dk.targets.build) to regenerate it")
 
 
+def check_shard_k(path: Path, shard_k, manifest_k) -> None:
+    """A shard from another build (another K) is named as such, not as corrupted."""
+    if shard_k != manifest_k:
+        raise ValueError(f"targets file {str(path)!r} holds K={shard_k} teacher slots per position but its "
+                         f"manifest.json says k={manifest_k}: it comes from another build. Put it back where it "
+                         "came from, or re-run this build to regenerate it")
+
+
 def read_header(path: Path):
-    """Open a safetensors file lazily: (handle, metadata dict). Errors name the file."""
+    """Open a shard lazily (memory-mapped): nothing is read but the header.
+
+    Args:
+        path: a shard file written by ``build`` / ``blend``.
+    Returns:
+        ``(handle, metadata)``: the ``safetensors.safe_open`` handle (``get_slice(name)``
+        reads rows of ``index`` [n_positions, K], ``logprobs`` [n_positions, K],
+        ``input_ids`` [n_positions], ``lengths`` [n_sequences]) and the shard's
+        metadata dict. FileNotFoundError if absent, :func:`shard_error` if damaged."""
     from safetensors import SafetensorError, safe_open
     if not path.is_file():
         raise FileNotFoundError(f"targets file {str(path)!r} does not exist")
@@ -139,9 +166,16 @@ def write_shard(path: Path, *, index, logprobs, seqs, meta) -> dict:
 
 
 def read_shard(path, *, check_data: bool = True) -> tuple[dict, dict]:
-    """Load a whole shard: (tensors, metadata), checking shapes and the stored
-    hashes (input ids always, index/logprobs when ``check_data``). ValueError naming
-    the file on any inconsistency."""
+    """Load a whole shard, checking shapes and the stored hashes.
+
+    Args:
+        path: a shard file written by ``build`` / ``blend``.
+        check_data: also check the sha256 of ``index`` / ``logprobs`` (the input ids'
+            hash is always checked).
+    Returns:
+        ``(tensors, metadata)``: ``tensors`` holds ``index`` [n_positions, K] int32,
+        ``logprobs`` [n_positions, K], ``input_ids`` [n_positions] int64 and ``lengths``
+        [n_sequences] int64. ValueError naming the file on any inconsistency."""
     path = Path(path)
     tensors, meta = read_safetensors(path, ("index", "logprobs", "input_ids", "lengths"))
     _check_shard(path, meta, tensors, check_data=check_data)
@@ -168,7 +202,13 @@ def _check_shard(path: Path, meta: dict, tensors: dict, *, check_data: bool) -> 
 
 
 def read_manifest(targets_dir) -> dict:
-    """The manifest of a build directory; ValueError if missing or unreadable."""
+    """The manifest of a build directory.
+
+    Args:
+        targets_dir: a directory written by ``build`` / ``blend``.
+    Returns:
+        The ``manifest.json`` dict (``format``, ``k``, ``vocab_size``, ``complete``,
+        ``shards``: one entry per shard file, ...). ValueError if missing or unreadable."""
     path = Path(targets_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"targets_dir {str(targets_dir)!r} has no {MANIFEST}: build targets first "
@@ -180,3 +220,77 @@ def read_manifest(targets_dir) -> dict:
     if not isinstance(man, dict) or man.get("format") != SHARD_FORMAT or not isinstance(man.get("shards"), list):
         raise ValueError(f"{str(path)!r} is not a dft_kernels targets manifest (format {SHARD_FORMAT})")
     return man
+
+
+def previous_manifest(out_dir) -> dict:
+    """The manifest an earlier run left in ``out_dir`` (to resume it or refuse to mix runs).
+
+    Args:
+        out_dir: an output directory of ``build`` / ``blend``.
+    Returns:
+        Its ``manifest.json`` dict; ``{}`` when there is none or it is unreadable."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _model_parts(model) -> tuple[str, str]:
+    """(weights sha256, config sha256) of a torch module: every state-dict tensor
+    (name, dtype, shape, bytes) and the config's fields (private ones dropped)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.device.type != "meta":
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    cfg = getattr(model, "config", None)
+    fields = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")
+              and k not in ("transformers_version", "dtype", "torch_dtype", "use_cache")}
+    return h.hexdigest(), hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_model(model) -> str:
+    """A hex sha256 of a teacher's weights and config (docs/design.md sec. 7): equal
+    for the same weights and config, different after retraining in place.
+
+    Args:
+        model: a torch module (a Hugging Face causal LM; its ``config`` is included
+            when it has one). Reads every weight once (seconds for a 7B model).
+    Returns:
+        64 hex characters."""
+    return model_fingerprints(model)["fingerprint"]
+
+
+def model_fingerprints(model) -> dict:
+    """``{"weights", "config", "fingerprint"}``: the hex sha256 of the weights, of the
+    config, and of both (:func:`fingerprint_model`); the parts say what changed."""
+    weights, config = _model_parts(model)
+    return {"weights": weights, "config": config,
+            "fingerprint": hashlib.sha256(f"{weights}:{config}".encode()).hexdigest()}
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """A hex sha256 of a tokenizer's token -> id map (added and special tokens included):
+    what decides whether two tokenizers give the same ids.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (anything with ``get_vocab()``) or the path
+            of a directory it loads from.
+    Returns:
+        64 hex characters."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (with get_vocab()) or its directory, got "
+                        f"{type(tokenizer).__name__}")
+    vocab = sorted((str(k), int(v)) for k, v in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,245 @@
+"""Online teacher (docs/design.md sec. 11): targets and losses from a live teacher's
+last hidden states and lm_head, never its [N, V] logits.
+
+- :func:`teacher_topk`: the teacher's top-k ids and full-vocab log-probs as
+  :class:`~dft_kernels.SparseTargets` (the offline target format).
+- :func:`fused_linear_distill_loss`: the dense (K = V) divergence between the student's
+  and the teacher's heads, both projected tile by tile, gradients to the student only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from .losses import mean_denominator, resolve_impl
+from .options import DFTLossOutput, check_options, check_strategy, effective_divergence
+from .targets.container import SparseTargets
+
+
+def _check_head(name_h: str, h, name_w: str, w, name_b: str, b) -> None:
+    """Types, shapes and dtypes of one head's (hidden [..., D], weight [V, D], bias [V])."""
+    for name, t in ((name_h, h), (name_w, w)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if w.dim() != 2:
+        raise ValueError(f"{name_w} must be 2-D [V, D] (an lm_head weight), got shape {tuple(w.shape)}")
+    if h.dim() < 1 or h.shape[-1] != w.shape[1]:
+        raise ValueError(f"{name_h} has hidden size {h.shape[-1] if h.dim() else None} but {name_w} "
+                         f"{tuple(w.shape)} expects D = {w.shape[1]}")
+    if h.dtype != w.dtype:
+        raise TypeError(f"{name_h} ({h.dtype}) and {name_w} ({w.dtype}) must have the same dtype; cast one of them")
+    if b is not None:
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{name_b} must be a tensor of shape ({w.shape[0]},), got {tuple(getattr(b, 'shape', ()))}")
+        if b.dtype != w.dtype:
+            raise TypeError(f"{name_b} ({b.dtype}) must have the dtype of {name_w} ({w.dtype})")
+
+
+def _check_scale(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not x > 0:
+        raise ValueError(f"{name}={x!r} must be a finite number > 0 (1.0 = no scaling)")
+    return float(x)
+
+
+def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, samples=0,
+                 generator=None, impl="auto") -> SparseTargets:
+    """A teacher's top-k targets from its last hidden states and lm_head, never
+    materialising the [N, V] logits (docs/design.md sec. 11).
+
+    The logits are ``softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``;
+    the log-probs are normalised over the full vocab (the log-sum-exp comes out of the
+    same pass). Ties are broken by the lower id, like ``torch.topk`` on the CPU.
+
+    Args:
+        hidden (torch.Tensor): teacher hidden states `[..., D]` (leading dims kept).
+        weight (torch.Tensor): teacher lm_head weight `[V, D]`.
+        k (int): slots per position, 1 <= k <= V.
+        bias (torch.Tensor): lm_head bias `[V]`, or None.
+        temperature (float): the teacher's temperature (> 0).
+        softcap (float): ``c`` of ``c * tanh(z / c)`` (Gemma-2), or None.
+        logit_scale (float): multiplies the lm_head output (Cohere / Granite style), > 0.
+        samples (int): sampled slots on top of the top-k (docs/design.md sec. 12); only 0 today.
+        generator (torch.Generator): the sampler's generator (with ``samples``).
+        impl (str): "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
+    Returns:
+        :class:`SparseTargets` with ``index`` `[..., k]` int32 and ``logprobs`` `[..., k]`
+        fp32 (value descending), metadata ``kind="topk"``, ``k``, ``temperature``, ``vocab_size``.
+    """
+    _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    V = weight.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"k={k!r} must be an int in [1, V={V}]")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples={samples!r} must be an int >= 0 (0 = plain top-k)")
+    if samples:
+        raise NotImplementedError("teacher_topk(samples > 0): sampled / hybrid targets (docs/design.md sec. 12) "
+                                  "need ops.vocab_sampling, which this build does not have; use samples=0")
+    check_options(lam=0.0, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
+                  temperature=temperature, softcap=softcap, reduction="mean", impl=impl)
+    scale = _check_scale("logit_scale", logit_scale)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "reference":
+        impl = "torch"
+    from .ops.teacher_chunked import MAX_TRITON_K
+    if impl == "triton" and k > MAX_TRITON_K:
+        impl = "torch"          # the register buffer holds at most MAX_TRITON_K slots
+    lead = tuple(hidden.shape[:-1])
+    h = hidden.detach().reshape(-1, weight.shape[1])
+    b = None if bias is None else bias.detach()
+    if scale != 1.0:
+        h, b = h * scale, None if b is None else b * scale
+    index, logprobs, _ = ops.teacher_topk_apply(h, weight.detach(), b, k, 1.0 / float(temperature),
+                                                None if softcap is None else float(softcap), impl)
+    meta = dict(kind="topk", samples=0, temperature=float(temperature), vocab_size=V)
+    return SparseTargets(index.reshape(lead + (k,)), logprobs.reshape(lead + (k,)), meta)
+
+
+def _distill_fast_fits(memory_budget, *, n_rows: int, vocab: int, hidden: int, head_trains: bool) -> bool:
+    """The fast strategy's extra bytes: two fp32 [C, V] chunks and ~3 temporaries of
+    them (C = ``FAST_CHUNK_ELEMS // V``), fp32 dH, and fp32 dW held to the backward."""
+    from .ops.teacher_chunked import FAST_CHUNK_ELEMS
+    c = min(n_rows, max(1, FAST_CHUNK_ELEMS // max(vocab, 1)))
+    extra = 5 * c * vocab * 4 + n_rows * hidden * 4 + (vocab * hidden * 4 if head_trains else 0)
+    return extra <= memory_budget
+
+
+def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels=None, *, bias=None,
+                              teacher_bias=None, divergence="forward_kl", beta=0.5, temperature=1.0, lam=0.0,
+                              accuracy="ce", softcap=None, teacher_softcap=None, logit_scale=1.0,
+                              teacher_logit_scale=1.0, ignore_index=-100, reduction="mean",
+                              num_items_in_batch=None, impl="auto", strategy="auto", memory_budget=1 << 30,
+                              return_components=False):
+    """Dense distillation loss between two heads (docs/design.md sec. 11):
+    ``tau**2 * D(P_teacher || P_student) + lam * L_accuracy`` per position, over the full
+    vocab (K = V), from both models' last hidden states and lm_heads.
+
+    Neither model's [N, V] logits exist: lean projects both heads tile by tile, fast one
+    [C, V] row chunk at a time (docs/design.md sec. 10). Gradients flow to ``hidden``,
+    ``weight`` and ``bias`` only. ``divergence`` / ``beta`` follow TRL's convention
+    (sec. 3); TRL's ``_chunked_divergence_loss`` equals this loss divided by ``tau**2``.
+
+    Args:
+        hidden (torch.Tensor): student hidden states `[..., D]`.
+        weight (torch.Tensor): student lm_head weight `[V, D]`.
+        teacher_hidden (torch.Tensor): teacher hidden states `[..., D_t]` (same leading dims; no grad).
+        teacher_weight (torch.Tensor): teacher lm_head weight `[V, D_t]` (same V; no grad).
+        labels (torch.Tensor): next-token ids `[...]`; ``ignore_index`` rows are skipped
+            (never projected). None: every row counts.
+        bias, teacher_bias (torch.Tensor): lm_head biases `[V]`, or None.
+        divergence, beta, temperature, lam, accuracy, ignore_index, reduction: as in
+            :func:`dft_kernels.fused_linear_dft_loss` (the accuracy term needs labels).
+        softcap, teacher_softcap (float): each head's final-logit softcap, or None.
+        logit_scale, teacher_logit_scale (float): each head's logit multiplier.
+        num_items_in_batch (int | torch.Tensor): denominator of ``reduction="mean"``.
+        impl (str): "auto" | "torch" | "reference" (materialised logits, for checks).
+        strategy (str), memory_budget (int): "auto" | "lean" | "fast" (sec. 10).
+        return_components (bool): return a :class:`DFTLossOutput` (teacher / student mass 1).
+    Returns:
+        The loss: a scalar, or `[...]` with ``reduction="none"`` (0 where a row does not count).
+    """
+    _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the teacher's vocab ({teacher_weight.shape[0]} rows of teacher_weight) differs from the "
+                         f"student's ({weight.shape[0]} rows of weight): dense distillation needs one shared vocab")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and hidden {tuple(hidden.shape)} must have the "
+                         "same leading dims (one teacher row per student row)")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad: the teacher gets no gradient; run the teacher under "
+                             "torch.no_grad() or pass .detach()")
+    check_options(lam=lam, divergence=divergence, beta=beta, tail="bucket", accuracy=accuracy,
+                  temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
+    if teacher_softcap is not None and (not isinstance(teacher_softcap, (int, float)) or not teacher_softcap > 0):
+        raise ValueError(f"teacher_softcap={teacher_softcap!r} must be None or a number > 0")
+    s_scale = _check_scale("logit_scale", logit_scale)
+    t_scale = _check_scale("teacher_logit_scale", teacher_logit_scale)
+    check_strategy(strategy, memory_budget)
+    lead = tuple(hidden.shape[:-1])
+    N, V = math.prod(lead), weight.shape[0]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != lead:
+            raise ValueError(f"labels must be an integer tensor of shape {lead} (the leading dims of hidden), got "
+                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+        counted = labels.reshape(N).to(hidden.device) != ignore_index
+    else:
+        counted = torch.ones(N, dtype=torch.bool, device=hidden.device)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "triton":
+        raise ValueError("fused_linear_distill_loss has no Triton kernel yet: use impl='torch' (chunked PyTorch, "
+                         "any device) or 'auto'")
+    tau = float(temperature)
+    kind = effective_divergence(divergence, beta)
+    h = hidden.reshape(N, -1)
+    ht = teacher_hidden.detach().reshape(N, -1)
+    rows = counted.nonzero().squeeze(1)      # host sync: uncounted rows are never projected
+    h_c, ht_c = h.index_select(0, rows) * s_scale, ht.index_select(0, rows) * t_scale
+    b = None if bias is None else bias * s_scale
+    bt = None if teacher_bias is None else teacher_bias.detach() * t_scale
+    student = (h_c, weight, b, None if softcap is None else float(softcap))
+    teacher = (ht_c, teacher_weight.detach(), bt, None if teacher_softcap is None else float(teacher_softcap))
+    n_tokens = counted.sum()
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    denom = mean_denominator(num_items_in_batch, n_tokens, cdt) if reduction == "mean" else 1.0
+    has_acc = labels is not None and lam > 0
+
+    if impl == "reference":
+        div_c = _reference_divergence(student, teacher, 1.0 / tau, kind, float(beta))
+        fast_loss = None
+    else:
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        fast = reduction != "none" and needs_grad and strategy != "lean" and (
+            strategy == "fast" or _distill_fast_fits(memory_budget, n_rows=int(rows.numel()), vocab=V,
+                                                     hidden=h.shape[1], head_trains=weight.requires_grad))
+        if fast:
+            row_weight = torch.full_like(rows, tau * tau, dtype=cdt) / denom
+            fast_loss, div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta),
+                                                             row_weight=row_weight)
+        else:
+            fast_loss = None
+            div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta))
+    div = torch.zeros(N, dtype=div_c.dtype, device=h.device).index_copy(0, rows, div_c) * (tau * tau)
+
+    acc = torch.zeros_like(div)
+    if has_acc:
+        from .losses import fused_linear_dft_loss
+        acc = fused_linear_dft_loss(hidden.reshape(N, -1) * s_scale, weight, labels=labels.reshape(N).to(h.device),
+                                    bias=b, lam=1.0, accuracy=accuracy, softcap=softcap, ignore_index=ignore_index,
+                                    reduction="none", impl="reference" if impl == "reference" else "auto"
+                                    ).to(div.dtype)
+    per_row = div + lam * acc
+    if reduction == "none":
+        loss, red_div, red_acc = per_row.reshape(lead), div.detach().reshape(lead), acc.detach().reshape(lead)
+    else:
+        red_div, red_acc = div.detach().sum() / denom, acc.detach().sum() / denom
+        if fast_loss is not None:
+            loss = fast_loss.to(div.dtype) + (lam * acc.sum() / denom if has_acc else 0.0)
+        else:
+            loss = per_row.sum() / denom
+        if isinstance(loss, torch.Tensor) and not loss.requires_grad and hidden.requires_grad \
+                and torch.is_grad_enabled() and rows.numel() == 0:
+            loss = loss + hidden.sum() * 0.0      # nothing counted: zero gradients, not None
+    if not return_components:
+        return loss
+    one = torch.ones((), dtype=torch.float32, device=h.device)
+    return DFTLossOutput(loss, red_div, red_acc, n_tokens, one, one)
+
+
+def _reference_divergence(student, teacher, inv_temp: float, kind: str, beta: float) -> torch.Tensor:
+    """Naive: both heads' full logits materialised, autograd through ``log_softmax``."""
+    def logp(h, w, b, cap):
+        z = torch.nn.functional.linear(h, w, b).to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        return torch.log_softmax(z * inv_temp, dim=-1)
+    lq, lp = logp(*student), logp(*teacher)
+    if kind == "forward_kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if kind == "reverse_kl":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)

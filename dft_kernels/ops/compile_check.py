@@ -1,0 +1,371 @@
+"""Ahead-of-time compile gate for every Triton kernel of the package (docs/design.md sec. 13).
+
+``python -m dft_kernels.ops.compile_check [--all]`` runs the real launchers on ``meta``
+tensors with the GPU branch of their one config function, records each kernel launch
+instead of running it, specialises it exactly as Triton's runtime does (ints equal to 1
+become constexprs, multiples of 16 get divisibility hints), compiles it for sm_80 and
+sm_90a with the ptxas Triton ships, and prints per kernel, dtype and arch: registers,
+spill bytes, shared memory, operand pipeline depth and the tensor-core instructions
+found in the PTX. It exits 1 on a compile failure, a spill, or a 16-bit / TF32
+``tl.dot`` kernel without ``wgmma`` (sm_90a) or ``mma.sync`` (sm_80).
+
+Kernels plug in through :data:`DRIVERS`: a function per op that calls its launchers,
+forward and backward, on ``meta`` tensors for one :class:`Variant` and dtype.
+
+Needs no GPU; the Triton runtime internals it uses are those of triton 3.9.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import itertools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+#: Architectures checked: name -> compute capability.
+ARCHS = {"sm_80": (8, 0), "sm_90a": (9, 0)}
+#: Input dtypes checked: label -> (dtype, TF32 matmuls allowed).
+DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
+          "fp32": (torch.float32, False), "tf32": (torch.float32, True)}
+#: Dtypes of the default (CI) run; ``--all`` adds TF32.
+DEFAULT_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The problem the launchers are run at (Llama-3-8B's head by default)."""
+    N: int = 8192
+    D: int = 4096
+    V: int = 128256
+    K: int = 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One combination of the launcher options that select constexprs."""
+    two_scales: bool
+    softcap: bool
+    tail: bool
+    bias: bool
+    accum_fp32: bool = True
+
+    @property
+    def label(self) -> str:
+        parts = [f"{2 if self.two_scales else 1}sc"]
+        parts += [name for name, on in (("cap", self.softcap), ("tail", self.tail), ("bias", self.bias)) if on]
+        if not self.accum_fp32:
+            parts.append("acc16")
+        return "+".join(parts)
+
+
+#: The heaviest combination and the most common one (DFT, 1 scale, teacher tail, no
+#: softcap, no bias): the default set, per kernel, dtype and arch.
+HEAVIEST = Variant(two_scales=True, softcap=True, tail=True, bias=True)
+COMMON = Variant(two_scales=False, softcap=False, tail=True, bias=False)
+
+
+def all_variants() -> list[Variant]:
+    """Every combination the launchers can produce."""
+    return [Variant(*flags) for flags in itertools.product((False, True), repeat=5)]
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def _meta_inputs(shape: HeadShape, variant: Variant, dtype: torch.dtype):
+    meta = dict(device="meta")
+    index = torch.empty((shape.N, shape.K + 1), dtype=torch.int64, **meta)
+    scales = (1.0, 0.5) if variant.two_scales else (1.0,)
+    softcap = 30.0 if variant.softcap else None
+    tail_slots = shape.K if variant.tail else 0
+    n_lse = len(scales) + (1 if tail_slots else 0)
+    lse = torch.empty((shape.N, n_lse), dtype=torch.float32, **meta)
+    g_lse = torch.empty_like(lse)
+    g_gathered = torch.empty((shape.N, shape.K + 1), dtype=torch.float32, **meta)
+    return index, scales, softcap, tail_slots, lse, g_lse, g_gathered
+
+
+def drive_logits_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
+    """The logits path (ops/lse_gather.py): forward and backward on [N, V] logits."""
+    from . import lse_gather
+    index, scales, softcap, tail_slots, lse, g_lse, g_gathered = _meta_inputs(shape, variant, dtype)
+    x = torch.empty((shape.N, shape.V), dtype=dtype, device="meta")
+    lse_gather.lse_gather_forward(x, index, scales, softcap, tail_slots)
+    lse_gather.lse_gather_backward(x, index, scales, softcap, lse, g_lse, g_gathered, tail_slots)
+
+
+def drive_fused_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
+    """The fused path (ops/linear_lse_gather.py): forward, and the backward with dH, dW
+    (and db with a bias)."""
+    from . import linear_lse_gather
+    index, scales, softcap, tail_slots, lse, g_lse, g_gathered = _meta_inputs(shape, variant, dtype)
+    h = torch.empty((shape.N, shape.D), dtype=dtype, device="meta")
+    w = torch.empty((shape.V, shape.D), dtype=dtype, device="meta")
+    b = torch.empty((shape.V,), dtype=dtype, device="meta") if variant.bias else None
+    _, gathered = linear_lse_gather.linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots)
+    linear_lse_gather.linear_lse_gather_backward(
+        h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
+        True, True, variant.bias, variant.accum_fp32, tail_slots)
+
+
+#: op name -> driver. A new op module adds its driver here.
+DRIVERS: dict[str, Callable[[HeadShape, Variant, torch.dtype], None]] = {
+    "logits": drive_logits_path,
+    "fused": drive_fused_path,
+}
+
+
+# --------------------------------------------------------------------------- recording
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the JIT function and its call arguments."""
+    fn: object
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, ``kernel[grid](...)`` records a :class:`Launch` instead of
+    compiling or running anything."""
+    from triton.runtime.jit import JITFunction
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs)))
+
+    original = JITFunction.run
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+@dataclass(frozen=True)
+class Job:
+    """A specialised launch, ready to compile (picklable)."""
+    module: str
+    kernel: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    arch: str
+    dtype: str
+    variant: str
+    key: str = field(compare=False)
+
+
+def specialise(launch: Launch, arch: str, dtype: str, variant: str) -> Job:
+    """Bind and specialise ``launch`` for ``arch`` the way ``JITFunction.run`` does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", _cc(arch), 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    opts = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages", "num_ctas")}
+    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
+                sorted(opts.items()), arch, dtype))
+    return Job(fn.__module__, fn.__name__, signature, constexprs, attrs, opts, arch, dtype, variant, key)
+
+
+def _cc(arch: str) -> int:
+    major, minor = ARCHS[arch]
+    return 10 * major + minor
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one compile produced."""
+    kernel: str
+    dtype: str
+    arch: str
+    variant: str
+    regs: int = -1
+    spill_bytes: int = -1
+    smem: int = -1
+    depth: int = -1
+    tensor_cores: str = "-"
+    uses_dot: bool = False
+    error: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this compile fails the gate (empty when it passes)."""
+        if self.error:
+            return [f"compile failed: {self.error}"]
+        out = []
+        if self.spill_bytes > 0:
+            out.append(f"{self.spill_bytes} spill bytes")
+        if self.uses_dot and self.dtype != "fp32":
+            need = "wgmma" if self.arch == "sm_90a" else "mma.sync"
+            if need not in self.tensor_cores:
+                out.append(f"tl.dot without {need}")
+        return out
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+# a multi-buffered shared allocation: !ttg.memdesc<STAGESxROWSxCOLSx...>
+_BUFFERED_ALLOC = re.compile(r"ttg\.local_alloc\s*(?::\s*\(\)\s*->|\{[^}]*\}\s*:\s*\(\)\s*->)\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
+
+
+def pipeline_depth(ttgir: str) -> int:
+    """Operand buffers of the main loop: the leading dimension of the multi-buffered
+    shared allocations Triton's pipeliner makes (1 when nothing is multi-buffered)."""
+    depths = [int(m) for m in _BUFFERED_ALLOC.findall(ttgir)]
+    return min(depths) if depths else 1
+
+
+def compile_job(job: Job) -> Report:
+    """Compile ``job`` with ptxas ``-v`` and read its resources."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    base = dict(kernel=job.kernel, dtype=job.dtype, arch=job.arch, variant=job.variant)
+    fn = getattr(importlib.import_module(job.module), job.kernel)
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True    # the ptxas log is printed only on a real compile
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, job.signature, job.constexprs, job.attrs),
+                                      target=GPUTarget("cuda", _cc(job.arch), 32), options=job.options)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, the gate fails
+        return Report(**base, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+    text = log.getvalue()
+    regs = max((int(r) for r in _PTXAS_REGS.findall(text)), default=-1)
+    spills = max((int(a) + int(b) for a, b in _PTXAS_SPILL.findall(text)), default=-1)
+    ptx = compiled.asm["ptx"]
+    tc = [name for name, marker in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if marker in ptx]
+    return Report(**base, regs=regs, spill_bytes=spills, smem=int(compiled.metadata.shared),
+                  depth=pipeline_depth(compiled.asm["ttgir"]), tensor_cores="+".join(tc) or "-",
+                  uses_dot="tt.dot" in compiled.asm["ttir"])
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[str, ...],
+                 shape: HeadShape = HeadShape(), ops: tuple[str, ...] | None = None) -> list[Job]:
+    """Every distinct specialised launch of the drivers over the given matrix.
+
+    Args:
+        variants: launcher option combinations; dtypes: keys of :data:`DTYPES`;
+        archs: keys of :data:`ARCHS`; shape: the problem; ops: keys of :data:`DRIVERS`
+            (None: all).
+    Returns:
+        The jobs, one per distinct (kernel, specialisation, options, arch, dtype).
+    """
+    from ._triton_common import compile_target
+    jobs: dict[str, Job] = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for arch, dt, variant, op in itertools.product(archs, dtypes, variants, ops or tuple(DRIVERS)):
+            dtype, allow_tf32 = DTYPES[dt]
+            if not variant.accum_fp32 and dtype == torch.float32:
+                continue   # fp32 inputs accumulate in fp32 either way
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            with compile_target(ARCHS[arch]), recorded_launches() as launches:
+                DRIVERS[op](shape, variant, dtype)
+            for launch in launches:
+                job = specialise(launch, arch, dt, variant.label)
+                jobs.setdefault(job.key, job)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return list(jobs.values())
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[Report]:
+    """Compile the jobs in ``workers`` processes (progress on stderr)."""
+    from tqdm import tqdm
+    if workers <= 1:
+        return [compile_job(j) for j in tqdm(jobs, desc="compile", file=sys.stderr)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(compile_job, jobs), total=len(jobs), desc="compile", file=sys.stderr))
+
+
+def summarise(reports: list[Report]) -> list[dict]:
+    """Per kernel x dtype x arch: the worst registers, spills and shared memory, the
+    smallest pipeline depth and the tensor-core instructions seen across variants."""
+    rows: dict[tuple, dict] = {}
+    for r in reports:
+        k = (r.kernel, r.dtype, r.arch)
+        row = rows.setdefault(k, dict(kernel=r.kernel, dtype=r.dtype, arch=r.arch, compiles=0, regs=0,
+                                      spills=0, smem=0, depth=10 ** 6, tensor_cores=set(), failures=0))
+        row["compiles"] += 1
+        row["failures"] += bool(r.problems)
+        row["regs"] = max(row["regs"], r.regs)
+        row["spills"] = max(row["spills"], r.spill_bytes)
+        row["smem"] = max(row["smem"], r.smem)
+        row["depth"] = min(row["depth"], r.depth)
+        row["tensor_cores"].add(r.tensor_cores)
+    for row in rows.values():
+        row["tensor_cores"] = "/".join(sorted(row["tensor_cores"]))
+    return [rows[k] for k in sorted(rows)]
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of ``rows`` restricted to ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"compile_check: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the gate. Returns the exit code: 0 pass, 1 a failure, 2 bad arguments."""
+    p = _Parser(prog="python -m dft_kernels.ops.compile_check", description=__doc__.splitlines()[0])
+    p.add_argument("--all", action="store_true", help="every constexpr combination and TF32 (slow)")
+    p.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this arch (repeatable)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
+    p.add_argument("--op", choices=sorted(DRIVERS), action="append", help="only this op (repeatable)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.runtime.jit import JITFunction
+    from . import linear_lse_gather  # noqa: F401 - kernels must be JIT functions, not interpreted
+    if not isinstance(linear_lse_gather._lse_tile_kernel, JITFunction):
+        p.error("the kernels were loaded under TRITON_INTERPRET=1; run in a fresh process without it")
+    variants = all_variants() if a.all else [HEAVIEST, COMMON]
+    dtypes = tuple(a.dtype or (tuple(DTYPES) if a.all else DEFAULT_DTYPES))
+    jobs = collect_jobs(variants, dtypes, tuple(a.arch or ARCHS), ops=tuple(a.op) if a.op else None)
+    reports = run_jobs(jobs, a.jobs)
+    cols = ["kernel", "dtype", "arch", "variant", "regs", "spill_bytes", "smem", "depth", "tensor_cores"]
+    print(format_table([{**r.__dict__, "variant": r.variant} for r in reports], cols))
+    print()
+    print(format_table(summarise(reports), ["kernel", "dtype", "arch", "compiles", "regs", "spills", "smem",
+                                            "depth", "tensor_cores", "failures"]))
+    bad = [(r, why) for r in reports for why in r.problems]
+    for r, why in bad:
+        print(f"FAIL {r.kernel} {r.dtype} {r.arch} {r.variant}: {why}", file=sys.stderr)
+    print(f"{len(reports)} compiles, {len(bad)} failures", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Presets: a targets directory whose manifest carries a ``name`` and a short
+``description`` (``targets build --name ... --description ...``). ``targets list``
+shows them; ``targets blend`` takes a name wherever it takes a directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..targets.store import MANIFEST, atomic_write, read_manifest
+from .inputs import UsageError
+
+
+def set_preset(targets_dir, name: str | None, description: str | None) -> None:
+    """Record ``name`` / ``description`` in the manifest of ``targets_dir`` (atomic rewrite;
+    a None leaves the field as it is)."""
+    if name is None and description is None:
+        return
+    man = read_manifest(targets_dir)
+    if name is not None:
+        man["name"] = name
+    if description is not None:
+        man["description"] = description
+    atomic_write(Path(targets_dir) / MANIFEST, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
+
+
+def check_preset_name(name: str | None) -> str | None:
+    """UsageError unless ``name`` is a non-empty word of letters, digits, '-', '_' or '.'."""
+    if name is not None and (not name or not all(c.isalnum() or c in "-_." for c in name)):
+        raise UsageError(f"--name {name!r} must be one word of letters, digits, '-', '_' or '.'")
+    return name
+
+
+def find_target_dirs(roots) -> list[Path]:
+    """Each root that is a targets directory, else its immediate subdirectories that are."""
+    found = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise UsageError(f"{root} is not a directory: give directories that hold targets")
+        if (root / MANIFEST).is_file():
+            found.append(root)
+        else:
+            found.extend(sorted(p.parent for p in root.glob(f"*/{MANIFEST}")))
+    return found
+
+
+def list_presets(roots) -> list[dict]:
+    """One row per targets directory under ``roots``: name, description, path, kind,
+    k, vocab_size, n_sequences, teacher, complete (unreadable manifests are skipped).
+
+    Args:
+        roots: directories, each a targets directory or a folder of them.
+    Returns:
+        A list of dicts, in the order found.
+    """
+    rows = []
+    for d in find_target_dirs(roots):
+        try:
+            man = read_manifest(d)
+        except ValueError:
+            continue
+        rows.append({"name": man.get("name"), "description": man.get("description"), "path": str(d),
+                     "kind": man.get("kind", "topk"), "k": man.get("k"), "vocab_size": man.get("vocab_size"),
+                     "n_sequences": man.get("n_sequences"), "teacher": man.get("teacher"),
+                     "complete": bool(man.get("complete"))})
+    return rows
+
+
+def resolve_target_dir(name_or_path: str, search: list[str]) -> Path:
+    """A directory path as given, else the preset of that name among ``search``'s directories.
+
+    Raises:
+        UsageError: neither a targets directory nor a known preset name (lists the names known).
+    """
+    p = Path(name_or_path)
+    if (p / MANIFEST).is_file():
+        return p
+    rows = list_presets([s for s in search if Path(s).is_dir()])
+    hits = [r for r in rows if r["name"] == name_or_path]
+    if len(hits) > 1:
+        raise UsageError(f"preset name {name_or_path!r} is used by {', '.join(r['path'] for r in hits)}: "
+                         "pass a path instead")
+    if hits:
+        return Path(hits[0]["path"])
+    known = sorted({r["name"] for r in rows if r["name"]})
+    raise UsageError(f"{name_or_path!r} is neither a targets directory nor a preset name in --presets "
+                     f"{' '.join(search)} (known: {', '.join(known) or 'none'}); build it with targets build --name")
