@@ -60,7 +60,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
         temperature (float): the teacher's temperature (> 0).
         softcap (float): ``c`` of ``c * tanh(z / c)`` (Gemma-2), or None.
         logit_scale (float): multiplies the lm_head output (Cohere / Granite style), > 0.
-        samples (int): sampled slots on top of the top-k (docs/design.md sec. 12); only 0 today.
+        samples (int): sampled slots on top of the top-k (docs/design.md sec. 12): ``k`` exact
+            slots plus each distinct id of ``samples`` draws from the rest of the vocab (k = 0:
+            a pure sampled target); 0 = plain top-k.
         generator (torch.Generator): the sampler's generator (with ``samples``).
         impl (str): "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
     Returns:
@@ -69,13 +71,10 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     """
     _check_head("hidden", hidden, "weight", weight, "bias", bias)
     V = weight.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
-        raise ValueError(f"k={k!r} must be an int in [1, V={V}]")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise ValueError(f"samples={samples!r} must be an int >= 0 (0 = plain top-k)")
-    if samples:
-        raise NotImplementedError("teacher_topk(samples > 0): sampled / hybrid targets (docs/design.md sec. 12) "
-                                  "need ops.vocab_sampling, which this build does not have; use samples=0")
+    from .targets.sampling import check_sampling, sampling_metadata, targets_from_hidden
+    k, samples = check_sampling(k, samples, V)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_options(lam=0.0, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
                   temperature=temperature, softcap=softcap, reduction="mean", impl=impl)
     scale = _check_scale("logit_scale", logit_scale)
@@ -90,6 +89,13 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     b = None if bias is None else bias.detach()
     if scale != 1.0:
         h, b = h * scale, None if b is None else b * scale
+    if samples:   # hybrid / sampled (docs/design.md sec. 12): row blocks of logits, never [N, V]
+        from .ops.vocab_sampling import sorted_uniforms
+        uniforms = sorted_uniforms(h.shape[0], samples, generator, device=h.device)
+        index, logprobs = targets_from_hidden(h, weight.detach(), b, k, samples, 1.0 / float(temperature),
+                                              None if softcap is None else float(softcap), uniforms)
+        meta = {**sampling_metadata(k, samples, None, temperature), "vocab_size": V}
+        return SparseTargets(index.reshape(lead + (k + samples,)), logprobs.reshape(lead + (k + samples,)), meta)
     index, logprobs, _ = ops.teacher_topk_apply(h, weight.detach(), b, k, 1.0 / float(temperature),
                                                 None if softcap is None else float(softcap), impl)
     meta = dict(kind="topk", samples=0, temperature=float(temperature), vocab_size=V)

@@ -71,8 +71,8 @@ def test_bad_input_is_named():
         dk.teacher_topk(torch.randn(3, 7), w, 2)
     with pytest.raises(ValueError, match="logit_scale"):
         dk.teacher_topk(h, w, 2, logit_scale=0.0)
-    with pytest.raises(NotImplementedError, match="samples"):
-        dk.teacher_topk(h, w, 2, samples=3)
+    with pytest.raises(ValueError, match="samples"):
+        dk.teacher_topk(h, w, 2, samples=-1)
 
 
 def test_larger_k_than_the_kernel_holds_runs_the_chunked_path(monkeypatch):
@@ -99,3 +99,23 @@ def test_targets_build_matches_teacher_topk(tmp_path):
     ref = dk.teacher_topk(h, model.lm_head.weight, 4, temperature=0.8, impl="triton")
     assert torch.equal(tensors["index"].reshape(9, 4).int(), ref.index)
     assert torch.allclose(tensors["logprobs"].reshape(9, 4).float(), ref.logprobs, atol=1e-5)
+
+
+def test_teacher_topk_with_samples_is_hybrid_and_reproducible():
+    """samples > 0: the exact top-k first, then sampled slots from the rest; the row is a
+    distribution; the same generator seed gives the same target."""
+    torch.manual_seed(0)
+    h, w = torch.randn(37, 16, dtype=torch.float64), torch.randn(101, 16, dtype=torch.float64)
+    run = lambda seed: dk.teacher_topk(h, w, 3, samples=9, temperature=1.5,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(5), run(5), run(6)
+    top = dk.teacher_topk(h, w, 3, temperature=1.5)
+    assert a.index.shape == (37, 12) and a.metadata["kind"] == "hybrid" and a.metadata["samples"] == 9
+    assert torch.equal(a.index[:, :3], top.index) and torch.allclose(a.logprobs[:, :3], top.logprobs)
+    torch.testing.assert_close(a.mass().double(), torch.ones(37, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(a.index, b.index) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.index, c.index)
+    pure = dk.teacher_topk(h, w, 0, samples=8, generator=torch.Generator().manual_seed(1))
+    assert pure.metadata["kind"] == "sampled"
+    with pytest.raises(ValueError, match="keeps nothing"):
+        dk.teacher_topk(h, w, 0, samples=0)

@@ -243,11 +243,10 @@ class SparseTargets:
             raise ValueError(f"k={k} is larger than the vocab size {v} (logits' last dim)")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        cd = compute_dtype(logits.dtype)
         out_dtype = resolve_dtype(dtype) if dtype is not None else cd
         lead = logits.shape[:-1]
         flat = logits.reshape(-1, v)
-        n = flat.shape[0]
         if chunk_rows is None:
             chunk_rows = max(1, (1 << 24) // max(v, 1))
         chunk_rows = _check_k(chunk_rows, "chunk_rows")
