@@ -174,10 +174,12 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
         counted = labels.reshape(N).to(hidden.device) != ignore_index
     else:
         counted = torch.ones(N, dtype=torch.bool, device=hidden.device)
-    impl = resolve_impl(impl, hidden.device)
     if impl == "triton":
         raise ValueError("fused_linear_distill_loss has no Triton kernel yet: use impl='torch' (chunked PyTorch, "
                          "any device) or 'auto'")
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "triton":      # "auto" on CUDA: the chunked PyTorch path until a Triton kernel exists
+        impl = "torch"
     tau = float(temperature)
     kind = effective_divergence(divergence, beta)
     h = hidden.reshape(N, -1)

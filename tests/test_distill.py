@@ -131,3 +131,15 @@ def test_bad_input_is_named():
         dk.fused_linear_distill_loss(h, w, ht[:-1].detach(), wt, labels)
     with pytest.raises(ValueError, match="divergence"):
         dk.fused_linear_distill_loss(h, w, ht.detach(), wt, labels, divergence="kl")
+
+
+def test_auto_takes_the_chunked_path_where_triton_would_be_picked(monkeypatch):
+    """"auto" on CUDA resolves to Triton, which the two-head loss does not have yet: it must
+    run the chunked PyTorch path (same value), while an explicit impl="triton" is refused."""
+    from dft_kernels import distill
+    h, w, b, ht, wt, bt, labels = _inputs(torch.float32)
+    expected = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="torch")
+    monkeypatch.setattr(distill, "resolve_impl", lambda impl, device: "triton")
+    assert torch.equal(dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="auto"), expected)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="triton")
