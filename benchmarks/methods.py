@@ -18,7 +18,8 @@ METHOD_NOTES = {
     "reference": "naive PyTorch (dft_kernels.reference): [N, V] logits and log-softmax materialised; "
                  "fused path: logits = hidden @ weight.T first",
     "ours-logits": "dft_kernels.dft_loss on the given logits",
-    "ours-fused": "dft_kernels.fused_linear_dft_loss on hidden + weight",
+    "ours-fused": "dft_kernels.fused_linear_dft_loss on hidden + weight, strategy='lean' (logits recomputed in "
+                  "backward; the fast strategy is compared in benchmarks/strategies.py)",
     "torch-lce": "torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (chunked), K = 0 only",
     "liger-flce": "Liger-Kernel LigerFusedLinearCrossEntropyLoss, K = 0 only",
     "liger-jsd": "Liger-Kernel LigerFusedLinearJSD (beta 0.5) against a DENSE teacher (teacher hidden [N, D] + "
@@ -144,7 +145,7 @@ def build(case: Case, inputs: dict):
                 "reference", "")
     if m == "ours-fused":
         impl = case.impl or "auto"
-        return ((lambda: dk.fused_linear_dft_loss(h, w, idx, lp, labels, lam=lam, impl=impl)), grads,
+        return ((lambda: dk.fused_linear_dft_loss(h, w, idx, lp, labels, lam=lam, impl=impl, strategy="lean")), grads,
                 resolve_impl(impl, h.device), "")
     if m == "torch-lce":
         F = torch.nn.functional
