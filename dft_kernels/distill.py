@@ -16,6 +16,7 @@ from . import ops
 from .losses import mean_denominator, resolve_impl
 from .options import DFTLossOutput, check_options, check_strategy, effective_divergence
 from .targets.container import SparseTargets
+from .validation import compute_dtype
 
 
 def _check_head(name_h: str, h, name_w: str, w, name_b: str, b) -> None:
@@ -191,7 +192,7 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
     student = (h_c, weight, b, None if softcap is None else float(softcap))
     teacher = (ht_c, teacher_weight.detach(), bt, None if teacher_softcap is None else float(teacher_softcap))
     n_tokens = counted.sum()
-    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(hidden.dtype)
     denom = mean_denominator(num_items_in_batch, n_tokens, cdt) if reduction == "mean" else 1.0
     has_acc = labels is not None and lam > 0
 
@@ -240,7 +241,7 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
 def _reference_divergence(student, teacher, inv_temp: float, kind: str, beta: float) -> torch.Tensor:
     """Naive: both heads' full logits materialised, autograd through ``log_softmax``."""
     def logp(h, w, b, cap):
-        z = torch.nn.functional.linear(h, w, b).to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        z = torch.nn.functional.linear(h, w, b).to(compute_dtype(h.dtype))
         if cap is not None:
             z = cap * torch.tanh(z / cap)
         return torch.log_softmax(z * inv_temp, dim=-1)

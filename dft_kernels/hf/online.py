@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distill import fused_linear_distill_loss, teacher_topk
+from .patch import run_capturing_hidden
 from .transforms import logit_transforms
 
 TEACHER_MODES = ("offline", "topk", "dense")
@@ -16,23 +17,8 @@ def capture_last_hidden(model, **inputs):
     """Run ``model(**inputs)`` with its lm_head fed one row only and return
     ``(output, hidden [B, T, D])``: the last hidden states, never the logits."""
     head = (model.module if hasattr(model, "module") else model).get_output_embeddings()     # DDP-wrapped or not
-    captured = []
-
-    def take(module, args, kwargs):
-        h = args[0] if args else kwargs["input"]
-        captured.append(h)
-        one = h[(slice(0, 1),) * (h.dim() - 1)].detach()
-        return ((one,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": one})
-
-    handle = head.register_forward_pre_hook(take, with_kwargs=True)
-    try:
-        out = model(**inputs)
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError(f"{type(model).__name__}.forward never called its output embeddings: cannot capture "
-                         "its last hidden states")
-    return out, captured[0]
+    return run_capturing_hidden(lambda: model(**inputs), head, who=type(model).__name__,
+                                fix="the online teacher needs a causal LM that applies its lm_head once")
 
 
 class OnlineTeacher:

@@ -424,18 +424,23 @@ def _is_plain_linear(head) -> bool:
     return "forward" not in head.__dict__ or hasattr(head, "_hf_hook")
 
 
-def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib):
+def run_capturing_hidden(call, head, *, who: str, fix: str):
+    """Run ``call()`` with the output embeddings ``head`` fed one row only.
+
+    Args:
+        call: runs the model's forward; head: its output embeddings (lm_head).
+        who / fix: the model's name and the way out, for the error messages.
+    Returns:
+        ``(output, hidden)``: what ``call()`` returned and the input of ``head``
+        ([B, T, D], the final hidden states); the [B, T, V] logits are never formed.
+    """
     captured = []
 
     def take_hidden(module, h_args, h_kwargs):
         if captured:
-            raise RuntimeError(f"dk.hf.patch: {type(model).__name__}.forward calls its output embeddings more "
-                               "than once; the fused path cannot tell which call gives the logits. Patch with "
-                               "skip_logits=False")
-        if h_args:
-            h = h_args[0]
-        else:
-            h = h_kwargs["input"]
+            raise RuntimeError(f"{who}.forward calls its output embeddings more than once; the fused path "
+                               f"cannot tell which call gives the logits: {fix}")
+        h = h_args[0] if h_args else h_kwargs["input"]
         captured.append(h)
         one = h[(slice(0, 1),) * (h.dim() - 1)].detach()     # one row: the model finishes its forward cheaply
         if h_args:
@@ -444,15 +449,19 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, tar
 
     handle = head.register_forward_pre_hook(take_hidden, with_kwargs=True)
     try:
-        out = orig(*args, **kwargs)
+        out = call()
     finally:
         handle.remove()
-    cls = type(model).__name__
     if not captured:
-        raise ValueError(f"dk.hf.patch: {cls}.forward never called its output embeddings "
-                         f"({type(head).__name__}), so the final hidden states could not be captured; "
-                         "patch with skip_logits=False to compute the loss from the model's logits")
-    h = captured[0]
+        raise ValueError(f"{who}.forward never called its output embeddings ({type(head).__name__}), so the "
+                         f"final hidden states could not be captured; {fix}")
+    return out, captured[0]
+
+
+def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib):
+    cls = type(model).__name__
+    out, h = run_capturing_hidden(lambda: orig(*args, **kwargs), head, who=f"dk.hf.patch: {cls}",
+                                  fix="patch with skip_logits=False to compute the loss from the model's logits")
     softcap, scale, bias = logit_transforms(model)
     weight = head.weight
     if h.device != weight.device:          # e.g. device_map: the head's hook would have moved it

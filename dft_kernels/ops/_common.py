@@ -5,6 +5,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..validation import compute_dtype
+
 
 def row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Describe the rows of ``x`` [..., V] without copying when possible.
@@ -71,7 +73,7 @@ def merge_duplicate_ids(index: torch.Tensor, values: torch.Tensor, V: int) -> Me
     start = torch.where(first, pos, torch.zeros_like(pos)).cummax(1).values
     cs = v.cumsum(1)
     tot = cs - (cs - v).gather(1, vexp(start))
-    out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    out_dtype = compute_dtype(values.dtype)
     sums = torch.where(vexp(keep), tot, torch.zeros_like(tot)).to(out_dtype)
     return MergedIds(torch.where(keep, sk, torch.full_like(sk, -1)), sums, perm)
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .torch_chunked import (_cdtype, _softcap, accumulate_chunk_grads, active_rows, lse_and_gather,
+from ..validation import compute_dtype
+
+from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, lse_and_gather,
                             logits_grad, row_chunks)
 
 DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
@@ -108,7 +110,7 @@ class FastLinearLoss(torch.autograd.Function):
             _check(h, w, b, index)
         N, M = index.shape
         V = w.shape[0]
-        cdt = _cdtype(h)
+        cdt = compute_dtype(h.dtype)
         rows = active_rows(index, V)
         lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=h.device)

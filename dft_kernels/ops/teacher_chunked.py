@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from ..validation import compute_dtype
+
 #: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`.
 MAX_TRITON_K = 256
 #: fp32 elements of one lean [C, Cv] tile, per head.
@@ -41,9 +43,6 @@ FAST_CHUNK_ELEMS = 1 << 23
 DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
                          "again (create_graph=True / double backward); use strategy='lean'")
 
-
-def _cdtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def sort_slots(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +57,7 @@ def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softca
                 c0: int = 0, c1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``softcap(h @ w[c0:c1].T + b[c0:c1]) * inv_temp`` in the compute dtype, and the
     softcap's ``tanh`` (None without a softcap) for the chain rule."""
-    cdt = _cdtype(h)
+    cdt = compute_dtype(h.dtype)
     c1 = w.shape[0] if c1 is None else c1
     z = torch.nn.functional.linear(h, w[c0:c1], None if b is None else b[c0:c1]).to(cdt)
     th = None
@@ -177,7 +176,7 @@ def _add_grads(dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor, r: slice, c: 
 
 
 def _grad_buffers(h, w, b, needs):
-    acc = _cdtype(h)
+    acc = compute_dtype(h.dtype)
     return (torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None,
             torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None,
             torch.zeros(b.shape, dtype=acc, device=b.device) if (b is not None and needs[2]) else None)
@@ -194,7 +193,7 @@ def _lean_stats(student, teacher, inv_temp, kind, beta):
     """Forward of the lean strategy: per-row (div, aux, lse_s, lse_t), all [N]."""
     (h, w, b, cap), (ht, wt, bt, cap_t) = student, teacher
     N, V = h.shape[0], w.shape[0]
-    cdt = _cdtype(h)
+    cdt = compute_dtype(h.dtype)
     out = [torch.zeros(N, dtype=cdt, device=h.device) for _ in range(4)]
     div, aux, lse_s, lse_t = out
     for r, cols in _tiles(N, V):
@@ -266,7 +265,7 @@ class _TwoHeadFast(torch.autograd.Function):
     def forward(ctx, h, w, b, ht, wt, bt, row_weight, cap, cap_t, inv_temp, kind, beta):
         dh, dw, db = _grad_buffers(h, w, b, (h.requires_grad, w.requires_grad, b is not None and b.requires_grad))
         N, V = h.shape[0], w.shape[0]
-        div = torch.zeros(N, dtype=_cdtype(h), device=h.device)
+        div = torch.zeros(N, dtype=compute_dtype(h.dtype), device=h.device)
         step = max(1, FAST_CHUNK_ELEMS // max(V, 1))
         full = slice(0, V)
         with torch.no_grad():

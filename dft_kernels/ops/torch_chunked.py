@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import compute_dtype
 from ._common import row_view
 
 #: fp32 elements per chunk temporary (16 MiB); rows per chunk = this // V.
@@ -65,10 +66,6 @@ def _softcap(z: torch.Tensor, softcap: float | None):
     t = torch.tanh(z / softcap)
     return t * softcap, t
 
-
-def _cdtype(t: torch.Tensor) -> torch.dtype:
-    """Compute dtype: float64 stays float64 (gradcheck), everything else is fp32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _rest_logits(z: torch.Tensor, idx: torch.Tensor, tail_slots: int, s: float) -> torch.Tensor:
@@ -167,7 +164,7 @@ class LSEGatherTorch(torch.autograd.Function):
         N, M = index.shape
         V = x.shape[-1]
         step = chunk_rows(V, chunk_elems)
-        cdt = _cdtype(x)
+        cdt = compute_dtype(x.dtype)
         rows = active_rows(index, V)
         lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=x.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=x.device)
@@ -187,7 +184,7 @@ class LSEGatherTorch(torch.autograd.Function):
         dx = (torch.empty if rows is None else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
         dx2 = dx.view(-1, V)
         step = chunk_rows(V, ctx.chunk_elems)
-        cdt = _cdtype(x)
+        cdt = compute_dtype(x.dtype)
         g_lse = g_lse.to(cdt)
         g_gathered = g_gathered.to(cdt)
         for r in row_chunks(N, step, rows):
@@ -211,7 +208,7 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         N, M = index.shape
         V = w.shape[0]
         step = chunk_rows(V, chunk_elems)
-        cdt = _cdtype(h)
+        cdt = compute_dtype(h.dtype)
         rows = active_rows(index, V)
         lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
@@ -232,7 +229,7 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         N = index.shape[0]
         V = w.shape[0]
         step = chunk_rows(V, ctx.chunk_elems)
-        cdt = _cdtype(h)
+        cdt = compute_dtype(h.dtype)
         acc_dtype = cdt if ctx.accum_fp32 else w.dtype
         dh = None
         if need_h:

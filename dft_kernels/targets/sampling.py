@@ -28,6 +28,7 @@ import torch
 
 from ..ops.teacher_chunked import head_logits
 from ..options import effective_divergence
+from ..validation import compute_dtype
 from ..ops.vocab_sampling import DEFAULT_SAMPLING_CHUNK, draw_samples, per_row_uniforms, sorted_uniforms
 
 TARGET_KINDS = ("topk", "hybrid", "sampled")
@@ -153,7 +154,7 @@ def targets_from_logits(flat: torch.Tensor, k: int, samples: int, temperature: f
         ``index`` [N, k + samples] int32 and ``logprobs`` [N, k + samples] ``out_dtype``.
     """
     n, v = flat.shape
-    cd = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(flat.dtype)
     u = sorted_uniforms(n, samples, generator, flat.device) if samples else None
     index = torch.empty(n, k + samples, dtype=torch.int32, device=flat.device)
     logprobs = torch.empty(n, k + samples, dtype=out_dtype, device=flat.device)
