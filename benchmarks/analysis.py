@@ -8,6 +8,7 @@ import time
 import torch
 
 from .cases import DTYPES, Case, floors
+from .methods import DENSE_TEACHER_METHODS
 
 #: relative loss difference allowed against the reference, by dtype
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
@@ -30,7 +31,7 @@ def annotate(rows: list[dict], ceilings: dict) -> None:
             continue
         key = (r["path"], r["head"], r["N"], r["K"])
         rr = ref.get(key)
-        comparable = r["method"] != "liger-jsd"
+        comparable = r["method"] not in DENSE_TEACHER_METHODS
         if rr is not None and comparable:
             r["loss_rel_diff"] = _rel(r.get("loss"), rr.get("loss"))
             gn, gr = r.get("grad_norms") or [], rr.get("grad_norms") or []

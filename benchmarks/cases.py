@@ -101,7 +101,7 @@ def make_inputs(case: Case) -> dict:
         w = torch.randn(V, D, generator=g, device=dev, dtype=torch.float32).mul_(2.0 / math.sqrt(D))
         out["weight"] = w.to(dt).requires_grad_(True)
         del w
-        if case.method == "liger-jsd":
+        if case.method in ("liger-jsd", "trl-distill"):
             out["teacher_hidden"] = torch.randn(N, D, generator=g, device=dev, dtype=torch.float32).to(dt)
             tw = torch.randn(V, D, generator=g, device=dev, dtype=torch.float32).mul_(2.0 / math.sqrt(D))
             out["teacher_weight"] = tw.to(dt)

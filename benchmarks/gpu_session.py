@@ -5,13 +5,17 @@ Steps, each under its own time cap so that the whole session fits in about 8 min
 
 1. the kernel tests natively (no interpreter): ``pytest`` on the Triton test files;
 2. the sweep (``python -m benchmarks.sweep``) at the lm_heads of Llama-3-8B, Qwen2.5-7B
-   and Gemma-2-2B, K = 0 and 32, bf16: the reference, ours (fused, Triton) and the
-   peers (Liger FLCE, Cut Cross-Entropy, torch's chunked ``F.linear_cross_entropy``),
-   then ours again with the other backend of the backward products
+   and Gemma-2-2B, K = 0 and 32, bf16: the reference, ours (fused, Triton, both
+   strategies: lean and fast) and the peers (Liger FLCE, Cut Cross-Entropy, torch's
+   chunked ``F.linear_cross_entropy`` and TRL's chunked head at K = 0; Liger's fused JSD
+   and TRL's chunked distillation loss against a dense teacher at K = 32), then ours
+   (lean) again with the other backend of the backward products
    (``FusedConfig.backward_gemm``, chosen by ``DFT_KERNELS_BACKWARD_GEMM``);
-3. ``<out>/<name>.json`` and ``<out>/<name>.md``: device, versions, the command, the
-   date, each step's exit status and log tail, and the sweep runs' own JSON / markdown
-   / PNG files (written by the sweep under the same folder).
+3. ignored rows (``python -m benchmarks.ignored_rows``): ours (lean, Triton) at the
+   Llama-3-8B head with every row counted and with half of them ignored;
+4. ``<out>/<name>.json`` and ``<out>/<name>.md``: device, versions, the command, the
+   date, each step's exit status and log tail, and the runs' own JSON / markdown / PNG
+   files (written under the same folder).
 
 ``--dry-run``: tiny shapes on the CPU under the Triton interpreter, a few seconds
 (tests/test_gpu_session.py runs it in CI). Exit code: 0 when every step passed, 1 when
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import importlib
 import io
 import json
 import os
@@ -36,7 +41,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results"
 #: the environment variable that sets ``FusedConfig.backward_gemm`` (ops/linear_lse_gather.py)
 GEMM_ENV = "DFT_KERNELS_BACKWARD_GEMM"   # = ops.linear_lse_gather_products.BACKWARD_GEMM_ENV
 
-KERNEL_TESTS = ["tests/test_gpu_configs.py", "tests/test_fused_linear.py", "tests/test_dft_loss.py"]
+KERNEL_TESTS = ["tests/test_gpu_configs.py", "tests/test_fused_linear.py", "tests/test_dft_loss.py",
+                "tests/test_teacher_topk.py"]
 GPU_HEADS = "llama3-8b,qwen2.5-7b,gemma2-2b"
 
 
@@ -49,35 +55,50 @@ def plan(dry_run: bool, name: str, out: Path) -> list[dict]:
         sweep = [py, "-m", "benchmarks.sweep", "--shapes", "cpu-small", "--device", "cpu", "--heads", "d64-v1k",
                  "--n", "64", "--k", "0", "--paths", "fused", "--repeats", "1", "--warmup", "0",
                  "--isolation", "inprocess", "--quick", "--no-plots", "--out", str(out)]
-        ours, peers = "ours-fused:triton", "reference"
-        # under the interpreter already (CI), the sweeps run in this process (no cap): the
-        # imports and the device ceilings are paid once, which keeps the CI test short
-        caps = (60, None, None) if os.environ.get("TRITON_INTERPRET") == "1" else (60, 120, 120)
+        ours, peers, more = "ours-fused:triton", "reference", "ours-fused-fast:triton"
+        ignored = [py, "-m", "benchmarks.ignored_rows", "--impl", "triton", "--N", "64", "--D", "40", "--V", "300",
+                   "--K", "4", "--rounds", "1", "--out", str(out / f"{name}_ignored-rows.json")]
+        one_head = []
+        # under the interpreter already (CI), the benchmarks run in this process (no cap):
+        # the imports and the device ceilings are paid once, which keeps the CI test short
+        caps = (60, None, None, None, None) if os.environ.get("TRITON_INTERPRET") == "1" else (60, 120, 120, 120, 60)
         base = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     else:
         tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=120", *KERNEL_TESTS]
         sweep = [py, "-m", "benchmarks.sweep", "--shapes", "gpu", "--heads", GPU_HEADS, "--n", "8192",
                  "--k", "0,32", "--paths", "fused", "--quick", "--time-budget", "2", "--out", str(out)]
-        ours, peers, caps = "ours-fused:triton", "reference,torch-lce,liger-flce,cce", (150, 210, 90)
+        ours, peers = "ours-fused:triton", "reference,torch-lce,liger-flce,cce"
+        # the fast strategy, TRL's chunked head (K = 0) and the two dense-teacher losses
+        # (K = 32) at one head: the session's time
+        more = "ours-fused-fast:triton,trl-chunked,liger-jsd,trl-distill"
+        ignored = [py, "-m", "benchmarks.ignored_rows", "--device", "cuda", "--impl", "triton", "--dtype", "bf16",
+                   "--N", "8192", "--D", "4096", "--V", "128256", "--K", "32", "--rounds", "5",
+                   "--out", str(out / f"{name}_ignored-rows.json")]
+        one_head = ["--heads", "llama3-8b"]
+        caps = (90, 210, 60, 40, 45)
         base = {}
     return [
         {"name": "kernel tests", "argv": tests, "env": base, "timeout_s": caps[0]},
         {"name": "sweep (backward_gemm=triton, peers)", "env": {**base, GEMM_ENV: "triton"}, "timeout_s": caps[1],
          "argv": sweep + ["--methods", f"{peers},{ours}", "--name", f"{name}_sweep-triton-gemm"]},
-        {"name": "sweep (backward_gemm=torch)", "env": {**base, GEMM_ENV: "torch"}, "timeout_s": caps[2],
-         "argv": sweep + ["--methods", ours, "--name", f"{name}_sweep-torch-gemm"]},
+        {"name": "sweep (fast strategy, TRL, dense teachers)", "env": {**base, GEMM_ENV: "triton"},
+         "timeout_s": caps[2], "argv": sweep + one_head + ["--methods", more, "--name", f"{name}_sweep-more"]},
+        {"name": "sweep (backward_gemm=torch)", "env": {**base, GEMM_ENV: "torch"}, "timeout_s": caps[3],
+         "argv": sweep + one_head + ["--methods", ours, "--name", f"{name}_sweep-torch-gemm"]},
+        {"name": "ignored rows (half of them)", "env": base, "timeout_s": caps[4], "argv": ignored},
     ]
 
 
-def _run_sweep_here(step: dict) -> tuple[int, str]:
-    """A sweep step in this process (dry run): its environment set for the call."""
-    from . import sweep
+def _run_here(step: dict) -> tuple[int, str]:
+    """A benchmark step (``python -m MODULE ARGS``) in this process (dry run): its
+    environment set for the call."""
+    module = importlib.import_module(step["argv"][2])
     saved = {k: os.environ.get(k) for k in step["env"]}
     os.environ.update(step["env"])
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            rc = sweep.main(step["argv"][3:])
+            rc = module.main(step["argv"][3:])
     except SystemExit as e:   # argparse errors
         rc = e.code
     finally:
@@ -94,7 +115,7 @@ def run_step(step: dict) -> dict:
     (exit status, seconds, log tail)."""
     t0 = time.perf_counter()
     if step["timeout_s"] is None:
-        rc, log = _run_sweep_here(step)
+        rc, log = _run_here(step)
     else:
         try:
             p = subprocess.run(step["argv"], cwd=ROOT, env={**os.environ, **step["env"]}, capture_output=True,

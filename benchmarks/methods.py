@@ -10,7 +10,10 @@ import torch
 from .cases import IGNORE_INDEX, Case
 
 LOGITS_METHODS = ("reference", "ours-logits")
-FUSED_METHODS = ("reference", "ours-fused", "torch-lce", "liger-flce", "liger-jsd", "cce", "compile-chunked")
+FUSED_METHODS = ("reference", "ours-fused", "ours-fused-fast", "torch-lce", "liger-flce", "liger-jsd", "cce",
+                 "trl-chunked", "trl-distill", "compile-chunked")
+#: methods whose loss is a different quantity (a dense teacher): only time and memory compare
+DENSE_TEACHER_METHODS = ("liger-jsd", "trl-distill")
 ALL_METHODS = tuple(dict.fromkeys(LOGITS_METHODS + FUSED_METHODS))
 
 #: what each method is, for the reports
@@ -19,7 +22,9 @@ METHOD_NOTES = {
                  "fused path: logits = hidden @ weight.T first",
     "ours-logits": "dft_kernels.dft_loss on the given logits",
     "ours-fused": "dft_kernels.fused_linear_dft_loss on hidden + weight, strategy='lean' (logits recomputed in "
-                  "backward; the fast strategy is compared in benchmarks/strategies.py)",
+                  "backward)",
+    "ours-fused-fast": "dft_kernels.fused_linear_dft_loss, strategy='fast' (each row chunk's logits once, "
+                       "gradients formed in the forward; more memory, less matmul work)",
     "torch-lce": "torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (chunked), K = 0 only",
     "liger-flce": "Liger-Kernel LigerFusedLinearCrossEntropyLoss, K = 0 only",
     "liger-jsd": "Liger-Kernel LigerFusedLinearJSD (beta 0.5) against a DENSE teacher (teacher hidden [N, D] + "
@@ -27,6 +32,11 @@ METHOD_NOTES = {
                  "different quantity, so only time and memory compare; its time includes the teacher's "
                  "2*N*D*V forward matmul",
     "cce": "Cut Cross-Entropy cut_cross_entropy.linear_cross_entropy, K = 0 only",
+    "trl-chunked": "TRL trl.kernels.ChunkedLogProbFunction (chunk 32768), token log-probs -> masked mean NLL, "
+                   "K = 0 only",
+    "trl-distill": "TRL _chunked_divergence_loss (trl/trainer/distillation_trainer.py, forward KL, beta 0) "
+                   "against a DENSE teacher (teacher hidden + weight): K > 0 rows; a different loss, so only "
+                   "time and memory compare; its time includes the teacher's projection",
     "compile-chunked": "torch.compile of a small chunked PyTorch DFT loss (benchmarks/chunked.py), chunks "
                        "recomputed in backward by torch.utils.checkpoint",
 }
@@ -52,9 +62,9 @@ def applies(method: str, path: str, K: int) -> bool:
         return method in LOGITS_METHODS
     if method not in FUSED_METHODS:
         return False
-    if method in ("torch-lce", "liger-flce", "cce"):
+    if method in ("torch-lce", "liger-flce", "cce", "trl-chunked"):
         return K == 0
-    if method == "liger-jsd":
+    if method in DENSE_TEACHER_METHODS:
         return K > 0
     return True
 
@@ -67,6 +77,11 @@ PEER_MODULES = {
     "liger-flce": ("liger-kernel", "liger_kernel.transformers"),
     "liger-jsd": ("liger-kernel", "liger_kernel.transformers"),
     "cce": ("cut-cross-entropy", "cut_cross_entropy"),
+}
+#: peers that also run on the CPU (plain PyTorch off CUDA)
+CPU_PEER_MODULES = {
+    "trl-chunked": ("trl", "trl.kernels"),
+    "trl-distill": ("trl", "trl.trainer.distillation_trainer"),
 }
 
 
@@ -93,7 +108,7 @@ def torch_lce_status() -> str:
 def peer_versions() -> dict:
     """Version string of every peer, or "missing: <reason>"."""
     out = {}
-    for dist, mod in {v for v in PEER_MODULES.values()}:
+    for dist, mod in {v for v in (*PEER_MODULES.values(), *CPU_PEER_MODULES.values())}:
         out[dist] = _import_status(mod, dist)
     out["torch.nn.functional.linear_cross_entropy"] = torch_lce_status()
     out["torch.compile"] = (f"torch {torch.__version__}" if hasattr(torch, "compile")
@@ -102,7 +117,7 @@ def peer_versions() -> dict:
 
 
 #: the version key of ``peer_versions()`` that each method needs
-NEEDS = {**{m: dist for m, (dist, _) in PEER_MODULES.items()},
+NEEDS = {**{m: dist for m, (dist, _) in (*PEER_MODULES.items(), *CPU_PEER_MODULES.items())},
          "torch-lce": "torch.nn.functional.linear_cross_entropy", "compile-chunked": "torch.compile"}
 
 
@@ -143,10 +158,11 @@ def build(case: Case, inputs: dict):
     if m == "reference":
         return ((lambda: dk.fused_linear_dft_loss(h, w, idx, lp, labels, lam=lam, impl="reference")), grads,
                 "reference", "")
-    if m == "ours-fused":
+    if m in ("ours-fused", "ours-fused-fast"):
         impl = case.impl or "auto"
-        return ((lambda: dk.fused_linear_dft_loss(h, w, idx, lp, labels, lam=lam, impl=impl, strategy="lean")), grads,
-                resolve_impl(impl, h.device), "")
+        strategy = "fast" if m == "ours-fused-fast" else "lean"
+        return ((lambda: dk.fused_linear_dft_loss(h, w, idx, lp, labels, lam=lam, impl=impl, strategy=strategy)),
+                grads, resolve_impl(impl, h.device), "")
     if m == "torch-lce":
         F = torch.nn.functional
         opts_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
@@ -176,6 +192,21 @@ def build(case: Case, inputs: dict):
         from cut_cross_entropy import linear_cross_entropy
         return ((lambda: linear_cross_entropy(h, w, labels, ignore_index=IGNORE_INDEX, reduction="mean")), grads,
                 None, "")
+    if m == "trl-chunked":
+        from trl.kernels import ChunkedLogProbFunction
+        mask = labels != IGNORE_INDEX
+
+        def trl_nll():   # as TRL's trainer calls it: every position scored, then masked
+            out = ChunkedLogProbFunction.apply(h, w, None, labels.clamp(min=0), 1.0, 32768, None, 1.0, ())
+            tok = out[0] if isinstance(out, tuple) else out
+            return -(tok * mask).sum() / mask.sum().clamp(min=1)
+        return trl_nll, grads, None, "chunk 32768"
+    if m == "trl-distill":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+        th, tw = inputs["teacher_hidden"], inputs["teacher_weight"]
+        mask = (labels != IGNORE_INDEX).to(h.dtype)[None]
+        return ((lambda: _chunked_divergence_loss(h[None], th[None], w, tw, mask, 0.0)[0]), grads, None,
+                "dense teacher: loss not comparable")
     if m == "compile-chunked":
         from .chunked import CompiledChunkedDFT
         fn = CompiledChunkedDFT(lam=lam, V=case.V)

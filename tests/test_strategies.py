@@ -226,23 +226,28 @@ def test_rows_that_do_not_count_are_never_projected(strategy):
     torch.testing.assert_close(db, ref[3])
 
 
-def test_torch_ops_skip_rows_without_ids():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ops_skip_rows_without_ids(impl):
     """The ops' contract: a row whose index holds no id in [0, V) gives lse 0, gathered 0
-    and zero gradients, on the fused and on the logits path."""
+    and zero gradients (whatever upstream gradient arrives for it), on the fused and on
+    the logits path; the other rows equal the float64 reference."""
     from dft_kernels import ops
     g = torch.Generator().manual_seed(13)
-    h = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    h = torch.randn(6, 5, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, dtype=dtype, requires_grad=True)
     index = torch.tensor([[1, 2], [-1, -1], [3, -1], [11, -1], [0, 10], [-1, 99]])
     dead = torch.tensor([False, True, False, True, False, True])
-    for lse, gathered, x in (
-            ops.linear_lse_gather_apply(h, w, None, index, (1.0, 0.5), None, "torch", tail_slots=1) + (h,),
-            ops.lse_gather_apply(h @ w.T, index, (1.0,), 2.0, "torch", tail_slots=2) + (None,)):
+    up = torch.rand(6, 2, generator=g) + 0.5            # != 1, and non-zero on the dead rows too
+    logits = (h @ w.T).detach().requires_grad_(True)
+    ref = (h.detach().double() @ w.detach().double().T)
+    for lse, gathered, x, z in (
+            ops.linear_lse_gather_apply(h, w, None, index, (1.0,), None, impl, tail_slots=0) + (h, ref),
+            ops.lse_gather_apply(logits, index, (1.0,), None, impl) + (logits, ref)):
         assert torch.count_nonzero(lse[dead]) == 0 and torch.count_nonzero(gathered[dead]) == 0
-        assert (lse[~dead, 0] != 0).all()
-        if x is not None:
-            (dh,) = torch.autograd.grad((lse.sum() + gathered.sum()), x)
-            assert torch.count_nonzero(dh[dead]) == 0 and torch.count_nonzero(dh[~dead]) > 0
+        torch.testing.assert_close(lse[~dead, 0].double(), torch.logsumexp(z[~dead], 1), rtol=1e-5, atol=1e-5)
+        (dx,) = torch.autograd.grad((lse[:, 0] * up[:, 0]).sum() + (gathered * up).sum(), x)
+        assert torch.count_nonzero(dx[dead]) == 0 and torch.count_nonzero(dx[~dead]) > 0
 
 
 # --------------------------------------------------------------------------- memory model

@@ -69,17 +69,38 @@ class OnlineTeacher:
         labels = inputs.get("labels")
         ignore = loss_kwargs.get("ignore_index", -100)
         fwd = {n: v for n, v in inputs.items() if n not in ("labels", "target_index", "target_logprobs")}
-        out, h = capture_last_hidden(student, **{"use_cache": False, **fwd})
         s_model = student.module if hasattr(student, "module") else student      # DDP
         head = s_model.get_output_embeddings()
         softcap, scale, _ = logit_transforms(s_model)
         shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:] if labels is not None else None
         keys = ("divergence", "beta", "lam", "accuracy", "ignore_index", "impl", "strategy", "memory_budget")
-        comps = fused_linear_distill_loss(
-            h, head.weight, h_t.to(h.device), head_t.weight.to(h.device),
-            None if shifted is None else shifted.to(h.device), bias=head.bias,
-            teacher_bias=None if head_t.bias is None else head_t.bias.to(h.device), temperature=self.temperature,
-            softcap=softcap, teacher_softcap=self.softcap, logit_scale=float(scale), teacher_logit_scale=self.scale,
-            num_items_in_batch=num_items_in_batch, return_components=True,
-            **{k: v for k, v in loss_kwargs.items() if k in keys})
-        return comps.loss, out, comps
+        hidden, result = [], []
+
+        def take_hidden(module, args, kwargs):       # runs before run_capturing_hidden's hook cuts the input
+            hidden.append(args[0] if args else kwargs["input"])
+
+        def put_loss(module, args, output):
+            # the loss is computed inside the student's forward and returned in its output: DDP with
+            # find_unused_parameters=True (the Trainer's default) marks every parameter the output
+            # does not reach as unused, and would fail in backward ("marked as ready twice")
+            h = hidden[-1]
+            comps = fused_linear_distill_loss(
+                h, head.weight, h_t.to(h.device), head_t.weight.to(h.device),
+                None if shifted is None else shifted.to(h.device), bias=head.bias,
+                teacher_bias=None if head_t.bias is None else head_t.bias.to(h.device),
+                temperature=self.temperature, softcap=softcap, teacher_softcap=self.softcap,
+                logit_scale=float(scale), teacher_logit_scale=self.scale, num_items_in_batch=num_items_in_batch,
+                return_components=True, **{k: v for k, v in loss_kwargs.items() if k in keys})
+            result.append(comps)
+            if isinstance(output, dict):
+                output["loss"] = comps.loss
+            return output
+
+        handles = [head.register_forward_pre_hook(take_hidden, with_kwargs=True),
+                   s_model.register_forward_hook(put_loss)]
+        try:
+            out, _ = capture_last_hidden(student, **{"use_cache": False, **fwd})
+        finally:
+            for handle in handles:
+                handle.remove()
+        return result[-1].loss, out, result[-1]

@@ -111,6 +111,11 @@ class DFTTrainerMixin:
         if self._dft_teacher is not None and self._dft_teacher.mode == "dense":
             loss, outputs, comps = self._dft_teacher.dense_loss(model, inputs, num_items_in_batch,
                                                                 self.dft_config.loss_kwargs())
+            if getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
+                # as transformers.Trainer.compute_loss does: the loss is a sum over the global token count,
+                # and DDP averages the ranks' gradients
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes // tp)
         else:
             if self._dft_teacher is not None:
                 inputs = self._dft_teacher.targets(inputs, self.args.device)
@@ -126,7 +131,7 @@ class DFTTrainerMixin:
                         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps",
                                               self.args.gradient_accumulation_steps)
                     elif getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
-                        scale = float(loss.detach() / comps.loss.detach()) if float(comps.loss) != 0 else 1.0
+                        scale = float(loss.detach() / comps.loss.detach()) if float(comps.loss.detach()) != 0 else 1.0
                     self._dft_train.add(comps, scale)
                 else:
                     self._dft_eval.add(comps, 1.0)

@@ -109,3 +109,24 @@ def sorted_slots(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
     slots = index[:, :tail_slots].long()
     ok = (slots >= 0) & (slots < V)
     return torch.where(ok, slots, torch.full_like(slots, SLOT_SENTINEL)).sort(dim=1).values.contiguous()
+
+
+def row_activity(index: torch.Tensor, V: int) -> torch.Tensor:
+    """int32 [N]: 1 where the row's ``index`` holds an id in [0, V) (the row counts), else 0."""
+    return ((index >= 0) & (index < V)).any(1).to(torch.int32)
+
+
+def active_first(index: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stable row order with the rows that count first, and their activity in that
+    order, computed on the device (no host sync).
+
+    Returns ``order`` int64 [N] (row ``i`` of the reordered problem is row ``order[i]``)
+    and ``active`` int32 [N] (ones, then zeros)."""
+    act = row_activity(index, V)
+    order = torch.argsort(1 - act, stable=True)
+    return order, act.index_select(0, order).contiguous()
+
+
+def unpermute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (computed in ``order``) back in the caller's order."""
+    return torch.empty_like(x).index_copy_(0, order, x)

@@ -116,10 +116,22 @@ def drive_fused_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> 
         True, True, variant.bias, variant.accum_fp32, tail_slots)
 
 
+def drive_teacher_topk(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
+    """The teacher's top-k (ops/teacher_topk.py) at k = K and at the kernel's largest k
+    (the register buffer is [BLOCK_N, k]); softcap and bias from the variant."""
+    from . import teacher_topk
+    h = torch.empty((shape.N, shape.D), dtype=dtype, device="meta")
+    w = torch.empty((shape.V, shape.D), dtype=dtype, device="meta")
+    b = torch.empty((shape.V,), dtype=dtype, device="meta") if variant.bias else None
+    for k in (shape.K, teacher_topk.MAX_TRITON_K):
+        teacher_topk.teacher_topk_forward(h, w, b, k, 1.0, 1.0, 30.0 if variant.softcap else None)
+
+
 #: op name -> driver. A new op module adds its driver here.
 DRIVERS: dict[str, Callable[[HeadShape, Variant, torch.dtype], None]] = {
     "logits": drive_logits_path,
     "fused": drive_fused_path,
+    "teacher_topk": drive_teacher_topk,
 }
 
 
@@ -177,7 +189,8 @@ def specialise(launch: Launch, arch: str, dtype: str, variant: str) -> Job:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
-    opts = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages", "num_ctas")}
+    opts = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")
+            and v is not None}
     key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
                 sorted(opts.items()), arch, dtype))
     return Job(fn.__module__, fn.__name__, signature, constexprs, attrs, opts, arch, dtype, variant, key)

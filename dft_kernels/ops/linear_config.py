@@ -21,6 +21,15 @@ class TileConfig:
     GROUP: int
     num_warps: int
     num_stages: int
+    #: ptxas's register cap per thread (None: its own choice)
+    maxnreg: int | None = None
+
+    def launch_options(self) -> dict:
+        """The launch keywords of warps, stages and the register cap."""
+        out = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            out["maxnreg"] = self.maxnreg
+        return out
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,16 @@ def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int,
     # spilled at 128 x 128 on sm_80 (16-bit, fp32) and sm_90a (fp32) and used all 255
     # registers elsewhere; its tile is split in half along the rows (64 x 128: 32
     # registers per tile value), which leaves it at <= 190 registers without spills
-    # on both architectures (`python -m dft_kernels.ops.compile_check --all`).
+    # on both architectures (`python -m dft_kernels.ops.compile_check --all`). Left to
+    # itself, ptxas aims some of its variants at 128 registers (two programs per SM) and
+    # spills 16-32 bytes on sm_80; there the explicit cap of 255 (the limit at 8 warps)
+    # makes it allocate freely, and those variants fit in 123 without a spill. On
+    # sm_90a the same cap makes three fp32 variants spill (64 bytes), so it is sm_80's only.
     bd = 16 if dtype == torch.float32 else 32
     tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4)
     return FusedConfig(
-        fwd=tile, dz=TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4),
+        fwd=tile, dz=TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4,
+                                maxnreg=255 if capability < (9, 0) else None),
         gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
         gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=256, num_warps=4),
         fix=RowConfig(BLOCK_M=bm(256), BLOCK_D=0, num_warps=4),

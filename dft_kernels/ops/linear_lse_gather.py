@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import merge_duplicate_ids, sorted_slots
+from ._common import active_first, merge_duplicate_ids, row_activity, sorted_slots, unpermute
 from .linear_config import FusedConfig, fused_config
 from .linear_lse_gather_products import check_backward_gemm, dh_product, dw_product
 from ._triton_common import _cast, _dot, _tanh, _tile_ids, target_capability
@@ -95,7 +95,7 @@ def _mask_slots(x, fill, SLOT, stride_sn, tail_slots, n_iter, rows, rmask, cols,
 @triton.jit
 def _lse_tile_kernel(
     H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
-    PART, stride_pn, stride_pt,
+    PART, stride_pn, stride_pt, ACT,
     SLOT, stride_sn, tail_slots, n_iter,
     N, V, D, scale_a, scale_b, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_SCALES: tl.constexpr, HAS_TAIL: tl.constexpr,
@@ -111,7 +111,11 @@ def _lse_tile_kernel(
     cols = cols0 + tl.arange(0, BLOCK_V)
     rmask = rows < N
     cmask = cols < V
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, D,
+    # a block of rows that do not count: the D loop runs zero times (their partials are
+    # finite, the launcher overwrites their lse with 0)
+    active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
+    n_d = tl.where(active > 0, D, 0)
+    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
                      IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     if HAS_BIAS:
         z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -305,15 +309,22 @@ def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torc
 
 def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
                               scales: tuple[float, ...], softcap: float | None, tail_slots: int = 0,
-                              config: FusedConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              config: FusedConfig | None = None, active: torch.Tensor | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``lse`` [N, T (+1)] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``.
 
     With ``tail_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
     over the vocab outside the first ``tail_slots`` ids of each row (-inf if empty).
-    ``config``: the launch config (None: ``fused_config`` for the device)."""
+    Rows whose ``index`` holds no id in [0, V) do not count: lse 0, gathered 0, and a
+    block of ``BLOCK_N`` such rows does no matmul work (the autograd function orders
+    the rows active-first so that they form whole blocks).
+    ``config``: the launch config (None: ``fused_config`` for the device).
+    ``active``: int32 [N] row activity (None: :func:`row_activity` of ``index``)."""
     _check(h, w, b, index)
     N, D = h.shape
     V = w.shape[0]
+    if active is None:
+        active = row_activity(index, V)
     M = index.shape[1]
     sa, sb, two = _scales(scales)
     n_lse = (2 if two else 1) + (1 if tail_slots else 0)
@@ -335,16 +346,17 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     grid = (triton.cdiv(N, f.BLOCK_N) * n_vb,)
     _lse_tile_kernel[grid](
         h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
-        part, part.stride(0), part.stride(1),
+        part, part.stride(0), part.stride(1), active,
         slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
         N, V, D, sa, sb, cap,
         HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
         IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f.BLOCK_D == 0,
         BLOCK_N=f.BLOCK_N, BLOCK_V=f.BLOCK_V, BLOCK_D=f.BLOCK_D, GROUP=f.GROUP,
-        num_warps=f.num_warps, num_stages=f.num_stages,
+        **f.launch_options(),
     )
     torch.logsumexp(part, dim=-1, out=lse)
     del part
+    lse.masked_fill_(active[:, None] == 0, 0.0)
 
     if M > 0:
         g = cfg.gather
@@ -424,9 +436,11 @@ def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tup
 
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
                                need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0,
-                               config: FusedConfig | None = None):
+                               config: FusedConfig | None = None, active: torch.Tensor | None = None):
     """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed.
-    ``config``: the launch config (None: ``fused_config`` for the device)."""
+    ``config``: the launch config (None: ``fused_config`` for the device); ``active``:
+    as in :func:`linear_lse_gather_forward`. Rows that do not count get zero gradient and,
+    with no upstream gradient either, a block of them does no matmul work."""
     N, D = h.shape
     V = w.shape[0]
     M = index.shape[1]
@@ -443,8 +457,10 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
-    g_lse = g_lse.float().contiguous()
-    g_gathered = g_gathered.float()
+    # rows that do not count get no gradient, whatever arrives for them
+    counts = (row_activity(index, V) if active is None else active)[:, None] > 0
+    g_lse = torch.where(counts, g_lse.float(), 0.0).contiguous()
+    g_gathered = torch.where(counts, g_gathered.float(), 0.0)
     active = g_lse.ne(0).any(1)
     if M > 0:
         active = active | g_gathered.ne(0).any(1)
@@ -505,7 +521,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
                 STORE_DZ=store_dz, STORE_DB=need_b,
                 IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc.BLOCK_D == 0,
                 BLOCK_N=zc.BLOCK_N, BLOCK_V=zc.BLOCK_V, BLOCK_D=zc.BLOCK_D, GROUP=zc.GROUP,
-                num_warps=zc.num_warps, num_stages=zc.num_stages,
+                **zc.launch_options(),
             )
             if need_b:
                 db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc.BLOCK_N), :n_cols].sum(0)
@@ -542,19 +558,26 @@ class LinearLSEGatherTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None):
-        index = index.contiguous()
         tail_slots = min(int(tail_slots or 0), index.shape[1])
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config)
-        ctx.save_for_backward(h, w, b, index, lse, gathered)
+        # rows that count first, so that the rows that do not form whole tiles the
+        # kernels skip (device-side: no host sync)
+        order, active = active_first(index, w.shape[0])
+        h = h.index_select(0, order)
+        index = index.index_select(0, order).contiguous()
+        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config, active)
+        ctx.save_for_backward(h, w, b, index, lse, gathered, order, active)
         ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
         ctx.config = config
-        return lse, gathered
+        return unpermute(lse, order), unpermute(gathered, order)
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
-        h, w, b, index, lse, gathered = ctx.saved_tensors
+        h, w, b, index, lse, gathered, order, active = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = linear_lse_gather_backward(
-            h, w, b, index, ctx.scales, ctx.softcap, lse, gathered, g_lse, g_gathered,
-            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config)
+            h, w, b, index, ctx.scales, ctx.softcap, lse, gathered,
+            g_lse.index_select(0, order), g_gathered.index_select(0, order),
+            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active)
+        if dh is not None:
+            dh = unpermute(dh, order)
         return dh, dw, db, None, None, None, None, None, None

@@ -47,6 +47,19 @@ def _slot_hits(slot_row, p, tail_slots, c, end, sentinel, BLOCK_V: tl.constexpr)
 
 
 @triton.jit
+def _row_counts(idx_row, V, M, BLOCK_M: tl.constexpr):
+    """Whether the row's index holds an id in [0, V): a row without one does not count
+    (lse 0, gathered 0, zero gradient) and its logits are not read."""
+    offs = tl.arange(0, BLOCK_M)
+    n_ok = tl.zeros([], dtype=tl.int32)
+    for ms in range(0, M, BLOCK_M):
+        mo = ms + offs
+        idx = tl.load(idx_row + mo, mask=mo < M, other=-1)
+        n_ok += tl.sum(((idx >= 0) & (idx < V)).to(tl.int32), axis=0)
+    return n_ok > 0
+
+
+@triton.jit
 def _lse_gather_fwd_kernel(
     X, stride_xb, stride_xt, seq_len,
     IDX, stride_in,
@@ -70,7 +83,8 @@ def _lse_gather_fwd_kernel(
     s_a = tl.zeros([], dtype=tl.float32)
     m_b = tl.zeros([], dtype=tl.float32) - float("inf")
     s_b = tl.zeros([], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
+    counts = _row_counts(IDX + row * stride_in, V, M, BLOCK_M)
+    for start in range(0, tl.where(counts, V, 0), BLOCK_V):
         c = start + cols
         mask = c < V
         z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
@@ -82,11 +96,11 @@ def _lse_gather_fwd_kernel(
         if HAS_TAIL:
             hits, p = _slot_hits(slot_row, p, tail_slots, c, start + BLOCK_V, V + BLOCK_V, BLOCK_V)
             m_t, s_t = _online_lse(m_t, s_t, tl.where(mask & (hits == 0), z * scale_t, float("-inf")))
-    tl.store(LSE + row * stride_ln, m_a + tl.log(s_a))
+    tl.store(LSE + row * stride_ln, tl.where(counts, m_a + tl.log(s_a), 0.0))
     if TWO_SCALES:
-        tl.store(LSE + row * stride_ln + 1, m_b + tl.log(s_b))
+        tl.store(LSE + row * stride_ln + 1, tl.where(counts, m_b + tl.log(s_b), 0.0))
     if HAS_TAIL:
-        tl.store(LSE + row * stride_ln + (2 if TWO_SCALES else 1), m_t + tl.log(s_t))
+        tl.store(LSE + row * stride_ln + (2 if TWO_SCALES else 1), tl.where(counts, m_t + tl.log(s_t), 0.0))
 
     offs = tl.arange(0, BLOCK_M)
     for ms in range(0, M, BLOCK_M):
@@ -131,12 +145,18 @@ def _lse_gather_bwd_kernel(
     if TWO_SCALES:
         lse_b = tl.load(LSE + row * stride_ln + 1)
         g_b = tl.load(GLSE + row * stride_gln + 1) * scale_b
+    # a row that does not count: zero gradient, its logits not read (its lse is 0)
+    counts = _row_counts(IDX + row * stride_in, V, M, BLOCK_M)
+    g_a = tl.where(counts, g_a, 0.0)
+    g_b = tl.where(counts, g_b, 0.0)
+    g_r = tl.where(counts, g_r, 0.0)
 
     # dense part: the softmax term, recomputed tile by tile
+    v_read = tl.where(counts, V, 0)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         mask = c < V
-        x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + c, mask=c < v_read, other=0.0).to(tl.float32)
         z = x
         if HAS_SOFTCAP:
             t = _tanh(x / softcap)
@@ -191,6 +211,8 @@ class LogitsConfig:
     BLOCK_M: int
     fwd_warps: int
     bwd_warps: int
+    #: the backward's vocab tile (at most 2048: see :func:`lse_gather_config`)
+    BWD_BLOCK_V: int
 
 
 def lse_gather_config(capability: tuple[int, int] | None, dtype: torch.dtype, V: int, M: int) -> LogitsConfig:
@@ -205,13 +227,18 @@ def lse_gather_config(capability: tuple[int, int] | None, dtype: torch.dtype, V:
 
     The backward keeps about four [BLOCK_V] fp32 vectors live (x, z, dz, one exponent);
     at 16 warps a thread may hold at most 128 registers and the 8192-wide tile spills
-    on sm_90a, so it runs at 8 warps (255 registers, 32 values per vector per thread).
-    The forward holds fewer values and keeps 16 warps for the memory bandwidth."""
+    on sm_90a, so it runs at 8 warps; at 8192 wide it used 254-255 registers, and the
+    check that skips rows without an id pushed it over (8-28 spill bytes); 4096 wide
+    still spilled 8 bytes in six variants (ptxas aiming at 128 registers), so its tile
+    is at most 2048 wide: at most 81 registers, several programs per SM to hide the
+    memory latency. The forward holds fewer values and keeps 16 warps and the
+    8192-wide tile for the memory bandwidth."""
     del capability, dtype   # the same on every architecture and dtype (docs/design.md sec. 13)
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     block_m = min(triton.next_power_of_2(max(M, 1)), 256)
     fwd_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
-    return LogitsConfig(BLOCK_V=block_v, BLOCK_M=block_m, fwd_warps=fwd_warps, bwd_warps=min(fwd_warps, 8))
+    return LogitsConfig(BLOCK_V=block_v, BLOCK_M=block_m, fwd_warps=fwd_warps, bwd_warps=min(fwd_warps, 8),
+                        BWD_BLOCK_V=min(block_v, 2048))
 
 
 def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
@@ -265,7 +292,7 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
         slots, slots.stride(0), tail_slots,
         V, M, sa, sbb, float(softcap or 1.0),
         TWO_SCALES=two, HAS_SOFTCAP=softcap is not None, HAS_TAIL=tail_slots > 0,
-        BLOCK_V=cfg.BLOCK_V, BLOCK_M=cfg.BLOCK_M, num_warps=cfg.bwd_warps,
+        BLOCK_V=cfg.BWD_BLOCK_V, BLOCK_M=cfg.BLOCK_M, num_warps=cfg.bwd_warps,
     )
     return dx
 

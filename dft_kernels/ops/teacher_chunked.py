@@ -31,8 +31,10 @@ import torch
 
 from ..validation import compute_dtype
 
-#: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`.
-MAX_TRITON_K = 256
+#: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`
+#: (a [64, k] buffer of values and ids per program: at k = 256 it spills hundreds of bytes
+#: on sm_80 and sm_90a, see ``python -m dft_kernels.ops.compile_check --op teacher_topk``).
+MAX_TRITON_K = 64
 #: fp32 elements of one lean [C, Cv] tile, per head.
 LEAN_TILE_ELEMS = 1 << 21
 #: Vocab columns of one lean tile.

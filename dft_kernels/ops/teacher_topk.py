@@ -87,6 +87,8 @@ class TopkConfig:
     BLOCK_D: int
     num_warps: int
     num_stages: int
+    #: ptxas's register cap per thread (None: its own choice)
+    maxnreg: int | None = None
 
 
 def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) -> TopkConfig:
@@ -97,12 +99,20 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
         dtype: the input dtype; k: slots kept per row (the register buffer is [BLOCK_N, k]).
     Returns:
         :class:`TopkConfig`.
+
+    The [64, k] buffer (k <= MAX_TRITON_K = 64) sits next to the logits tile: 16-bit
+    operands take 64 x 128 x 32 tiles, fp32 ones 64 x 64 x 16 (a 128-wide fp32 tile spills);
+    64 rows keep wgmma on sm_90a. On sm_80 ptxas aims some variants at 128 registers and
+    spills; the explicit cap of 255 lets it allocate freely (no spill). Checked for every
+    dtype on sm_80 and sm_90a by ``python -m dft_kernels.ops.compile_check``.
     """
+    del k   # one config up to MAX_TRITON_K
     if capability is None:
         return TopkConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-    bd = 32 if dtype == torch.float32 else 64
-    bn = 64 if k <= 64 else 32
-    return TopkConfig(BLOCK_N=bn, BLOCK_V=128, BLOCK_D=bd, num_warps=8, num_stages=3)
+    maxnreg = 255 if capability < (9, 0) else None
+    if dtype == torch.float32:
+        return TopkConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=4, maxnreg=maxnreg)
+    return TopkConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4, maxnreg=maxnreg)
 
 
 def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, scale: float,
@@ -134,7 +144,8 @@ def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
             KP=triton.next_power_of_2(k), HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
             IEEE=_ieee(h), INTERP_BF16=_interp_bf16(h), EVEN_D=D % cfg.BLOCK_D == 0,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)))
     if h.device.type == "meta":
         return index, logprobs, lse
     index, logprobs = sort_slots(index, logprobs)

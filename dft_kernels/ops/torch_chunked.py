@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import compute_dtype
-from ._common import row_view
+from ._common import row_activity, row_view
 
 #: fp32 elements per chunk temporary (16 MiB); rows per chunk = this // V.
 DEFAULT_CHUNK_ELEMS = 1 << 22
@@ -32,7 +32,7 @@ def active_rows(index: torch.Tensor, V: int) -> torch.Tensor | None:
         int64 [A] row numbers, ascending, or None when every row is active (a host sync:
         the torch path's one).
     """
-    ok = ((index >= 0) & (index < V)).any(1)
+    ok = row_activity(index, V).bool()
     n_active = int(ok.sum())
     if n_active == index.shape[0]:
         return None
