@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def _cmd_targets_inspect(args) -> int:
 
 
 def _cmd_targets_list(args) -> int:
-    from .workflow.presets import list_presets
+    from .workflow.presets import format_table, list_presets
     rows = list_presets(args.dirs)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -88,10 +89,7 @@ def _cmd_targets_list(args) -> int:
     if not rows:
         print(f"no targets directories in {' '.join(args.dirs)}")
         return 0
-    print(f"{'name':<16}{'kind':<7}{'k':>4}{'vocab':>8}{'seqs':>7}  {'path':<28}description")
-    for r in rows:
-        print(f"{r['name'] or '-':<16}{r['kind']:<7}{r['k']:>4}{r['vocab_size']:>8}{r['n_sequences']:>7}  "
-              f"{r['path']:<28}{r['description'] or ''}{'' if r['complete'] else '  (INCOMPLETE)'}")
+    print(format_table(rows), end="")
     return 0
 
 
@@ -104,8 +102,9 @@ def _cmd_targets_blend(args) -> int:
     if args.weights is not None and len(args.weights) != len(args.sources):
         raise UsageError(f"--weights has {len(args.weights)} values for {len(args.sources)} sources: give one "
                          "weight per directory, in the same order")
-    if args.weights is not None and any(w < 0 for w in args.weights):
-        raise UsageError(f"--weights {' '.join(map(str, args.weights))}: weights must be > 0")
+    if args.weights is not None and not all(math.isfinite(w) and w > 0 for w in args.weights):
+        raise UsageError(f"--weights {' '.join(map(str, args.weights))}: weights must be finite and > 0 (drop a "
+                         "source instead of giving it weight 0)")
     search = args.presets or os.environ.get("DFT_KERNELS_PRESETS", ".").split(os.pathsep)
     dirs = [resolve_target_dir(s, search) for s in args.sources]
     weights = None if args.weights is None else [w / sum(args.weights) for w in args.weights]
@@ -247,8 +246,17 @@ def add_plan_parser(sub) -> None:
 COMMAND_GROUPS = [add_targets_parser, add_train_parser, add_eval_parser, add_plan_parser]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's error convention: one line ``error: ...`` naming the
+    argument (and the command's --help for the fix), exit code 2. Subcommand parsers are of
+    the same class (argparse makes them with the parent's class)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dft-kernels", description="Distribution Fine-Tuning kernels: tools")
+    parser = _Parser(prog="dft-kernels", description="Distribution Fine-Tuning kernels: tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMAND_GROUPS:
         add(sub)

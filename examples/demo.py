@@ -23,7 +23,8 @@ backward and the peak memory beyond the inputs are printed.
     python examples/demo.py [--workdir DIR] [--skip-workflow] [--skip-loss] [--n N] [--k 32]
 
 Peak memory: CUDA's allocator statistics on a GPU; on a CPU each method runs in a
-fresh process and the growth of its peak resident set size is reported.
+fresh process (one thread, glibc returning freed blocks to the OS) and its peak resident
+set beyond the one before the measured steps is reported.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,6 +102,10 @@ def workflow(work: Path, steps: int) -> None:
     """Part 1 of the demo in ``work``: corpora, teachers, presets, blend, SFT and DFT students, eval."""
     work.mkdir(parents=True, exist_ok=True)
     print(f"== part 1: the workflow, in {work}")
+    # tiny models: each op is too small to split; a second thread only adds OpenMP hand-offs,
+    # which stall for tens of milliseconds per op when other work shares the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     quiet = ["--quiet"]
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()        # no "Loading weights" bars between the commands
@@ -143,6 +149,7 @@ def workflow(work: Path, steps: int) -> None:
     print(f"DFT vs SFT on held-out data: sparse KL to the blended teachers {dft['sparse_kl']:.3f} vs "
           f"{sft['sparse_kl']:.3f}, mass on the teachers' top-k {dft['student_mass']:.3f} vs "
           f"{sft['student_mass']:.3f}, CE {dft['ce']:.3f} vs {sft['ce']:.3f}")
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- part 2: the loss
@@ -189,6 +196,7 @@ def run_method(method, n, d, v, k, dtype, device, repeats):
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_now()
+        _reset_rss_peak()
     times = []
     for _ in range(repeats):
         sync()
@@ -199,7 +207,7 @@ def run_method(method, n, d, v, k, dtype, device, repeats):
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _rss_peak() - base
     return loss.item(), sorted(times)[len(times) // 2], max(peak, 0)
 
 
@@ -208,7 +216,33 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_rss_peak() -> None:
+    """Linux: the peak resident set (VmHWM) restarts from the current one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass      # elsewhere the peak since the process start is reported
+
+
+def _rss_peak() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
 def _child(q, *args):
+    # one thread: the methods compare alike, and their times do not swing with OpenMP
+    # hand-offs when other work shares the cores
+    torch.set_num_threads(1)
+    try:  # glibc: blocks >= 64 KiB are mmaps, returned to the OS when freed, so the resident set follows the tensors
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)        # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
     q.put(run_method(*args))
 
 

@@ -1,5 +1,7 @@
-"""The DFT workflow from the command line (docs/design.md sec. 7): presets, blend, train,
-eval, plan, each driven as a subprocess on tiny models, and bad input -> exit code 2."""
+"""The DFT workflow from the command line (docs/design.md sec. 7) on tiny models: presets,
+blend (a real SIGKILL and resume), train (offline targets, SFT, online teacher top-k / dense,
+a killed run resumed), eval, plan, and bad input -> exit code 2. Through cli.main in-process,
+as a subprocess where a real process matters (kills, the entry point)."""
 import json
 import math
 import os
@@ -16,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 import dft_kernels as dk  # noqa: E402
 from dft_kernels import targets as T  # noqa: E402
 from dft_kernels.cli import main  # noqa: E402
+from dft_kernels.targets.store import _TMP_PREFIX  # noqa: E402
 from dft_kernels.workflow.presets import set_preset  # noqa: E402
 
 V = 64
@@ -27,9 +30,9 @@ def _cli(*args, timeout=240):
                           text=True, timeout=timeout, env=env)
 
 
-def _llama(seed, path, scale=1.0):
+def _llama(seed, path, scale=1.0, vocab=V):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, max_position_embeddings=64)
     m = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -41,6 +44,15 @@ def _llama(seed, path, scale=1.0):
 def _jsonl(path, seqs):
     path.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread (a second only adds OpenMP hand-offs, which stall on shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +92,9 @@ def test_list_and_blend_by_name_then_resume(world, tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "literary" in listed and "conversational style" in listed
     out = tmp_path / "mix"
-    r = _cli("targets", "blend", "literary", "conversational", "--weights", "0.7", "0.3", "--k", "5",
-             "--presets", world["presets"], "--out", out, "--name", "mix", "--quiet")
-    assert r.returncode == 0, r.stderr
+    # in-process (test_blend_sigkill_then_resume drives blend as a subprocess)
+    assert main(["targets", "blend", "literary", "conversational", "--weights", "0.7", "0.3", "--k", "5",
+                 "--presets", str(world["presets"]), "--out", str(out), "--name", "mix", "--quiet"]) == 0
     man = T.read_manifest(out)
     assert man["complete"] and man["name"] == "mix" and man["k"] == 5 and len(man["shards"]) == 3
     # float64 reference: the dense mixture, its 5 largest entries per row
@@ -108,6 +120,46 @@ def test_list_and_blend_by_name_then_resume(world, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_blend_sigkill_then_resume(world, tmp_path):
+    """A real crash: `targets blend` as a subprocess, SIGKILLed once its first output shard
+    exists; the same command again keeps that shard and finishes; the result is byte for
+    byte an uninterrupted blend, with no temp file left."""
+    g = torch.Generator().manual_seed(7)
+    seqs = torch.randint(0, V, (512, 16), generator=g)
+    srcs = []
+    for t in ("t1", "t2"):                      # 64 shards of 8 sequences: the blend takes seconds
+        T.build(world[t], [seqs[i:i + 256] for i in range(0, 512, 256)], 16, out_dir=tmp_path / t, shard_size=8,
+                progress=False)
+        srcs.append(str(tmp_path / t))
+    out = tmp_path / "mix"
+
+    def argv(dest):
+        return ["targets", "blend", *srcs, "--weights", "0.6", "0.4", "--k", "12", "--out", str(dest), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dft_kernels.cli", *argv(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / T.shard_name(0)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not first.exists():
+        time.sleep(0.005)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert running and first.exists(), f"the blend ended before it could be killed: {err.decode()[-500:]}"
+    shards = sorted(p.name for p in out.glob("shard-*"))
+    man = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    assert not man.get("complete") and 1 <= len(shards) < 64, (len(shards), man.get("complete"))
+    kept = first.stat().st_ino
+    assert main(argv(out)) == 0                                     # the same command, re-run
+    assert first.stat().st_ino == kept                              # the verified shard was kept, not redone
+    assert main(argv(tmp_path / "ref")) == 0                        # uninterrupted
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert not [n for n in files if n.startswith(_TMP_PREFIX)]
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    man = T.read_manifest(out)
+    assert man["complete"] and len(man["shards"]) == 64 and man["n_sequences"] == 512
+
+
 def test_blend_refuses_other_examples_vocab_and_weights(world, tmp_path, capsys):
     other = tmp_path / "other"
     seqs = [s[:-1] or [1] for s in world["seqs"]]
@@ -115,7 +167,7 @@ def test_blend_refuses_other_examples_vocab_and_weights(world, tmp_path, capsys)
     lit = world["presets"] / "literary"
     cases = [([lit, other], "different sequences"),
              ([lit, world["presets"] / "conversational", "--weights", "0.5"], "--weights has 1 values"),
-             ([lit, world["presets"] / "conversational", "--weights", "-1", "2"], "must be > 0"),
+             ([lit, world["presets"] / "conversational", "--weights", "-1", "2"], "must be finite and > 0"),
              ([lit, "nosuchpreset", "--presets", world["presets"]], "neither a targets directory"),
              ([lit, world["presets"] / "conversational", "--k", str(V + 1)], "larger than the vocab")]
     capsys.readouterr()
@@ -190,6 +242,39 @@ def test_train_offline_kill_and_resume_then_eval(world, tmp_path, capsys):
             pos += len(s)
     assert base["ce"] == pytest.approx(tot / n, rel=1e-4)
     assert base["full_kl"] == pytest.approx(kl / pos, rel=1e-4)
+
+
+def test_train_online_teacher_topk_and_dense(world, tmp_path, capsys):
+    """`train --teacher DIR --online topk|dense`: trains, writes train_summary.json, logs the loss
+    parts; the teacher is really used (the student as its own teacher: divergence 0 at step 1;
+    another teacher: > 0, the top-k bucket KL below the dense KL on the same first batch)."""
+    first = {}
+    for mode, who in (("topk", "t1"), ("dense", "t1"), ("topk", "student"), ("dense", "student")):
+        out = tmp_path / f"{mode}-{who}"
+        assert main(["train", "--student", str(world["student"]), "--data", str(world["data"]), "--teacher",
+                     str(world[who]), "--online", mode, "--k", "8", "--lam", "0.5", "--out", str(out),
+                     "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1", "--lr", "1e-2", "--quiet"]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("trained 2 steps") and "divergence n/a" not in line, line
+        s = json.loads((out / "train_summary.json").read_text())
+        assert s["steps"] == 2 and s["dft_config"]["teacher"] == mode and s["dft_config"]["k"] == 8
+        logs = [h for h in s["log_history"] if "loss" in h]
+        assert len(logs) == 2
+        for h in logs:                                   # loss = divergence + lam * accuracy, each logged
+            assert h["loss"] == pytest.approx(h["dft_divergence"] + 0.5 * h["dft_accuracy"], abs=2e-3)
+        assert (out / "model.safetensors").exists()
+        first[mode, who] = logs[0]["dft_divergence"]
+    assert first["topk", "student"] < 1e-4 and first["dense", "student"] < 1e-4, first
+    assert first["topk", "t1"] > 0.05 and first["dense", "t1"] >= first["topk", "t1"] - 1e-3, first
+    # bad combos that need the models loaded: K beyond the vocab, a teacher with another vocab
+    other = _llama(5, tmp_path / "v80", vocab=80)
+    base = ["train", "--student", str(world["student"]), "--data", str(world["data"]), "--out", str(tmp_path / "x")]
+    for extra, msg in ((["--teacher", str(world["t1"]), "--online", "topk", "--k", str(V + 1)],
+                        f"--k {V + 1} is larger"),
+                       (["--teacher", str(other), "--online", "dense"], "has vocab size 80")):
+        assert main(base + extra) == 2
+        last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+        assert last.startswith("error: ") and msg in last, last
 
 
 def test_train_sft_from_yaml_and_hf_flags(world, tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..targets.store import atomic_write
-from .inputs import UsageError, check_token_ids, load_causal_lm, load_tokenizer, read_examples, vocab_size_of
+from .inputs import (UsageError, check_targets_dir, check_token_ids, load_causal_lm, load_tokenizer, read_examples,
+                     vocab_size_of)
 
 #: metric key -> (label in the report, lower is better)
 METRICS = {"ce": ("held-out CE (nats/token)", True), "perplexity": ("perplexity", True),
@@ -124,7 +125,7 @@ def run_eval(args) -> dict:
     seqs = read_examples(args.data, tok_dir, args.max_length)
     temperature = 1.0
     if args.targets is not None:
-        temperature = float(read_manifest(args.targets).get("temperature") or 1.0)
+        temperature = float(read_manifest(check_targets_dir(args.targets)).get("temperature") or 1.0)
     rows = []
     for path in args.model:
         model = load_causal_lm(path, arg="--model").float().eval()

@@ -100,6 +100,15 @@ def check_token_ids(seqs: list[list[int]], vocab_size: int, *, arg: str, model: 
                              f"of {model}: tokenize the data with that model's tokenizer")
 
 
+def check_targets_dir(path, arg: str = "--targets") -> Path:
+    """UsageError naming ``arg`` unless ``path`` is a targets directory (holds a manifest.json)."""
+    p = Path(path)
+    if not (p / "manifest.json").is_file():
+        raise UsageError(f"{arg} {p} is not a targets directory (no manifest.json): build one with "
+                         "`dft-kernels targets build` (or blend presets with `targets blend`)")
+    return p
+
+
 def load_tokenizer(model_dir):
     """The tokenizer saved in ``model_dir``, or None when there is none."""
     if model_dir is None:

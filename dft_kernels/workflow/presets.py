@@ -65,6 +65,28 @@ def list_presets(roots) -> list[dict]:
     return rows
 
 
+#: columns of ``targets list``: (header, row key, right-aligned); the free-text description comes last
+LIST_COLUMNS = (("name", "name", False), ("kind", "kind", False), ("k", "k", True), ("vocab", "vocab_size", True),
+                ("seqs", "n_sequences", True), ("path", "path", False), ("description", "description", False))
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows of ``targets list`` as a table: every column as wide as its widest cell,
+    two spaces between columns, the description last (it may be long)."""
+    def cell(r, key):
+        v = r.get(key)
+        text = "-" if v is None or v == "" else str(v)
+        return text + ("  (INCOMPLETE)" if key == "description" and not r.get("complete") else "")
+    cells = [[h for h, _, _ in LIST_COLUMNS]] + [[cell(r, key) for _, key, _ in LIST_COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(LIST_COLUMNS))]
+    lines = []
+    for c in cells:
+        parts = [c[i].rjust(widths[i]) if right else c[i].ljust(widths[i])
+                 for i, (_, _, right) in enumerate(LIST_COLUMNS[:-1])]
+        lines.append("  ".join(parts + [c[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def resolve_target_dir(name_or_path: str, search: list[str]) -> Path:
     """A directory path as given, else the preset of that name among ``search``'s directories.
 

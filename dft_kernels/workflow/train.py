@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..options import ACCURACIES, DIVERGENCES, LOSS_DEFAULTS, STRATEGIES, TAILS
 from ..targets.store import atomic_write
-from .inputs import (UsageError, check_token_ids, load_causal_lm, load_tokenizer, positive_float, positive_int,
-                     read_examples, vocab_size_of)
+from .inputs import (UsageError, check_targets_dir, check_token_ids, load_causal_lm, load_tokenizer, positive_float,
+                     positive_int, read_examples, vocab_size_of)
 
 #: written last, atomically: its presence means the run finished
 SUMMARY = "train_summary.json"
@@ -117,6 +117,11 @@ def run_train(args, hf: dict) -> dict:
         raise UsageError("give either --targets DIR (offline) or --teacher DIR --online topk|dense, not both")
     if args.teacher is not None and args.online is None:
         raise UsageError("--teacher needs --online topk|dense (the teacher runs next to the student)")
+    if args.online is not None and args.teacher is None:
+        raise UsageError(f"--online {args.online} needs --teacher DIR (the model that runs next to the student); "
+                         "for offline targets pass --targets DIR and drop --online")
+    if args.targets is not None:
+        check_targets_dir(args.targets)
     out = Path(args.out)
     resume = last_checkpoint(out) if out.is_dir() else None
     if args.resume and resume is None:
@@ -135,7 +140,15 @@ def run_train(args, hf: dict) -> dict:
     from ..hf import DFTTrainer
     extra = {}
     if args.teacher is not None:
-        extra["teacher_model"] = load_causal_lm(args.teacher, arg="--teacher")
+        teacher = load_causal_lm(args.teacher, arg="--teacher")
+        tv, sv = vocab_size_of(teacher), vocab_size_of(model)
+        if tv != sv:
+            raise UsageError(f"--teacher {args.teacher} has vocab size {tv}, --student {args.student} has {sv}: "
+                             "an online teacher must share the student's tokenizer")
+        if args.online == "topk" and args.k > tv:
+            raise UsageError(f"--k {args.k} is larger than the teacher's vocab size {tv}: use --k <= {tv} "
+                             "(or --online dense)")
+        extra["teacher_model"] = teacher
     trainer = DFTTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, dft_config=cfg,
                          processing_class=load_tokenizer(args.student), **extra)
     if resume is not None:
