@@ -257,6 +257,26 @@ def test_triton_ignored_rows_are_skipped(monkeypatch):
     assert all(int(a.sum()) == 6 for a in dz_spy.seen)
 
 
+def test_triton_interleaved_ignored_rows_form_whole_skipped_tiles(monkeypatch):
+    """Every other row ignored: the rows are reordered active-first, so the forward
+    tiles see the activity flags sorted (ones, then zeros) and the tiles of ignored
+    rows run no D loop; the result is still exact and in the caller's order."""
+    problem = make_fused_problem(N=45, K=3, seed=17, ignored=False)
+    labels, idx = problem[5].clone(), problem[3].clone()
+    labels[1::2] = -100
+    idx[1::2] = -1
+    problem = problem[:3] + (idx, problem[4], labels)
+    fwd_spy = _Spy(fused._lse_tile_kernel, 10)     # row activity flags (active-first order)
+    dz_spy = _Spy(fused._dz_tile_kernel, 11)
+    monkeypatch.setattr(fused, "_lse_tile_kernel", fwd_spy)
+    monkeypatch.setattr(fused, "_dz_tile_kernel", dz_spy)
+    check("triton", dict(), problem, strategy="lean")
+    n_active = 23
+    expected = torch.cat([torch.ones(n_active), torch.zeros(45 - n_active)]).to(torch.int32)
+    assert fwd_spy.seen and all(torch.equal(a, expected) for a in fwd_spy.seen)
+    assert dz_spy.seen and all(int(a[n_active:].sum()) == 0 and int(a.sum()) == n_active for a in dz_spy.seen)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_frozen_weight_allocates_no_weight_grad(monkeypatch, impl):
     """weight.requires_grad=False: weight.grad stays None and no dW is computed."""
