@@ -19,13 +19,7 @@ from dft_kernels.data import DFTTargetsDataset  # noqa: E402
 V = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread (a second only adds OpenMP hand-offs, which stall on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -554,7 +554,10 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     Gradients only for the inputs that need them (a frozen ``w`` allocates no dW); the
     backward has no atomics and is bitwise reproducible. The last argument, ``config``
     (a :class:`FusedConfig`, None: ``fused_config`` for the device), forces a launch
-    config, e.g. a GPU architecture's under the interpreter or ``backward_gemm="torch"``."""
+    config, e.g. a GPU architecture's under the interpreter or ``backward_gemm="torch"``.
+    Rows whose index holds no id in [0, V) do not count: the rows are reordered
+    active-first on the device (no host sync) so that those rows form whole tiles the
+    kernels skip, and the outputs come back in the caller's order."""
 
     @staticmethod
     def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None):
