@@ -13,7 +13,9 @@ Steps, each under its own time cap so that the whole session fits in about 8 min
    (``FusedConfig.backward_gemm``, chosen by ``DFT_KERNELS_BACKWARD_GEMM``);
 3. ignored rows (``python -m benchmarks.ignored_rows``): ours (lean, Triton) at the
    Llama-3-8B head with every row counted and with half of them ignored;
-4. ``<out>/<name>.json`` and ``<out>/<name>.md``: device, versions, the command, the
+4. the two-head distillation loss (``python -m benchmarks.distill``) at the Llama-3-8B
+   head: ours (lean, fast) vs TRL's chunked loss, time against the matmul floor;
+5. ``<out>/<name>.json`` and ``<out>/<name>.md``: device, versions, the command, the
    date, each step's exit status and log tail, and the runs' own JSON / markdown / PNG
    files (written under the same folder).
 
@@ -58,10 +60,13 @@ def plan(dry_run: bool, name: str, out: Path) -> list[dict]:
         ours, peers, more = "ours-fused:triton", "reference", "ours-fused-fast:triton"
         ignored = [py, "-m", "benchmarks.ignored_rows", "--impl", "triton", "--N", "64", "--D", "40", "--V", "300",
                    "--K", "4", "--rounds", "1", "--out", str(out / f"{name}_ignored-rows.json")]
+        distill = [py, "-m", "benchmarks.distill", "--n", "16", "--d", "16", "--v", "64", "--rounds", "1",
+                   "--out", str(out / f"{name}_distill.json")]
         one_head = []
         # under the interpreter already (CI), the benchmarks run in this process (no cap):
         # the imports and the device ceilings are paid once, which keeps the CI test short
-        caps = (60, None, None, None, None) if os.environ.get("TRITON_INTERPRET") == "1" else (60, 120, 120, 120, 60)
+        caps = (60, None, None, None, None, None) if os.environ.get("TRITON_INTERPRET") == "1" \
+            else (60, 120, 120, 120, 60, 120)
         base = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     else:
         tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=120", *KERNEL_TESTS]
@@ -74,8 +79,11 @@ def plan(dry_run: bool, name: str, out: Path) -> list[dict]:
         ignored = [py, "-m", "benchmarks.ignored_rows", "--device", "cuda", "--impl", "triton", "--dtype", "bf16",
                    "--N", "8192", "--D", "4096", "--V", "128256", "--K", "32", "--rounds", "5",
                    "--out", str(out / f"{name}_ignored-rows.json")]
+        distill = [py, "-m", "benchmarks.distill", "--device", "cuda", "--dtype", "bf16", "--n", "8192", "--d",
+                   "4096", "--v", "128256", "--rounds", "1", "--repeats", "3",
+                   "--out", str(out / f"{name}_distill.json")]
         one_head = ["--heads", "llama3-8b"]
-        caps = (90, 210, 60, 40, 45)
+        caps = (80, 195, 60, 40, 45, 40)
         base = {}
     return [
         {"name": "kernel tests", "argv": tests, "env": base, "timeout_s": caps[0]},
@@ -86,6 +94,7 @@ def plan(dry_run: bool, name: str, out: Path) -> list[dict]:
         {"name": "sweep (backward_gemm=torch)", "env": {**base, GEMM_ENV: "torch"}, "timeout_s": caps[3],
          "argv": sweep + one_head + ["--methods", ours, "--name", f"{name}_sweep-torch-gemm"]},
         {"name": "ignored rows (half of them)", "env": base, "timeout_s": caps[4], "argv": ignored},
+        {"name": "two-head distillation loss vs TRL", "env": base, "timeout_s": caps[5], "argv": distill},
     ]
 
 

@@ -11,7 +11,7 @@ def test_gpu_session_dry_run(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rc = gpu_session.main(["--dry-run", "--out", str(tmp_path), "--name", "dry"])
     report = json.loads((tmp_path / "dry.json").read_text())
-    assert [s["exit"] for s in report["steps"]] == [0] * 5, [s["log_tail"] for s in report["steps"]]
+    assert [s["exit"] for s in report["steps"]] == [0] * 6, [s["log_tail"] for s in report["steps"]]
     assert rc == 0
     assert report["dry_run"] and report["device"] and report["versions"]
     assert (tmp_path / "dry.md").read_text().startswith("# GPU session dry")
@@ -20,6 +20,8 @@ def test_gpu_session_dry_run(tmp_path, monkeypatch):
     assert (tmp_path / "dry_sweep-more.json").exists()
     ignored = json.loads((tmp_path / "dry_ignored-rows.json").read_text())
     assert ignored["median_ratio"] > 0 and ignored["args"]["impl"] == "triton"
+    distill = json.loads((tmp_path / "dry_distill.json").read_text())
+    assert set(distill["results"]) == {"trl", "fast", "lean"}
 
 
 def test_gpu_session_plan_covers_the_issue():
