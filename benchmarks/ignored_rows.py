@@ -7,7 +7,7 @@ interleaved so that no tile is ignored whole before the rows are reordered.
                                       [--fraction 0.5] [--rounds 5] [--out FILE.json]
 
 Both problems are measured in one process, alternating, after a warm-up of each; the
-ratio of the medians is printed (the issue's target: <= 0.6 at half the rows ignored).
+ratio of the medians is printed (target: <= 0.6 at half the rows ignored).
 """
 from __future__ import annotations
 

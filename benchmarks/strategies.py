@@ -12,7 +12,7 @@ they compute cross-entropy), and ``torch.compile`` of a chunked reference
 (benchmarks/chunked.py). Time: median of the rounds' fwd+bwd times (each round = one
 process: a warm-up step, then one timed step). Memory: one more process per method, peak
 RSS beyond the inputs minus the returned gradients, next to ``memory.loss_extra_bytes``.
-Writes ``results.json``, ``results.md`` (ratios against the issue's CPU targets) and one
+Writes ``results.json``, ``results.md`` (ratios against the CPU targets) and one
 time-vs-memory PNG per shape; the JSON is rewritten after every measurement (atomic),
 and a rerun with the same ``--out`` resumes.
 """

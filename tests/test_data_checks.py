@@ -1,7 +1,6 @@
-"""Issue 16, "nothing silently wrong": each case below trained on the wrong thing
-without a word before (docs/design.md sec. 7)."""
+"""Nothing silently wrong: each case below would otherwise train on the wrong thing
+without a word (docs/design.md sec. 7)."""
 import json
-import math
 import os
 import re
 import shutil
