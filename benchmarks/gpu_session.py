@@ -44,7 +44,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results"
 GEMM_ENV = "DFT_KERNELS_BACKWARD_GEMM"   # = ops.linear_lse_gather_products.BACKWARD_GEMM_ENV
 
 KERNEL_TESTS = ["tests/test_gpu_configs.py", "tests/test_fused_linear.py", "tests/test_dft_loss.py",
-                "tests/test_teacher_topk.py"]
+                "tests/test_teacher_topk.py", "tests/test_two_head_triton.py"]
 GPU_HEADS = "llama3-8b,qwen2.5-7b,gemma2-2b"
 
 

@@ -140,7 +140,9 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
         softcap, teacher_softcap (float): each head's final-logit softcap, or None.
         logit_scale, teacher_logit_scale (float): each head's logit multiplier.
         num_items_in_batch (int | torch.Tensor): denominator of ``reduction="mean"``.
-        impl (str): "auto" | "torch" | "reference" (materialised logits, for checks).
+        impl (str): "auto" (Triton on CUDA, chunked PyTorch elsewhere) | "triton" | "torch" |
+            "reference" (materialised logits, for checks). Triton runs the lean strategy;
+            the fast one is chunked PyTorch whatever ``impl``.
         strategy (str), memory_budget (int): "auto" | "lean" | "fast" (sec. 10).
         return_components (bool): return a :class:`DFTLossOutput` (teacher / student mass 1).
     Returns:
@@ -176,11 +178,11 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
     else:
         counted = torch.ones(N, dtype=torch.bool, device=hidden.device)
     if impl == "triton":
-        raise ValueError("fused_linear_distill_loss has no Triton kernel yet: use impl='torch' (chunked PyTorch, "
-                         "any device) or 'auto'")
+        ops._check_triton(hidden.device)
+    elif impl == "auto" and resolve_impl(impl, hidden.device) == "triton" and not all(
+            t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (hidden, teacher_hidden)):
+        impl = "torch"        # the kernel's dtypes; float64 runs the chunked PyTorch path
     impl = resolve_impl(impl, hidden.device)
-    if impl == "triton":      # "auto" on CUDA: the chunked PyTorch path until a Triton kernel exists
-        impl = "torch"
     tau = float(temperature)
     kind = effective_divergence(divergence, beta)
     h = hidden.reshape(N, -1)
@@ -210,7 +212,7 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
                                                              row_weight=row_weight)
         else:
             fast_loss = None
-            div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta))
+            div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta), impl=impl)
     div = torch.zeros(N, dtype=div_c.dtype, device=h.device).index_copy(0, rows, div_c) * (tau * tau)
 
     acc = torch.zeros_like(div)

@@ -45,8 +45,10 @@ def default_gate():
 
 
 KERNELS = ["_lse_gather_fwd_kernel", "_lse_gather_bwd_kernel", "_lse_tile_kernel", "_indexed_dot_kernel",
-           "_dz_tile_kernel", "_sparse_fix_kernel", "_dw_gemm_kernel", "_dh_gemm_kernel", "_teacher_topk_kernel"]
-DOT_KERNELS = ["_lse_tile_kernel", "_dz_tile_kernel", "_dw_gemm_kernel", "_dh_gemm_kernel", "_teacher_topk_kernel"]
+           "_dz_tile_kernel", "_sparse_fix_kernel", "_dw_gemm_kernel", "_dh_gemm_kernel", "_teacher_topk_kernel",
+           "_two_head_stats_kernel", "_two_head_jsd_kernel", "_two_head_dz_kernel"]
+DOT_KERNELS = ["_lse_tile_kernel", "_dz_tile_kernel", "_dw_gemm_kernel", "_dh_gemm_kernel", "_teacher_topk_kernel",
+               "_two_head_stats_kernel", "_two_head_jsd_kernel", "_two_head_dz_kernel"]
 
 
 def test_default_gate_passes(default_gate):

@@ -133,13 +133,20 @@ def test_bad_input_is_named():
         dk.fused_linear_distill_loss(h, w, ht.detach(), wt, labels, divergence="kl")
 
 
-def test_auto_takes_the_chunked_path_where_triton_would_be_picked(monkeypatch):
-    """"auto" on CUDA resolves to Triton, which the two-head loss does not have yet: it must
-    run the chunked PyTorch path (same value), while an explicit impl="triton" is refused."""
+def test_auto_takes_the_triton_kernel_where_triton_is_picked(monkeypatch):
+    """"auto" on CUDA resolves to Triton: the lean strategy runs the two-head kernel
+    (ops/two_head_triton.py; the interpreter here), float64 inputs the chunked PyTorch path."""
     from dft_kernels import distill
+    from dft_kernels.ops import two_head_triton
     h, w, b, ht, wt, bt, labels = _inputs(torch.float32)
-    expected = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="torch")
-    monkeypatch.setattr(distill, "resolve_impl", lambda impl, device: "triton")
-    assert torch.equal(dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="auto"), expected)
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="triton")
+    expected = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="torch", strategy="lean")
+    calls = []
+    monkeypatch.setattr(two_head_triton, "two_head_forward",
+                        lambda *a, _f=two_head_triton.two_head_forward: calls.append(1) or _f(*a))
+    monkeypatch.setattr(distill, "resolve_impl", lambda impl, device: "triton" if impl == "auto" else impl)
+    got = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="auto", strategy="lean")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+    h64, w64, ht64, wt64 = (t.double() for t in (h, w, ht, wt))
+    got64 = dk.fused_linear_distill_loss(h64, w64, ht64, wt64, labels, impl="auto", strategy="lean")
+    assert calls == [1] and got64.dtype == torch.float64

@@ -127,7 +127,7 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
 
 
 def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, kind: str, beta: float, *,
-                              row_weight: torch.Tensor | None = None):
+                              row_weight: torch.Tensor | None = None, impl: str = "torch"):
     """Dense per-row divergence between two heads' softmaxes (see ops/teacher_chunked.py).
 
     Args:
@@ -135,6 +135,8 @@ def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, k
             teacher's hidden size may differ; gradients flow to the student's tensors only.
         inv_temp: 1 / temperature; kind: "forward_kl" | "reverse_kl" | "jsd"; beta: JSD weight.
         row_weight: None for the lean strategy; [N] row weights for the fast one.
+        impl: "triton" (the lean strategy's kernel, ops/two_head_triton.py; fast stays
+            chunked PyTorch) or "torch".
     Returns:
         lean: ``div`` [N] (differentiable); fast: ``(loss, div)``, ``loss = sum(row_weight * div)``
         (0-dim, differentiable, no double backward) and ``div`` [N] detached.
@@ -142,4 +144,8 @@ def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, k
     from .teacher_chunked import TwoHeadDivergenceLean, two_head_divergence_fast
     if row_weight is not None:
         return two_head_divergence_fast(student, teacher, row_weight, inv_temp, kind, beta)
+    if impl == "triton":
+        _check_triton(student[0].device)
+        from .two_head_triton import TwoHeadDivergenceTriton
+        return TwoHeadDivergenceTriton.apply(*student[:3], *teacher[:3], student[3], teacher[3], inv_temp, kind, beta)
     return TwoHeadDivergenceLean.apply(*student[:3], *teacher[:3], student[3], teacher[3], inv_temp, kind, beta)

@@ -127,11 +127,31 @@ def drive_teacher_topk(shape: HeadShape, variant: Variant, dtype: torch.dtype) -
         teacher_topk.teacher_topk_forward(h, w, b, k, 1.0, 1.0, 30.0 if variant.softcap else None)
 
 
+def drive_two_head(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
+    """The dense two-head divergence (ops/two_head_triton.py), teacher hidden size D: the
+    forward (both passes for JSD) and the backward with dH, dW (and db with a bias) for
+    each kind; softcap (both heads) and bias (both heads) from the variant."""
+    from . import two_head_triton
+    meta = dict(dtype=dtype, device="meta")
+    h, ht = torch.empty((shape.N, shape.D), **meta), torch.empty((shape.N, shape.D), **meta)
+    w, wt = torch.empty((shape.V, shape.D), **meta), torch.empty((shape.V, shape.D), **meta)
+    b = torch.empty((shape.V,), **meta) if variant.bias else None
+    bt = torch.empty((shape.V,), **meta) if variant.bias else None
+    cap = 30.0 if variant.softcap else None
+    f32 = dict(dtype=torch.float32, device="meta")
+    lse, aux, g_div = torch.empty((shape.N, 2), **f32), torch.empty((shape.N,), **f32), torch.empty((shape.N,), **f32)
+    for kind in two_head_triton.KINDS:
+        two_head_triton.two_head_forward(h, w, b, ht, wt, bt, cap, cap, 1.0, kind, 0.5)
+        two_head_triton.two_head_backward(h, w, b, ht, wt, bt, cap, cap, 1.0, kind, 0.5, lse, aux, g_div,
+                                          True, True, variant.bias)
+
+
 #: op name -> driver. A new op module adds its driver here.
 DRIVERS: dict[str, Callable[[HeadShape, Variant, torch.dtype], None]] = {
     "logits": drive_logits_path,
     "fused": drive_fused_path,
     "teacher_topk": drive_teacher_topk,
+    "two_head": drive_two_head,
 }
 
 

@@ -1,0 +1,423 @@
+"""The dense two-head divergence of the lean strategy in Triton (docs/design.md sec. 11):
+the same math as ``TwoHeadDivergenceLean`` (ops/teacher_chunked.py), neither head's
+logits ever stored.
+
+Forward: ``_two_head_stats_kernel`` computes, per (row tile, vocab tile), the student
+tile and the teacher tile (two ``_logits_tile`` calls over their own hidden sizes), and
+writes the tile's row max and sum of exp for both heads and the unnormalised "gap" sum
+(``sum e_t (t - s)`` for forward KL, ``sum e_s (s - t)`` for reverse KL) to an
+[N, n_tiles, 5] fp32 buffer that torch combines (no host sync) into both lse and the
+divergence. JSD needs both lse first: ``_two_head_jsd_kernel`` makes a second pass and
+writes per-tile (div, KL(q||m)) partials. Backward, per (row chunk, vocab slab):
+``_two_head_dz_kernel`` recomputes both tiles and writes ``g_div * d div / d z_student``
+(temperature and softcap chain factors included) into a reused slab and per-block
+column sums for db, then the fused path's products ``dW[slab] += dz.T @ h`` and
+``dH += dz @ W[slab]``. fp32 accumulation, no atomics. The teacher gets no gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import linear_lse_gather as _fused
+from .linear_config import GemmConfig, TileConfig
+from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
+from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, dh_product, dw_product
+from ._triton_common import _cast, _tanh, _tile_ids, target_capability
+
+#: ``kind`` -> the kernels' KIND constexpr.
+KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+#: fp32 values per (row, vocab tile) of the forward buffer: m_s, sum_s, m_t, sum_t, gap.
+N_STATS = 5
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, row_start, rmask, col_start, cols, cmask,
+               D, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+               IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head's ``softcap(h @ w.T + b) * inv_temp`` tile, fp32 [BLOCK_N, BLOCK_V]."""
+    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rmask, col_start, cmask, D,
+                     IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    if HAS_BIAS:
+        z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_CAP:
+        z = softcap * _tanh(z / softcap)
+    return z * inv_temp
+
+
+@triton.jit
+def _two_head_stats_kernel(
+    H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
+    HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT,
+    PART, stride_pn, N, V, D, DT, cap, cap_t, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_CAP: tl.constexpr, HAS_CAP_T: tl.constexpr,
+    GAP_REVERSE: tl.constexpr, IEEE: tl.constexpr, IEEE_T: tl.constexpr,
+    INTERP_BF16: tl.constexpr, INTERP_BF16_T: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+):
+    n_nb = tl.cdiv(N, BLOCK_N)
+    n_vb = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
+    rows0 = pid_n * BLOCK_N
+    cols0 = pid_v * BLOCK_V
+    rows = rows0 + tl.arange(0, BLOCK_N)
+    cols = cols0 + tl.arange(0, BLOCK_V)
+    rmask = rows < N
+    cmask = cols < V
+    s = _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, rows0, rmask, cols0, cols, cmask,
+                   D, cap, inv_temp, HAS_BIAS, HAS_CAP, IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    t = _head_tile(HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT, rows0, rmask, cols0, cols, cmask,
+                   DT, cap_t, inv_temp, HAS_BIAS_T, HAS_CAP_T, IEEE_T, INTERP_BF16_T, EVEN_DT,
+                   BLOCK_N, BLOCK_V, BLOCK_D)
+    # every tile holds at least one valid column: the row maxima are finite
+    d = tl.where(cmask[None, :], t - s, 0.0)
+    s = tl.where(cmask[None, :], s, float("-inf"))
+    t = tl.where(cmask[None, :], t, float("-inf"))
+    m_s = tl.max(s, axis=1)
+    e_s = tl.exp(s - m_s[:, None])
+    m_t = tl.max(t, axis=1)
+    e_t = tl.exp(t - m_t[:, None])
+    if GAP_REVERSE:
+        gap = -tl.sum(e_s * d, axis=1)
+    else:
+        gap = tl.sum(e_t * d, axis=1)
+    out = PART + rows * stride_pn + pid_v * 5
+    tl.store(out, m_s, mask=rmask)
+    tl.store(out + 1, tl.sum(e_s, axis=1), mask=rmask)
+    tl.store(out + 2, m_t, mask=rmask)
+    tl.store(out + 3, tl.sum(e_t, axis=1), mask=rmask)
+    tl.store(out + 4, gap, mask=rmask)
+
+
+@triton.jit
+def _jsd_terms(s, t, ls, lt, log_beta, log_1mbeta):
+    """Per entry: log q, log p and log m (m = beta p + (1 - beta) q)."""
+    lq = s - ls[:, None]
+    lp = t - lt[:, None]
+    a = lp + log_beta
+    b = lq + log_1mbeta
+    mx = tl.maximum(a, b)
+    lm = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+    return lq, lp, lm
+
+
+@triton.jit
+def _two_head_jsd_kernel(
+    H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
+    HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT,
+    LSE, stride_ln, PART, stride_pn, N, V, D, DT, cap, cap_t, inv_temp, beta, log_beta, log_1mbeta,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_CAP: tl.constexpr, HAS_CAP_T: tl.constexpr,
+    IEEE: tl.constexpr, IEEE_T: tl.constexpr,
+    INTERP_BF16: tl.constexpr, INTERP_BF16_T: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Second JSD pass: per tile, the row sums of the divergence and of KL(q||m)."""
+    n_nb = tl.cdiv(N, BLOCK_N)
+    n_vb = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
+    rows0 = pid_n * BLOCK_N
+    cols0 = pid_v * BLOCK_V
+    rows = rows0 + tl.arange(0, BLOCK_N)
+    cols = cols0 + tl.arange(0, BLOCK_V)
+    rmask = rows < N
+    cmask = cols < V
+    s = _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, rows0, rmask, cols0, cols, cmask,
+                   D, cap, inv_temp, HAS_BIAS, HAS_CAP, IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    t = _head_tile(HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT, rows0, rmask, cols0, cols, cmask,
+                   DT, cap_t, inv_temp, HAS_BIAS_T, HAS_CAP_T, IEEE_T, INTERP_BF16_T, EVEN_DT,
+                   BLOCK_N, BLOCK_V, BLOCK_D)
+    ls = tl.load(LSE + rows * stride_ln, mask=rmask, other=0.0)
+    lt = tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0)
+    lq, lp, lm = _jsd_terms(s, t, ls, lt, log_beta, log_1mbeta)
+    kl_qm = tl.sum(tl.where(cmask[None, :], tl.exp(lq) * (lq - lm), 0.0), axis=1)
+    kl_pm = tl.sum(tl.where(cmask[None, :], tl.exp(lp) * (lp - lm), 0.0), axis=1)
+    out = PART + rows * stride_pn + pid_v * 2
+    tl.store(out, beta * kl_pm + (1.0 - beta) * kl_qm, mask=rmask)
+    tl.store(out + 1, kl_qm, mask=rmask)
+
+
+@triton.jit
+def _two_head_dz_kernel(
+    H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias,
+    HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT,
+    LSE, stride_ln, AUX, GDIV, ACT, DZ, stride_zn, DBP, stride_bp,
+    row0, n_rows, col0, n_cols, D, DT, cap, cap_t, inv_temp, beta, log_beta, log_1mbeta,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_CAP_T: tl.constexpr, STORE_DZ: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr,
+    IEEE_T: tl.constexpr, INTERP_BF16: tl.constexpr, INTERP_BF16_T: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+):
+    """``g_div * d div / d (h @ w.T + b)`` for rows [row0, row0 + n_rows) x columns
+    [col0, col0 + n_cols), stored at slab coordinates (row - row0, col - col0)."""
+    n_nb = tl.cdiv(n_rows, BLOCK_N)
+    n_vb = tl.cdiv(n_cols, BLOCK_V)
+    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
+    lrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = lrows < n_rows
+    cmask = lcols < n_cols
+    rows0 = row0 + pid_n * BLOCK_N
+    cols0 = col0 + pid_v * BLOCK_V
+    rows = row0 + lrows
+    cols = col0 + lcols
+    # a block of rows without upstream gradient: both D loops run zero times and every
+    # g being 0, the tile stores zeros
+    active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
+    n_d = tl.where(active > 0, D, 0)
+    n_dt = tl.where(active > 0, DT, 0)
+    s = _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, rows0, rmask, cols0, cols, cmask,
+                   n_d, cap, inv_temp, HAS_BIAS, HAS_CAP, IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    t = _head_tile(HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT, rows0, rmask, cols0, cols, cmask,
+                   n_dt, cap_t, inv_temp, HAS_BIAS_T, HAS_CAP_T, IEEE_T, INTERP_BF16_T, EVEN_DT,
+                   BLOCK_N, BLOCK_V, BLOCK_D)
+    ls = tl.load(LSE + rows * stride_ln, mask=rmask, other=0.0)
+    lt = tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0)
+    g_row = tl.load(GDIV + rows, mask=rmask, other=0.0) * inv_temp
+    if KIND == 0:
+        g = tl.exp(s - ls[:, None]) - tl.exp(t - lt[:, None])
+    elif KIND == 1:
+        aux = tl.load(AUX + rows, mask=rmask, other=0.0)
+        lq = s - ls[:, None]
+        g = tl.exp(lq) * (lq - (t - lt[:, None]) - aux[:, None])
+    else:
+        aux = tl.load(AUX + rows, mask=rmask, other=0.0)
+        lq, lp, lm = _jsd_terms(s, t, ls, lt, log_beta, log_1mbeta)
+        g = (1.0 - beta) * tl.exp(lq) * (lq - lm - aux[:, None])
+    g = g * g_row[:, None]
+    if HAS_CAP:
+        th = s / (cap * inv_temp)   # = tanh(raw / cap); recomputed rather than kept live
+        g = g * (1.0 - th * th)
+    g = tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
+    if STORE_DB:
+        tl.store(DBP + pid_n * stride_bp + lcols, tl.sum(g, axis=0), mask=cmask)
+    if STORE_DZ:
+        dz_ptrs = (DZ + pid_n * BLOCK_N * stride_zn + pid_v * BLOCK_V
+                   + tl.arange(0, BLOCK_N)[:, None] * stride_zn + tl.arange(0, BLOCK_V)[None, :])
+        tl.store(dz_ptrs, _cast(g, DZ.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TwoHeadConfig:
+    """Every launch parameter of the two-head kernels."""
+    fwd: TileConfig       # the stats and JSD passes
+    dz: TileConfig
+    gemm: GemmConfig
+    #: backend of the two backward products ("triton" or "torch"), as in ``FusedConfig``
+    backward_gemm: str = "triton"
+
+
+def two_head_config(capability: tuple[int, int] | None, dtype: torch.dtype,
+                    backward_gemm: str | None = None) -> TwoHeadConfig:
+    """The one place the two-head kernels' launch configuration is chosen.
+
+    Args:
+        capability: the GPU's compute capability, or None for the Triton interpreter
+            (small tiles, few programs).
+        dtype: the input dtype; backward_gemm: as in ``fused_config``.
+    Returns:
+        :class:`TwoHeadConfig`.
+
+    Two fp32 logits tiles are live at once (student and teacher), so the GPU tiles are
+    64 x 128 (32 registers per tile value at 8 warps), 128 x 128 x 32 for the products;
+    fp32 operands halve BLOCK_D. On sm_80 the explicit register cap of 255 keeps ptxas
+    from aiming at 128 registers and spilling. Checked for every dtype on sm_80 and
+    sm_90a by ``python -m dft_kernels.ops.compile_check --op two_head``.
+    """
+    products = check_backward_gemm(backward_gemm or default_backward_gemm())
+    if capability is None:
+        tile = TileConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=16, GROUP=2, num_warps=4, num_stages=1)
+        return TwoHeadConfig(fwd=tile, dz=tile,
+                             gemm=GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1),
+                             backward_gemm=products)
+    bd = 16 if dtype == torch.float32 else 32
+    maxnreg = 255 if capability < (9, 0) else None
+    tile = TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4, maxnreg=maxnreg)
+    return TwoHeadConfig(fwd=tile, dz=tile,
+                         gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
+                         backward_gemm=products)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _check(h, w, b, name: str) -> None:
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"impl='triton' supports float32, bfloat16 and float16 inputs, got {h.dtype} for the "
+                        f"{name}; use impl='torch' for other dtypes")
+    if w.dtype != h.dtype or (b is not None and b.dtype != h.dtype):
+        raise TypeError(f"the {name}'s hidden states, weight and bias must share one dtype")
+
+
+def _head_args(h, w, b, cap, tile: TileConfig):
+    """The kernel arguments of one head, its runtime softcap and its constexprs."""
+    h, w = h.contiguous(), w.contiguous()
+    args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), b if b is not None else w)
+    flags = dict(bias=b is not None, cap=cap is not None, ieee=_ieee(h), interp=_interp_bf16(h),
+                 even=h.shape[1] % tile.BLOCK_D == 0)
+    return args, float(cap) if cap is not None else 1.0, flags
+
+
+def _flag_kwargs(fs: dict, ft: dict, tile: TileConfig) -> dict:
+    return dict(HAS_BIAS=fs["bias"], HAS_BIAS_T=ft["bias"], HAS_CAP=fs["cap"], HAS_CAP_T=ft["cap"],
+                IEEE=fs["ieee"], IEEE_T=ft["ieee"], INTERP_BF16=fs["interp"], INTERP_BF16_T=ft["interp"],
+                EVEN_D=fs["even"], EVEN_DT=ft["even"], BLOCK_N=tile.BLOCK_N, BLOCK_V=tile.BLOCK_V,
+                BLOCK_D=tile.BLOCK_D, GROUP=tile.GROUP, **tile.launch_options())
+
+
+def _jsd_logs(beta: float) -> tuple[float, float, float]:
+    beta = float(beta)
+    return beta, math.log(beta), math.log1p(-beta)
+
+
+def two_head_forward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: str, beta: float,
+                     config: TwoHeadConfig | None = None):
+    """Per-row ``(div, aux, lse)``: div and aux [N] fp32 (aux: R for reverse KL, KL(q||m)
+    for JSD, 0 for forward KL) and ``lse`` [N, 2] fp32 (student, teacher) at temperature."""
+    _check(h, w, b, "student")
+    _check(ht, wt, bt, "teacher")
+    N, D = h.shape
+    V = w.shape[0]
+    dev = h.device
+    cfg = config or two_head_config(target_capability(dev), h.dtype)
+    f = cfg.fwd
+    sargs, cap_s, fs = _head_args(h, w, b, cap, f)
+    targs, cap_tt, ft = _head_args(ht, wt, bt, cap_t, f)
+    lse = torch.empty((N, 2), dtype=torch.float32, device=dev)
+    if N == 0:
+        z = torch.zeros(0, dtype=torch.float32, device=dev)
+        return z, z.clone(), lse
+    n_vb = triton.cdiv(V, f.BLOCK_V)
+    grid = (triton.cdiv(N, f.BLOCK_N) * n_vb,)
+    part = torch.empty((N, n_vb, N_STATS), dtype=torch.float32, device=dev)
+    _two_head_stats_kernel[grid](
+        *sargs, *targs, part, part.stride(0), N, V, D, ht.shape[1], cap_s, cap_tt, float(inv_temp),
+        GAP_REVERSE=kind == "reverse_kl", **_flag_kwargs(fs, ft, f))
+    m_s, sum_s, m_t, sum_t, gap = part.unbind(-1)
+    top_s, top_t = m_s.amax(1), m_t.amax(1)
+    r_s, r_t = torch.exp(m_s - top_s[:, None]), torch.exp(m_t - top_t[:, None])
+    tot_s, tot_t = (sum_s * r_s).sum(1), (sum_t * r_t).sum(1)
+    ls, lt = top_s + tot_s.log(), top_t + tot_t.log()
+    lse[:, 0], lse[:, 1] = ls, lt
+    if kind == "forward_kl":
+        div = (gap * r_t).sum(1) / tot_t - lt + ls
+        return div, torch.zeros_like(div), lse
+    if kind == "reverse_kl":
+        div = (gap * r_s).sum(1) / tot_s - ls + lt
+        return div, div.clone(), lse
+    del part
+    part = torch.empty((N, n_vb, 2), dtype=torch.float32, device=dev)
+    _two_head_jsd_kernel[grid](
+        *sargs, *targs, lse, lse.stride(0), part, part.stride(0), N, V, D, ht.shape[1], cap_s, cap_tt,
+        float(inv_temp), *_jsd_logs(beta), **_flag_kwargs(fs, ft, f))
+    div, aux = part.sum(1).unbind(-1)
+    return div, aux, lse
+
+
+def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: str, beta: float, lse, aux, g_div,
+                      need_h: bool, need_w: bool, need_b: bool, config: TwoHeadConfig | None = None):
+    """Student gradients ``(dh, dw, db)`` of ``sum g_div * div`` (None where not needed)."""
+    N, D = h.shape
+    V = w.shape[0]
+    dev = h.device
+    need_b = need_b and b is not None
+    dh = dw = db = None
+    if not (need_h or need_w or need_b):
+        return dh, dw, db
+    cfg = config or two_head_config(target_capability(dev), h.dtype)
+    products = check_backward_gemm(cfg.backward_gemm)
+    zc, gm = cfg.dz, cfg.gemm
+    sargs, cap_s, fs = _head_args(h, w, b, cap, zc)
+    targs, cap_tt, ft = _head_args(ht, wt, bt, cap_t, zc)
+    h, w = sargs[0], sargs[3]
+    ieee, interp_bf16 = fs["ieee"], fs["interp"]
+    g_div = g_div.float().contiguous()
+    aux = aux.float().contiguous()
+    active = g_div.ne(0).to(torch.int32)
+    if need_h:
+        dh = torch.empty((N, D), dtype=h.dtype, device=dev)
+    if need_w:
+        dw = torch.empty((V, D), dtype=w.dtype, device=dev)
+    if need_b:
+        db32 = torch.zeros(V, dtype=torch.float32, device=dev)
+    if N == 0:
+        if need_w:
+            dw.zero_()
+        return dh, dw, (db32.to(b.dtype) if need_b else None)
+    low = h.dtype != torch.float32
+    sep_h = need_h and low
+    n_chunk, n_slab = _fused._chunking(N, V, D, h.element_size(), sep_h, need_w and low)
+    n_chunks = triton.cdiv(N, n_chunk)
+    dw_acc = None
+    if need_w:
+        dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (low and n_chunks > 1) else dw
+    dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
+    store_dz = need_h or need_w
+    dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if store_dz else g_div
+    dbp = torch.empty((triton.cdiv(n_chunk, zc.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
+        if need_b else g_div
+    bk = gm.BLOCK_K
+    for c, r0 in enumerate(range(0, N, n_chunk)):
+        n_rows = min(n_chunk, N - r0)
+        count = None
+        if need_w and products == "triton":
+            # token blocks of this chunk up to the last active one, counted on device
+            nb = triton.cdiv(n_rows, bk)
+            pad = torch.zeros(nb * bk, dtype=torch.int32, device=dev)
+            pad[:n_rows] = active[r0:r0 + n_rows]
+            blk_on = pad.view(nb, bk).amax(1)
+            count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
+        out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
+        for s, v0 in enumerate(range(0, V, n_slab)):
+            n_cols = min(n_slab, V - v0)
+            grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
+            _two_head_dz_kernel[grid](
+                *sargs, *targs, lse, lse.stride(0), aux, g_div, active, dz, dz.stride(0), dbp, dbp.stride(0),
+                r0, n_rows, v0, n_cols, D, ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(beta),
+                KIND=KINDS[kind], STORE_DZ=store_dz, STORE_DB=need_b, **_flag_kwargs(fs, ft, zc))
+            if need_b:
+                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc.BLOCK_N), :n_cols].sum(0)
+            if need_w:
+                dw_product(products, gm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
+            if need_h:
+                dh_product(products, gm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
+        if sep_h:
+            dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
+    if need_w and dw_acc is not dw:
+        dw.copy_(dw_acc)
+    if need_b:
+        db = db32.to(b.dtype)
+    return dh, dw, db
+
+
+class TwoHeadDivergenceTriton(torch.autograd.Function):
+    """Per-row dense divergence [N] fp32 (ops/teacher_chunked.py), lean strategy in Triton:
+    ``apply(h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta)`` like
+    ``TwoHeadDivergenceLean``; gradients to the student's h, w, b only."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+        div, aux, lse = two_head_forward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta)
+        ctx.save_for_backward(h, w, b, ht, wt, bt, aux, lse)
+        ctx.opts = (cap, cap_t, inv_temp, kind, beta)
+        return div
+
+    @staticmethod
+    def backward(ctx, g_div):
+        h, w, b, ht, wt, bt, aux, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = two_head_backward(h, w, b, ht, wt, bt, *ctx.opts, lse, aux, g_div, need_h, need_w, need_b)
+        return dh, dw, db, None, None, None, None, None, None, None, None
