@@ -182,9 +182,9 @@ def test_triton_low_precision_without_fp32_accumulation():
 
 def _small_buffers(monkeypatch, *, slab_cols, acc_rows, D, elt):
     """Force several vocab slabs and row chunks on a small problem."""
-    monkeypatch.setattr(fused, "ALIGN", 32)
-    monkeypatch.setattr(fused, "SLAB_BYTES", slab_cols * acc_rows * elt)
-    monkeypatch.setattr(fused, "ACC_BYTES", acc_rows * D * 4)
+    monkeypatch.setattr(products, "ALIGN", 32)
+    monkeypatch.setattr(products, "SLAB_BYTES", slab_cols * acc_rows * elt)
+    monkeypatch.setattr(products, "ACC_BYTES", acc_rows * D * 4)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")])
@@ -194,7 +194,7 @@ def test_triton_many_slabs_and_row_chunks(monkeypatch, dtype):
     N, D, V = 90, 24, 75
     problem = make_fused_problem(N, D, V, K=4, seed=8)
     _small_buffers(monkeypatch, slab_cols=32, acc_rows=32, D=D, elt=torch.finfo(dtype).bits // 8)
-    n_chunk, n_slab = fused._chunking(N, V, D, torch.finfo(dtype).bits // 8, dtype != torch.float32,
+    n_chunk, n_slab = products._chunking(N, V, D, torch.finfo(dtype).bits // 8, dtype != torch.float32,
                                       dtype != torch.float32)
     assert n_chunk < N and n_slab < V
     check("triton", dict(softcap=6.0, temperature=2.0, divergence="jsd"), problem, dtype=dtype)
@@ -204,7 +204,7 @@ def test_triton_deterministic_is_bitwise_reproducible(monkeypatch):
     N, D, V = 70, 24, 60
     problem = make_fused_problem(N, D, V, K=4, seed=9)
     _small_buffers(monkeypatch, slab_cols=32, acc_rows=32, D=D, elt=2)
-    assert fused._chunking(N, V, D, 2, True, True) == (32, 32)   # 3 row chunks x 2 slabs
+    assert products._chunking(N, V, D, 2, True, True) == (32, 32)   # 3 row chunks x 2 slabs
     a = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton")
     b = run(dk.fused_linear_dft_loss, *problem, dtype=torch.bfloat16, impl="triton")
     for x, y in zip(a, b, strict=True):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dft_kernels.ops import linear_lse_gather as fused
+from dft_kernels.ops import linear_lse_gather_products as products
 from dft_kernels.ops.linear_lse_gather_products import check_backward_gemm
 
 
@@ -87,9 +88,9 @@ def test_gpu_config_under_interpreter(capability, dtype):
 def test_backward_gemm_options(backward_gemm, dtype, monkeypatch):
     """Both backends of the two backward products, with several row chunks and slabs
     (fp32 accumulators for bf16) forced by small buffer budgets."""
-    monkeypatch.setattr(fused, "ALIGN", 16)
-    monkeypatch.setattr(fused, "SLAB_BYTES", 48 * 32 * 2)
-    monkeypatch.setattr(fused, "ACC_BYTES", 32 * 40 * 4)
+    monkeypatch.setattr(products, "ALIGN", 16)
+    monkeypatch.setattr(products, "SLAB_BYTES", 48 * 32 * 2)
+    monkeypatch.setattr(products, "ACC_BYTES", 32 * 40 * 4)
     config = dataclasses.replace(fused.fused_config(None, dtype, 3), backward_gemm=backward_gemm)
     _check(config, dtype, 71, 113, 40, 3, softcap=None, tail_slots=1)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dft_kernels.ops import linear_lse_gather as fused
+from dft_kernels.ops import linear_lse_gather_products as products
 from dft_kernels.ops import two_head_triton as th
 from dft_kernels.ops.teacher_chunked import TwoHeadDivergenceLean
 
@@ -65,11 +65,11 @@ def test_matches_float64_lean_path(kind, dtype):
 def test_teacher_softcap_several_slabs_and_chunks(monkeypatch, dtype):
     """Reverse KL with the teacher's softcap, the backward split into several vocab slabs
     (and, fp32, row chunks; bf16: the fp32 dH accumulator) by small buffer budgets."""
-    monkeypatch.setattr(fused, "ALIGN", 16)
-    monkeypatch.setattr(fused, "SLAB_BYTES", 48 * 32 * 2)
-    monkeypatch.setattr(fused, "ACC_BYTES", 16 * D * 4)
+    monkeypatch.setattr(products, "ALIGN", 16)
+    monkeypatch.setattr(products, "SLAB_BYTES", 48 * 32 * 2)
+    monkeypatch.setattr(products, "ACC_BYTES", 16 * D * 4)
     low = dtype != torch.float32
-    n_chunk, n_slab = fused._chunking(N, V, D, 2 if low else 4, low, low)
+    n_chunk, n_slab = products._chunking(N, V, D, 2 if low else 4, low, low)
     assert n_slab < V and (low or n_chunk < N)
     student, teacher, g_div = _problem(1)
     student = [t.to(dtype) for t in student]

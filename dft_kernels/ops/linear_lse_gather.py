@@ -18,16 +18,8 @@ import triton.language as tl
 
 from ._common import active_first, merge_duplicate_ids, row_activity, sorted_slots, unpermute
 from .linear_config import FusedConfig, fused_config
-from .linear_lse_gather_products import check_backward_gemm, dh_product, dw_product
+from .linear_lse_gather_products import check_backward_gemm, slab_backward
 from ._triton_common import _cast, _dot, _tanh, _tile_ids, target_capability
-
-#: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
-SLAB_BYTES = 64 << 20
-#: Byte budget of the fp32 dH accumulator ([Nc, D]) before rows are chunked.
-ACC_BYTES = 128 << 20
-#: Slab widths and chunk heights are rounded to multiples of this (efficiency only).
-ALIGN = 256
-
 
 # --------------------------------------------------------------------------- kernels
 
@@ -417,23 +409,6 @@ def _sum_by_id(ids: torch.Tensor, vals: torch.Tensor, V: int) -> torch.Tensor:
     return out[:V]
 
 
-def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tuple[int, int]:
-    """Rows per backward chunk and columns per slab (see the memory model above)."""
-    if sep_h:
-        budget_rows = ACC_BYTES // (4 * D)
-    else:
-        budget_rows = SLAB_BYTES // (elt * 4 * ALIGN)
-    budget_rows = max(ALIGN, budget_rows // ALIGN * ALIGN)
-    if N <= budget_rows or (sep_w and N <= V):
-        n_chunk = N
-    else:
-        n_chunk = budget_rows
-    v_round = triton.cdiv(V, ALIGN) * ALIGN
-    n_slab = SLAB_BYTES // (elt * max(n_chunk, 1)) // ALIGN * ALIGN
-    n_slab = min(max(n_slab, ALIGN), v_round)
-    return n_chunk, n_slab
-
-
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
                                need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0,
                                config: FusedConfig | None = None, active: torch.Tensor | None = None):
@@ -446,9 +421,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     M = index.shape[1]
     dev = h.device
     need_b = need_b and b is not None
-    dh = dw = db = None
     if not (need_h or need_w or need_b):
-        return dh, dw, db
+        return None, None, None
     sa, sb, two = _scales(scales)
     cfg = config or fused_config(target_capability(dev), h.dtype, M)
     products = check_backward_gemm(cfg.backward_gemm)
@@ -466,83 +440,38 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
         active = active | g_gathered.ne(0).any(1)
     active = active.to(torch.int32).contiguous()
 
-    if need_h:
-        dh = torch.empty((N, D), dtype=h.dtype, device=dev)
-    if need_w:
-        dw = torch.empty((V, D), dtype=w.dtype, device=dev)
-    if need_b:
-        db32 = torch.zeros(V, dtype=torch.float32, device=dev)
-    if N == 0:
-        if need_w:
-            dw.zero_()
-        return dh, dw, (db32.to(b.dtype) if need_b else None)
-
-    if M > 0:
+    sparse = M > 0 and N > 0
+    if sparse:
         uidx, val, gsp = _sparse_values(index, g_gathered, gathered, lse, g_lse, scales, softcap, V, tail_slots)
     slots = _slot_list(index, V, tail_slots)
-
-    low = h.dtype != torch.float32
-    sep_h = need_h and accum_fp32 and low
-    n_chunk, n_slab = _chunking(N, V, D, h.element_size(), sep_h, need_w and accum_fp32 and low)
-    n_chunks = triton.cdiv(N, n_chunk)
-    dw_acc = None
-    if need_w:
-        dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (accum_fp32 and low and n_chunks > 1) \
-            else dw
-    dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
     store_dz = need_h or need_w
-    zc, gm, fx = cfg.dz, cfg.gemm, cfg.fix
-    dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if store_dz else g_lse
-    dbp = torch.empty((triton.cdiv(n_chunk, zc.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
-        if need_b else g_lse
-    bk = gm.BLOCK_K
+    zc, fx = cfg.dz, cfg.fix
 
-    for c, r0 in enumerate(range(0, N, n_chunk)):
-        n_rows = min(n_chunk, N - r0)
-        count = None
-        if need_w and products == "triton":
-            # token blocks of this chunk up to the last active one, counted on device
-            nb = triton.cdiv(n_rows, bk)
-            pad = torch.zeros(nb * bk, dtype=torch.int32, device=dev)
-            pad[:n_rows] = active[r0:r0 + n_rows]
-            blk_on = pad.view(nb, bk).amax(1)
-            count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
-        out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
-        for s, v0 in enumerate(range(0, V, n_slab)):
-            n_cols = min(n_slab, V - v0)
-            grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
-            _dz_tile_kernel[grid](
-                h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
-                lse, lse.stride(0), g_lse, g_lse.stride(0), active,
-                dz, dz.stride(0), dbp, dbp.stride(0),
-                slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
-                r0, n_rows, v0, n_cols, D, sa, sb, cap,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
-                STORE_DZ=store_dz, STORE_DB=need_b,
-                IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc.BLOCK_D == 0,
-                BLOCK_N=zc.BLOCK_N, BLOCK_V=zc.BLOCK_V, BLOCK_D=zc.BLOCK_D, GROUP=zc.GROUP,
-                **zc.launch_options(),
+    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols):
+        grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
+        _dz_tile_kernel[grid](
+            h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
+            lse, lse.stride(0), g_lse, g_lse.stride(0), active,
+            dz, dz.stride(0), dbp, dbp.stride(0),
+            slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
+            r0, n_rows, v0, n_cols, D, sa, sb, cap,
+            HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
+            STORE_DZ=store_dz, STORE_DB=need_b,
+            IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc.BLOCK_D == 0,
+            BLOCK_N=zc.BLOCK_N, BLOCK_V=zc.BLOCK_V, BLOCK_D=zc.BLOCK_D, GROUP=zc.GROUP,
+            **zc.launch_options(),
+        )
+        if store_dz and sparse:
+            _sparse_fix_kernel[(n_rows,)](
+                uidx, uidx.stride(0), val, val.stride(0), dz, dz.stride(0),
+                r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx.BLOCK_M, num_warps=fx.num_warps,
             )
-            if need_b:
-                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc.BLOCK_N), :n_cols].sum(0)
-            if not store_dz:
-                continue
-            if M > 0:
-                _sparse_fix_kernel[(n_rows,)](
-                    uidx, uidx.stride(0), val, val.stride(0), dz, dz.stride(0),
-                    r0, v0, n_cols, M, INTERP_BF16=interp_bf16, BLOCK_M=fx.BLOCK_M, num_warps=fx.num_warps,
-                )
-            if need_w:
-                dw_product(products, gm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
-            if need_h:
-                dh_product(products, gm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
-        if sep_h:
-            dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
-    if need_w and dw_acc is not dw:
-        dw.copy_(dw_acc)
-    del dz, dbp, dh_acc, dw_acc
+
+    dh, dw, db32 = slab_backward(h, w, need_h, need_w, need_b, accum_fp32, active, zc, cfg.gemm, products,
+                                 ieee, interp_bf16, fill_slab)
+    db = None
     if need_b:
-        if M > 0:
+        if sparse:
             db32 += _sum_by_id(uidx, gsp, V)
         db = db32.to(b.dtype)
     return dh, dw, db

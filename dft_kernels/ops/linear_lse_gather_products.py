@@ -1,4 +1,5 @@
-"""The two backward products of the fused path on one dz slab, by either backend of
+"""The backward's slab loop (``slab_backward``: row chunks x vocab slabs of dz, their
+buffers and sizes) and its two products on each dz slab, by either backend of
 ``FusedConfig.backward_gemm`` (docs/fused_path.md, docs/design.md sec. 13):
 
 * ``"triton"``: ``_dw_gemm_kernel`` / ``_dh_gemm_kernel`` (ops/_gemm.py), which skip
@@ -20,6 +21,12 @@ import triton
 
 from ._gemm import _dh_gemm_kernel, _dw_gemm_kernel
 
+#: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
+SLAB_BYTES = 64 << 20
+#: Byte budget of the fp32 dH accumulator ([Nc, D]) before rows are chunked.
+ACC_BYTES = 128 << 20
+#: Slab widths and chunk heights are rounded to multiples of this (efficiency only).
+ALIGN = 256
 #: the values of ``FusedConfig.backward_gemm``
 BACKWARD_GEMMS = ("triton", "torch")
 #: the environment variable that sets the default backend (benchmarks choose with it)
@@ -110,3 +117,86 @@ def dh_product(backend: str, gemm, dz: torch.Tensor, w_slab: torch.Tensor, out_h
         BLOCK_M=gemm.BLOCK_M, BLOCK_N=gemm.BLOCK_N, BLOCK_K=gemm.BLOCK_K, GROUP=gemm.GROUP,
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
     )
+
+
+def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tuple[int, int]:
+    """Rows per backward chunk and columns per slab (docs/fused_path.md, memory model)."""
+    if sep_h:
+        budget_rows = ACC_BYTES // (4 * D)
+    else:
+        budget_rows = SLAB_BYTES // (elt * 4 * ALIGN)
+    budget_rows = max(ALIGN, budget_rows // ALIGN * ALIGN)
+    if N <= budget_rows or (sep_w and N <= V):
+        n_chunk = N
+    else:
+        n_chunk = budget_rows
+    v_round = triton.cdiv(V, ALIGN) * ALIGN
+    n_slab = SLAB_BYTES // (elt * max(n_chunk, 1)) // ALIGN * ALIGN
+    n_slab = min(max(n_slab, ALIGN), v_round)
+    return n_chunk, n_slab
+
+
+def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool,
+                  active: torch.Tensor, dz_tile, gemm, products: str, ieee: bool, interp_bf16: bool, fill_slab):
+    """The backward's slab loop (docs/fused_path.md), shared by every loss whose gradient
+    w.r.t. the logits ``h @ w.T + b`` is recomputed tile by tile.
+
+    Per (row chunk, vocab slab), ``fill_slab(dz, dbp, r0, n_rows, v0, n_cols)`` writes the
+    slab's dz (rows ``r0:r0 + n_rows`` x columns ``v0:v0 + n_cols`` at slab coordinates)
+    and, with ``need_b``, per ``dz_tile.BLOCK_N`` row block the column sums into ``dbp``;
+    then ``dW[slab] += dz.T @ h`` and ``dH += dz @ W[slab]`` (``products``: "triton" or
+    "torch"), fp32 accumulation for 16-bit inputs with ``accum_fp32``, no atomics;
+    ``ieee`` / ``interp_bf16``: the products' dot flags (ops/_triton_common.py).
+    ``active``: int32 [N] rows with upstream gradient (their token blocks; the others skip
+    their matmul work). Returns ``dh``, ``dw`` (input dtypes) and ``db`` fp32 [V], None
+    where not needed."""
+    N, D = h.shape
+    V = w.shape[0]
+    dev = h.device
+    dh = torch.empty((N, D), dtype=h.dtype, device=dev) if need_h else None
+    dw = torch.empty((V, D), dtype=w.dtype, device=dev) if need_w else None
+    db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    if N == 0:
+        if need_w:
+            dw.zero_()
+        return dh, dw, db32
+    low = h.dtype != torch.float32
+    sep_h = need_h and accum_fp32 and low
+    n_chunk, n_slab = _chunking(N, V, D, h.element_size(), sep_h, need_w and accum_fp32 and low)
+    n_chunks = triton.cdiv(N, n_chunk)
+    dw_acc = None
+    if need_w:
+        dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (accum_fp32 and low and n_chunks > 1) \
+            else dw
+    dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
+    # unused buffers are passed as a placeholder pointer (their stores are compiled out)
+    dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if (need_h or need_w) else active
+    dbp = torch.empty((triton.cdiv(n_chunk, dz_tile.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
+        if need_b else active
+    bk = gemm.BLOCK_K
+
+    for c, r0 in enumerate(range(0, N, n_chunk)):
+        n_rows = min(n_chunk, N - r0)
+        count = None
+        if need_w and products == "triton":
+            # token blocks of this chunk up to the last active one, counted on device
+            nb = triton.cdiv(n_rows, bk)
+            pad = torch.zeros(nb * bk, dtype=torch.int32, device=dev)
+            pad[:n_rows] = active[r0:r0 + n_rows]
+            blk_on = pad.view(nb, bk).amax(1)
+            count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
+        out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
+        for s, v0 in enumerate(range(0, V, n_slab)):
+            n_cols = min(n_slab, V - v0)
+            fill_slab(dz, dbp, r0, n_rows, v0, n_cols)
+            if need_b:
+                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, dz_tile.BLOCK_N), :n_cols].sum(0)
+            if need_w:
+                dw_product(products, gemm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
+            if need_h:
+                dh_product(products, gemm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
+        if sep_h:
+            dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
+    if need_w and dw_acc is not dw:
+        dw.copy_(dw_acc)
+    return dh, dw, db32

@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import linear_lse_gather as _fused
 from .linear_config import GemmConfig, TileConfig
 from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
-from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, dh_product, dw_product
+from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, slab_backward
 from ._triton_common import _cast, _tanh, _tile_ids, target_capability
 
 #: ``kind`` -> the kernels' KIND constexpr.
@@ -328,8 +327,7 @@ def two_head_forward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: str
 def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: str, beta: float, lse, aux, g_div,
                       need_h: bool, need_w: bool, need_b: bool, config: TwoHeadConfig | None = None):
     """Student gradients ``(dh, dw, db)`` of ``sum g_div * div`` (None where not needed)."""
-    N, D = h.shape
-    V = w.shape[0]
+    D = h.shape[1]
     dev = h.device
     need_b = need_b and b is not None
     dh = dw = db = None
@@ -337,68 +335,23 @@ def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: st
         return dh, dw, db
     cfg = config or two_head_config(target_capability(dev), h.dtype)
     products = check_backward_gemm(cfg.backward_gemm)
-    zc, gm = cfg.dz, cfg.gemm
+    zc = cfg.dz
     sargs, cap_s, fs = _head_args(h, w, b, cap, zc)
     targs, cap_tt, ft = _head_args(ht, wt, bt, cap_t, zc)
-    h, w = sargs[0], sargs[3]
-    ieee, interp_bf16 = fs["ieee"], fs["interp"]
     g_div = g_div.float().contiguous()
     aux = aux.float().contiguous()
     active = g_div.ne(0).to(torch.int32)
-    if need_h:
-        dh = torch.empty((N, D), dtype=h.dtype, device=dev)
-    if need_w:
-        dw = torch.empty((V, D), dtype=w.dtype, device=dev)
-    if need_b:
-        db32 = torch.zeros(V, dtype=torch.float32, device=dev)
-    if N == 0:
-        if need_w:
-            dw.zero_()
-        return dh, dw, (db32.to(b.dtype) if need_b else None)
-    low = h.dtype != torch.float32
-    sep_h = need_h and low
-    n_chunk, n_slab = _fused._chunking(N, V, D, h.element_size(), sep_h, need_w and low)
-    n_chunks = triton.cdiv(N, n_chunk)
-    dw_acc = None
-    if need_w:
-        dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (low and n_chunks > 1) else dw
-    dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
-    store_dz = need_h or need_w
-    dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if store_dz else g_div
-    dbp = torch.empty((triton.cdiv(n_chunk, zc.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
-        if need_b else g_div
-    bk = gm.BLOCK_K
-    for c, r0 in enumerate(range(0, N, n_chunk)):
-        n_rows = min(n_chunk, N - r0)
-        count = None
-        if need_w and products == "triton":
-            # token blocks of this chunk up to the last active one, counted on device
-            nb = triton.cdiv(n_rows, bk)
-            pad = torch.zeros(nb * bk, dtype=torch.int32, device=dev)
-            pad[:n_rows] = active[r0:r0 + n_rows]
-            blk_on = pad.view(nb, bk).amax(1)
-            count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
-        out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
-        for s, v0 in enumerate(range(0, V, n_slab)):
-            n_cols = min(n_slab, V - v0)
-            grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
-            _two_head_dz_kernel[grid](
-                *sargs, *targs, lse, lse.stride(0), aux, g_div, active, dz, dz.stride(0), dbp, dbp.stride(0),
-                r0, n_rows, v0, n_cols, D, ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(beta),
-                KIND=KINDS[kind], STORE_DZ=store_dz, STORE_DB=need_b, **_flag_kwargs(fs, ft, zc))
-            if need_b:
-                db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, zc.BLOCK_N), :n_cols].sum(0)
-            if need_w:
-                dw_product(products, gm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
-            if need_h:
-                dh_product(products, gm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
-        if sep_h:
-            dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
-    if need_w and dw_acc is not dw:
-        dw.copy_(dw_acc)
-    if need_b:
-        db = db32.to(b.dtype)
-    return dh, dw, db
+
+    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols):
+        grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
+        _two_head_dz_kernel[grid](
+            *sargs, *targs, lse, lse.stride(0), aux, g_div, active, dz, dz.stride(0), dbp, dbp.stride(0),
+            r0, n_rows, v0, n_cols, D, ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(beta),
+            KIND=KINDS[kind], STORE_DZ=need_h or need_w, STORE_DB=need_b, **_flag_kwargs(fs, ft, zc))
+
+    dh, dw, db32 = slab_backward(sargs[0], sargs[3], need_h, need_w, need_b, True, active, zc, cfg.gemm, products,
+                                 fs["ieee"], fs["interp"], fill_slab)
+    return dh, dw, (db32.to(b.dtype) if need_b else None)
 
 
 class TwoHeadDivergenceTriton(torch.autograd.Function):
