@@ -70,6 +70,20 @@ def _tile_ids(pid, n_a, n_b, GROUP: tl.constexpr):
     return first + local % size, local // size
 
 
+@triton.jit
+def _tile_coords(n_rows, n_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """This program's tile of an [n_rows, n_cols] grid in grouped order: ``(pid_v, rows0,
+    cols0, rows, cols, rmask, cmask)`` (its vocab-tile number, first row and column, the
+    row and column ids, and which of them exist)."""
+    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_V),
+                             GROUP)
+    rows0 = pid_n * BLOCK_N
+    cols0 = pid_v * BLOCK_V
+    rows = rows0 + tl.arange(0, BLOCK_N)
+    cols = cols0 + tl.arange(0, BLOCK_V)
+    return pid_v, rows0, cols0, rows, cols, rows < n_rows, cols < n_cols
+
+
 # INTERP_BF16 is set only for bf16 inputs under the CPU interpreter, whose bf16 tl.dot
 # multiplies raw bits and whose fp32 -> bf16 cast truncates; GPUs need neither fix.
 

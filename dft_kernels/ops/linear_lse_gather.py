@@ -19,7 +19,7 @@ import triton.language as tl
 from ._common import active_first, merge_duplicate_ids, row_activity, sorted_slots, unpermute
 from .linear_config import FusedConfig, fused_config
 from .linear_lse_gather_products import check_backward_gemm, slab_backward
-from ._triton_common import _cast, _dot, _tanh, _tile_ids, target_capability
+from ._triton_common import _cast, _dot, _tanh, _tile_coords, _tile_ids, target_capability
 
 # --------------------------------------------------------------------------- kernels
 
@@ -94,15 +94,7 @@ def _lse_tile_kernel(
     IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
-    n_nb = tl.cdiv(N, BLOCK_N)
-    n_vb = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    rows0 = pid_n * BLOCK_N
-    cols0 = pid_v * BLOCK_V
-    rows = rows0 + tl.arange(0, BLOCK_N)
-    cols = cols0 + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
+    pid_v, rows0, cols0, rows, cols, rmask, cmask = _tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
     # a block of rows that do not count: the D loop runs zero times (their partials are
     # finite, the launcher overwrites their lse with 0)
     active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)

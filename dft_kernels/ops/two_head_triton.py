@@ -26,7 +26,7 @@ import triton.language as tl
 from .linear_config import GemmConfig, TileConfig
 from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
 from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, slab_backward
-from ._triton_common import _cast, _tanh, _tile_ids, target_capability
+from ._triton_common import _cast, _tanh, _tile_coords, _tile_ids, target_capability
 
 #: ``kind`` -> the kernels' KIND constexpr.
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -62,15 +62,7 @@ def _two_head_stats_kernel(
     INTERP_BF16: tl.constexpr, INTERP_BF16_T: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
-    n_nb = tl.cdiv(N, BLOCK_N)
-    n_vb = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    rows0 = pid_n * BLOCK_N
-    cols0 = pid_v * BLOCK_V
-    rows = rows0 + tl.arange(0, BLOCK_N)
-    cols = cols0 + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
+    pid_v, rows0, cols0, rows, cols, rmask, cmask = _tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
     s = _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, rows0, rmask, cols0, cols, cmask,
                    D, cap, inv_temp, HAS_BIAS, HAS_CAP, IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     t = _head_tile(HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT, rows0, rmask, cols0, cols, cmask,
@@ -119,15 +111,7 @@ def _two_head_jsd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Second JSD pass: per tile, the row sums of the divergence and of KL(q||m)."""
-    n_nb = tl.cdiv(N, BLOCK_N)
-    n_vb = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    rows0 = pid_n * BLOCK_N
-    cols0 = pid_v * BLOCK_V
-    rows = rows0 + tl.arange(0, BLOCK_N)
-    cols = cols0 + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
+    pid_v, rows0, cols0, rows, cols, rmask, cmask = _tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
     s = _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, rows0, rmask, cols0, cols, cmask,
                    D, cap, inv_temp, HAS_BIAS, HAS_CAP, IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     t = _head_tile(HT, stride_tn, stride_td, WT, stride_tv, stride_twd, BiasT, rows0, rmask, cols0, cols, cmask,
