@@ -1,7 +1,10 @@
 """One GPU session in one call: ``bash benchmarks/gpu_session.sh [--dry-run]``, which
 installs the carried peer wheels and runs ``python -m benchmarks.gpu_session``.
 
-Steps, each under its own time cap so that the whole session fits in about 8 minutes:
+Before these steps ``gpu_session.sh`` runs the doctor (``python -m dft_kernels --json``:
+versions, every kernel natively against float64, timings; ``<date>_doctor.json`` under
+``benchmarks/results/``, capped at 150 s). Steps, each under its own time cap so that the
+whole session fits in about 8 minutes:
 
 1. the kernel tests natively (no interpreter): ``pytest`` on the Triton test files;
 2. the sweep (``python -m benchmarks.sweep``) at the lm_heads of Llama-3-8B, Qwen2.5-7B

@@ -31,10 +31,12 @@ Logits path, per chunk of rows:
             (``dx2[i:j] = _dz(...)``):
                 bwd = c32 * max(2*cast*st, cast + max(S + sc, 1 + 2R))
 
-Fused path, per chunk (``logits = F.linear(h[i:j], W)`` is ``cd``):
-  forward   the previous chunk's ``z`` + the new logits (+ its fp32 copy), then z,
+Fused path, per chunk (``z = linear_fp32(h[i:j], W)``: fp32 logits, no 16-bit copy; with
+cast the CPU upcasts the chunk's rows and one W slab of Vs = ``UPCAST_SLAB_ELEMS // D``
+rows, ``U = (C + Vs)*D*4``):
+  forward   the previous chunk's ``z`` + the new logits (+ the upcast), then z,
             the ``logsumexp`` temporary, and the tail's copy + temporary:
-                fwd = max(st*c32 + cd + cast*c32, c32 * (2 + sc), 3*R*c32)
+                fwd = max(st*c32 + c32 + cast*U, c32 * (2 + sc), 3*R*c32)
   backward  dW accumulator: an fp32 [V, D] buffer alive all along when ``accum_fp32``
             and s != 4 (extra V*D*4; the returned gradient is its cast); with s == 4
             (or accum_fp32=False) the accumulator *is* the gradient.
@@ -72,6 +74,7 @@ import math
 
 import torch
 from dft_kernels.losses import _plan as plan_columns
+from dft_kernels.memory import UPCAST_SLAB_ELEMS
 from dft_kernels.ops.torch_chunked import chunk_rows
 from dft_kernels.options import LOSS_DEFAULTS, needs_student_tail
 
@@ -153,7 +156,8 @@ def predict_fused_torch(N: int, D: int, V: int, K: int, itemsize: int, *, lam: f
     acc = (V * D * 4 if sep_acc else V * D * itemsize) if need_w else 0
     dh = N * D * itemsize if need_h else 0
     G = dh + (V * D * itemsize if need_w else 0)
-    fwd = max(st * c32 + cd + cast * c32, c32 * (2 + sc), 3 * R * c32)
+    upcast = (C + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, 1)))) * D * 4
+    fwd = max(st * c32 + c32 + cast * upcast, c32 * (2 + sc), 3 * R * c32)
     f_a = max((2 + sc) if S == 1 else (3 + sc), 4 * R)        # dz phase, fp32 chunks
     b = cast * (c32 + cd + (C * D * 4 if sep_acc else 0))     # cast / dW phase
     loss_math, live = _small(N, M)

@@ -5,9 +5,10 @@ work lives in ``dft_kernels.targets`` and ``dft_kernels.workflow``.
     dft-kernels targets inspect DIR
     dft-kernels targets list DIR...
     dft-kernels targets blend A B --weights 0.7 0.3 --out DIR [--k 32]
-    dft-kernels train --student DIR --data FILE (--targets DIR | --teacher DIR --online topk|dense) --out DIR
+    dft-kernels train --student DIR --data FILE [--targets DIR | --teacher DIR --online topk|dense] --out DIR [--overwrite]
     dft-kernels eval --model DIR [DIR ...] --data FILE [--targets DIR] [--teacher DIR] --out DIR
     dft-kernels plan --model CONFIG.json|NAME --tokens N [--gpu a100-80gb]
+    dft-kernels doctor [--model DIR | --vocab V --hidden D] [--tokens N] [--json] [--save | --clear]
 
 Bad input (a ValueError / TypeError / missing file) ends with exit code 2 and one line
 ``error: ...`` on stderr. Each command group registers itself in ``COMMAND_GROUPS``.
@@ -32,15 +33,19 @@ def _cmd_targets_build(args) -> int:
     import torch
 
     from . import targets
+    from .workflow.guards import check_device, check_positions, quiet_transformers
     from .workflow.inputs import load_causal_lm, read_examples
     from .workflow.presets import check_preset_name, set_preset
     check_preset_name(args.name)
+    check_device(args.device)
     if not Path(args.teacher).is_dir():
         raise UsageError(f"--teacher {args.teacher} is not a directory (a local Hugging Face model dir)")
     seqs = read_examples(args.data, args.teacher, args.max_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.model_dtype]
-    model = load_causal_lm(args.teacher, arg="--teacher", dtype=dtype, device=device)
+    with quiet_transformers(args.quiet):
+        model = load_causal_lm(args.teacher, arg="--teacher", dtype=dtype, device=device)
+    check_positions(seqs, model, model_arg=f"--teacher {args.teacher}")
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if args.k == 0 and args.samples == 0:
         raise UsageError("--k 0 keeps no slot: give --k >= 1 (top-k) and/or --samples >= 1 (sampled targets)")
@@ -190,15 +195,20 @@ def add_train_parser(sub) -> None:
     from .workflow.train import add_train_arguments
     t = sub.add_parser("train", help="fine-tune a model with DFT (DFTTrainer); any TrainingArguments as --hf-KEY V",
                        description="Fine-tune --student with the DFT loss against offline --targets or an online "
-                                   "--teacher (neither: plain cross-entropy). Checkpoints in --out; re-run the same "
-                                   "command to resume after a crash.")
+                                   "--teacher (neither: plain cross-entropy, lam does not apply). Checkpoints in "
+                                   "--out; re-run the same command to resume after a crash (only the same run "
+                                   "resumes: --overwrite starts over). An --hf-KEY that sets the same "
+                                   "TrainingArguments field as a flag (--hf-per_device_train_batch_size and "
+                                   "--batch-size) wins over it, with a warning.")
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train, takes_hf=True, train_parser=t)
 
 
 def _cmd_eval(args) -> int:
     from .workflow.evaluate import markdown_table, run_eval
-    report = run_eval(args)
+    from .workflow.guards import quiet_transformers
+    with quiet_transformers(args.quiet):
+        report = run_eval(args)
     print(markdown_table(report), end="")
     print(f"report in {args.out}/report.json, report.md, report.png")
     return 0
@@ -209,20 +219,26 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--model", nargs="+", required=True, help="one or more model directories (side by side)")
     e.add_argument("--data", required=True, help="held-out jsonl")
     e.add_argument("--targets", default=None, help="targets built from --data: sparse KL and mass on the top-k")
-    e.add_argument("--teacher", default=None, help="teacher model directory: full-vocabulary KL(teacher || model)")
+    e.add_argument("--teacher", default=None,
+                   help="teacher model directory: full-vocabulary KL(teacher || model); with --targets it must be "
+                        "the teacher the targets were built with (refused otherwise)")
     e.add_argument("--generate", type=int, default=0, help="sample N continuations per model for distinct-1/2, TTR")
     e.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per sample (default 32)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     e.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (default 8)")
     e.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this length")
     e.add_argument("--out", required=True, help="report directory")
+    e.add_argument("--quiet", action="store_true", help="no weight-loading progress bars")
     e.set_defaults(func=_cmd_eval)
 
 
 def _cmd_plan(args) -> int:
     from .workflow.plan import load_config, memory_plan, plan_text
+    if args.master_weights and args.dtype == "fp32":
+        from .workflow.guards import warn
+        warn("--master-weights with --dtype fp32 adds nothing: the weights are fp32 already")
     p = memory_plan(load_config(args.model), tokens=args.tokens, k=args.k, lora=args.lora, optimizer=args.optimizer,
-                    grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype)
+                    grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype, master_weights=args.master_weights)
     print(json.dumps(p, indent=1) if args.json else plan_text(p))
     return 0
 
@@ -232,9 +248,14 @@ def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory of a training step for a model config and a GPU")
     p.add_argument("--model", required=True, help=f"config.json (or its dir) or one of {', '.join(NAMED_CONFIGS)}")
     p.add_argument("--tokens", type=positive_int, required=True, help="tokens per step (batch * sequence length)")
-    p.add_argument("--k", type=positive_int, default=32, help="teacher slots per position (default 32)")
+    p.add_argument("--k", type=nonnegative_int, default=32,
+                   help="teacher slots per position (default 32; 0: plain cross-entropy)")
     p.add_argument("--lora", type=positive_int, default=None, help="LoRA rank (default: full fine-tune)")
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_BYTES), default="adamw")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_BYTES), default="adamw",
+                   help="optimizer state per trained parameter, fp32: adamw 8 B (m, v), adamw8bit 2 B, sgd 0")
+    p.add_argument("--master-weights", action="store_true",
+                   help="mixed precision with an fp32 master copy of the trained weights (+4 B per trained "
+                        "parameter; default: the optimizer updates the bf16/fp16 weights directly)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every decoder layer")
     p.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="weights / activations dtype")
@@ -242,8 +263,13 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=_cmd_plan)
 
 
+def add_doctor_parser(sub) -> None:
+    from .doctor import add_parser
+    add_parser(sub)
+
+
 #: One function per command group; each adds its parser(s) to the top-level subparsers.
-COMMAND_GROUPS = [add_targets_parser, add_train_parser, add_eval_parser, add_plan_parser]
+COMMAND_GROUPS = [add_targets_parser, add_train_parser, add_eval_parser, add_plan_parser, add_doctor_parser]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -263,6 +289,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSET = object()
+
+
+def _given_flags(sub_parser, argv: list) -> set:
+    """The dests of the flags given on the command line (not left at their default),
+    by parsing the command's arguments again into a namespace of markers."""
+    rest = argv[argv.index("train") + 1:] if "train" in argv else argv
+    ns = argparse.Namespace(**{a.dest: _UNSET for a in sub_parser._actions if a.dest != argparse.SUPPRESS})
+    sub_parser.parse_known_args(rest, namespace=ns)
+    return {d for d, v in vars(ns).items() if v is not _UNSET}
+
+
 def _parse(argv) -> argparse.Namespace:
     """Parse; ``train`` also takes ``--hf-KEY VALUE`` pairs and a ``--config`` YAML file
     (its keys are the flags' names; command-line flags win)."""
@@ -273,6 +311,7 @@ def _parse(argv) -> argparse.Namespace:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args
     from .workflow.train import parse_hf_overrides
+    args.explicit = _given_flags(args.train_parser, list(sys.argv[1:] if argv is None else argv))
     hf = {}
     if args.config:
         import yaml
@@ -290,9 +329,10 @@ def _parse(argv) -> argparse.Namespace:
         unknown = sorted(k for k in flags if not hasattr(args, k) or k in ("func", "takes_hf", "train_parser", "config"))
         if unknown:
             raise UsageError(f"--config {path}: unknown key {unknown[0]!r}: use train's flag names")
-        for k, v in flags.items():   # YAML fills the flags the command line left at their default
-            if getattr(args, k) == args.train_parser.get_default(k):
+        for k, v in flags.items():   # YAML fills the flags the command line did not give
+            if k not in args.explicit:
                 setattr(args, k, v)
+                args.explicit.add(k)
     hf.update(parse_hf_overrides(extra))
     args.hf_overrides = hf
     return args

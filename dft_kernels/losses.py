@@ -16,20 +16,26 @@ from . import ops
 from .memory import chunk_rows_for, loss_extra_bytes
 from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, check_strategy,
                       effective_divergence, needs_student_tail)
-from .validation import check_targets, compute_dtype, validate_labels, validate_target_data
+from .validation import check_loss_inputs, check_targets, compute_dtype, validate_labels, validate_target_data
 
 # --------------------------------------------------------------------------- options
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto" -> $DFT_KERNELS_IMPL if set, else Triton on CUDA, chunked PyTorch elsewhere."""
+    """"auto" -> $DFT_KERNELS_IMPL if set, else the choice `dft-kernels doctor --save` measured
+    on this device, else Triton on CUDA, chunked PyTorch elsewhere. Triton chosen by "auto"
+    is ``ops.AUTO_TRITON`` (equal to "triton"): a failure on an op's first call warns once and
+    continues on the PyTorch path (docs/design.md sec. 16); ``impl="triton"`` raises."""
     if impl == "auto":
         env = os.environ.get("DFT_KERNELS_IMPL", "").strip()
         if env:
             if env not in IMPLS or env == "auto":
                 raise ValueError(f"DFT_KERNELS_IMPL={env!r} is not one of ('triton', 'torch', 'reference')")
-            return env
-        return "triton" if (device.type == "cuda" and ops.HAS_TRITON) else "torch"
+            return ops.AUTO_TRITON if env == "triton" else env
+        if device.type != "cuda" or not ops.HAS_TRITON:
+            return "torch"
+        from .doctor.cache import cached_choice
+        return "torch" if cached_choice("impl", device) == "torch" else ops.AUTO_TRITON
     return impl
 
 
@@ -235,7 +241,8 @@ _TARGET_ARGS_DOC = """\
             (no divergence term: a plain cross-entropy / DFT-CE loss).
         target_logprobs (torch.Tensor):
             teacher log-probs of shape `[..., K]`, normalised over the teacher's full
-            vocabulary (-inf = zero mass); None together with ``target_index``.
+            vocabulary (-inf = zero mass); None together with ``target_index``. Without
+            targets the loss is the accuracy term at weight 1 (``lam`` does not apply).
         labels (torch.Tensor):
             next-token ids of shape `[...]` (``ignore_index`` skips a position), or None.
 """
@@ -249,8 +256,10 @@ _OPTION_ARGS_DOC = """\
         impl (str):
             "auto" | "triton" | "torch" | "reference"; env ``DFT_KERNELS_IMPL`` overrides "auto".
         validate (bool):
-            read the targets and raise on out-of-range ids, NaN or positive log-probs
-            and mass > 1 + 1e-3 (a host sync).
+            check the targets and labels at once with a host sync and a message naming the
+            offending value. Without it the same checks still run as device-side flags
+            (no host sync): raised at once on CPU, on CUDA at the next loss call or
+            ``validation.flush_checks()`` (docs/design.md sec. 7).
         return_components (bool):
             return a :class:`DFTLossOutput` instead of the loss.
         chunk_elems (int):
@@ -285,6 +294,10 @@ def _loss_from_student(what: str, lead: tuple, V: int, device: torch.device, pri
             validate_target_data(target_index, target_logprobs, V)
         if labels is not None:
             validate_labels(labels, V, ignore_index)
+    else:   # the cheap data checks, always on, no host sync on CUDA (docs/design.md sec. 7)
+        check_loss_inputs(target_index, target_logprobs, labels, V, ignore_index)
+    if target_index is None:
+        lam = 1.0   # no targets: the loss is the accuracy term at weight 1 (docs/design.md sec. 4)
     kw = dict(lam=lam, divergence=divergence, beta=beta, tail=tail, accuracy=accuracy,
               temperature=float(temperature), ignore_index=ignore_index, reduction=reduction,
               num_items_in_batch=num_items_in_batch, return_components=return_components)
@@ -292,6 +305,11 @@ def _loss_from_student(what: str, lead: tuple, V: int, device: torch.device, pri
     if impl == "reference":
         return reference_call(softcap=softcap, **kw)
     N = math.prod(lead)
+    if target_index is not None and target_index.shape[-1] > 1:
+        # a repeated id is one bucket with the summed mass (docs/design.md sec. 2)
+        K = target_index.shape[-1]
+        idx, lp = ops.merge_duplicate_slots(target_index.reshape(N, K), target_logprobs.reshape(N, K), V)
+        target_index, target_logprobs = idx.reshape(target_index.shape), lp.reshape(target_logprobs.shape)
     index, temps = _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, N, V)
     scales = tuple(1.0 / t for t in temps)
     tail_slots = target_index.shape[-1] if (target_index is not None and
@@ -465,7 +483,8 @@ def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_paral
 
     Fast applies to scalar reductions under grad mode with something to differentiate;
     elsewhere every strategy runs lean (same results). "auto" picks fast when
-    ``memory.loss_extra_bytes("fast", ...)`` fits ``memory_budget``.
+    ``memory.loss_extra_bytes("fast", ...)`` fits ``memory_budget``, unless
+    `dft-kernels doctor --save` measured lean faster on this CUDA device.
 
     Args:
         strategy: "auto" | "lean" | "fast"; memory_budget: bytes.
@@ -488,9 +507,13 @@ def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_paral
     if strategy == "fast":
         return "fast"
     weight = tensors[1]
+    if weight.is_cuda:
+        from .doctor.cache import cached_choice
+        if cached_choice("strategy", weight.device) == "lean":
+            return "lean"     # measured faster here by `dft-kernels doctor --save` (docs/design.md sec. 16)
     extra = loss_extra_bytes("fast", n_rows=n_rows, hidden=hidden, vocab=vocab, k=k,
                              dtype_bytes=weight.element_size(), head_trains=weight.requires_grad,
-                             chunk_rows=chunk_rows)
+                             chunk_rows=chunk_rows, upcast=not weight.is_cuda)
     return "fast" if extra <= memory_budget else "lean"
 
 

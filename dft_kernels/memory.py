@@ -17,6 +17,10 @@ LEAN_CHUNK_ELEMS = 1 << 22
 #: the rank-C updates of dW run near matmul speed, small next to the naive [N, V]
 FAST_CHUNK_ELEMS = 1 << 23
 
+#: fp32 elements of one slab of W upcast to form 16-bit logits in fp32 where torch has
+#: no fp32-output 16-bit matmul (the CPU; ``ops.torch_chunked.linear_fp32``): rows = this // D
+UPCAST_SLAB_ELEMS = 1 << 20
+
 
 def chunk_rows_for(strategy: str, vocab: int, n_rows: int | None = None, chunk_elems: int | None = None) -> int:
     """Rows per chunk of ``strategy`` ("lean" or "fast") at vocab size ``vocab``.
@@ -35,7 +39,7 @@ def chunk_rows_for(strategy: str, vocab: int, n_rows: int | None = None, chunk_e
 
 
 def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: int, dtype_bytes: int,
-                     head_trains: bool = True, chunk_rows: int | None = None) -> int:
+                     head_trains: bool = True, chunk_rows: int | None = None, upcast: bool = False) -> int:
     """Bytes of one forward + backward of the loss beyond its inputs.
 
     With e = ``dtype_bytes``, N rows, D hidden, V vocab, M = K + 1 gathered columns and
@@ -45,12 +49,18 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
       fp32 copy when e != 4, the log-probs, and in the backward the gradient of the
       log-probs next to the gradient of the logits, and with teacher slots (K > 0) two more
       fp32 [N, V] tensors (the tail masking): ``N*V*(e + 4*[e != 4] + 8 + 8*[K > 0])``.
-    - "lean" and "fast" hold one chunk of logits at a time: its fp32 form (the softmax and
-      its gradient are formed in that storage), the input-dtype logits when e != 4, and
-      with teacher slots (K > 0: the tail log-sum-exp over the vocab outside the slots,
-      its gradient) three more fp32 chunks: ``C*V*(4*(1 + 3*[K > 0]) + e*[e != 4])``.
+    - "lean" and "fast" hold one chunk of logits at a time, formed in fp32 straight from
+      16-bit operands (an fp32-output matmul; never a 16-bit copy): the softmax and its
+      gradient are formed in that storage, and with teacher slots (K > 0: the tail
+      log-sum-exp over the vocab outside the slots, its gradient) three more fp32 chunks:
+      ``C*V*c*(1 + 3*[K > 0])``, c = max(e, 4) (float64 inputs compute in float64).
+      With ``upcast`` (a device without an fp32-output 16-bit matmul: the CPU) and e < 4,
+      the chunk's rows and one slab of Vs = ``UPCAST_SLAB_ELEMS // D`` rows of W are
+      upcast to fp32 to form them: ``(C + min(V, Vs))*D*4`` more.
       Lean's chunk is C = ``LEAN_CHUNK_ELEMS // V`` rows (the Triton kernels need less:
-      tiles only), fast's C = ``FAST_CHUNK_ELEMS // V``.
+      tiles only), fast's C = ``FAST_CHUNK_ELEMS // V`` (with ``impl="triton"`` the
+      logits-path kernels write the chunk's gradient to a second fp32 chunk, ``C*V*4``
+      more, not counted here).
     - "fast" adds the gradients held from the forward to the backward: dW accumulated in
       fp32 ``V*D*4`` when the head trains (``head_trains``) and dH ``N*D*e``.
 
@@ -67,6 +77,7 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
         dtype_bytes: bytes per element of hidden / weight (2 for bf16, 4 for fp32).
         head_trains: whether the lm_head weight needs a gradient.
         chunk_rows: C, rows per chunk (None: the strategy's default).
+        upcast: the device has no fp32-output 16-bit matmul (the CPU: ``not weight.is_cuda``).
     Returns:
         The predicted bytes (int).
     """
@@ -83,6 +94,8 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
         return N * V * (e + (4 if e != 4 else 0) + 8 + (8 if k > 0 else 0)) + small
     C = chunk_rows or chunk_rows_for(strategy, V, N)
     C = min(C, max(N, 1))
-    chunk = C * V * (4 * (1 + (3 if k > 0 else 0)) + (e if e != 4 else 0))
+    chunk = C * V * max(e, 4) * (1 + (3 if k > 0 else 0))
+    if upcast and e < 4:
+        chunk += (C + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, 1)))) * D * 4
     held = (V * D * 4 if head_trains else 0) + N * D * e if strategy == "fast" else 0
     return chunk + held + small

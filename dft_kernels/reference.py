@@ -21,6 +21,23 @@ def _kl(a: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
     return torch.where(a > 0, t, torch.zeros_like(t)).sum(-1)
 
 
+def _merge_repeated_ids(index: torch.Tensor, logprobs: torch.Tensor, V: int):
+    """A row's slots that repeat an id become one slot (the first) with their summed mass;
+    the later ones become empty (-1, -inf). Pairwise [N, K, K] comparison, no sorting."""
+    valid = (index >= 0) & (index < V) & (logprobs > -math.inf)
+    ids = torch.where(valid, index.long(), torch.full_like(index, -1, dtype=torch.long))
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    K = index.shape[1]
+    before = torch.ones(K, K, dtype=torch.bool, device=index.device).tril(diagonal=-1)
+    repeat = (same & before).any(-1)                      # an earlier slot holds the same id
+    count = same.sum(-1)
+    p = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
+    total = (same.to(p.dtype) * p[:, None, :]).sum(-1).log()
+    first = valid & ~repeat
+    lp = torch.where(first, torch.where(count > 1, total, logprobs), torch.full_like(logprobs, -math.inf))
+    return torch.where(first, index, torch.full_like(index, -1)), lp
+
+
 def _buckets(logq: torch.Tensor, index: torch.Tensor, logprobs: torch.Tensor, tail: str):
     """Explicit bucket distributions [N, K+1] (slots then tail) for student and teacher."""
     N, V = logq.shape
@@ -82,13 +99,16 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
             next-token ids of shape `[...]`, or None.
         lam, divergence, beta, tail, accuracy, temperature, softcap, ignore_index, reduction,
         num_items_in_batch, return_components:
-            as in :func:`dft_kernels.dft_loss`; other keywords of it (``impl``,
+            as in :func:`dft_kernels.dft_loss` (without targets the accuracy term has
+            weight 1, whatever ``lam``); other keywords of it (``impl``,
             ``validate``, ``chunk_elems``, ...) are accepted and ignored.
 
     Returns:
         The loss: a scalar, or of shape `[...]` with ``reduction="none"``; a
         :class:`~dft_kernels.options.DFTLossOutput` with ``return_components=True``.
     """
+    if target_index is None:
+        lam = 1.0   # no targets: the accuracy term at weight 1 (docs/design.md sec. 4)
     lead = tuple(logits.shape[:-1])
     V = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
@@ -106,6 +126,7 @@ def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, la
         logq_t = torch.log_softmax(z / temperature, dim=-1)    # [N, V]
         idx = target_index.reshape(N, -1)
         lpr = target_logprobs.reshape(N, -1).to(dtype)
+        idx, lpr = _merge_repeated_ids(idx, lpr, V)
         q, lq, p, lp, valid, P, Q = _buckets(logq_t, idx, lpr, tail)
         kind = effective_divergence(divergence, beta)
         div = _divergence(q, lq, p, lp, kind, float(beta)) * temperature ** 2

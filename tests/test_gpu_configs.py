@@ -107,3 +107,25 @@ def test_backward_gemm_from_environment(monkeypatch):
     monkeypatch.setenv("DFT_KERNELS_BACKWARD_GEMM", "cublas")
     with pytest.raises(ValueError, match="DFT_KERNELS_BACKWARD_GEMM"):
         fused.fused_config(None, torch.float32, 8)
+
+
+def test_config_per_architecture():
+    """Every architecture of the compile gate gets its config from the one function: the
+    register cap everywhere but Hopper, operand stages that fit the block's shared memory
+    (4 on the ~100 KB consumer cards, fewer on sm_75's 64 KB)."""
+    from dft_kernels.ops.linear_config import ARCHS
+    for arch in ARCHS.values():
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = fused.fused_config(arch.capability, dtype, 8)
+            assert cfg.dz.maxnreg == (None if arch.capability[0] == 9 else 255), arch.name
+            stage = 2 * cfg.fwd.BLOCK_N * cfg.fwd.BLOCK_D * dtype.itemsize
+            assert stage * cfg.fwd.num_stages <= arch.smem_per_block * 2 // 3, (arch.name, dtype)
+            assert cfg.fwd.num_stages == (2 if arch.name == "sm_75" else 4), (arch.name, cfg.fwd.num_stages)
+
+
+@pytest.mark.parametrize("capability, dtype", [pytest.param((8, 6), torch.bfloat16, id="sm86-bf16"),
+                                               pytest.param((7, 5), torch.float32, id="sm75-fp32")])
+def test_consumer_config_under_interpreter(capability, dtype):
+    """A consumer card's and Turing's configs (fewer stages, the register cap) at odd shapes."""
+    config = fused.fused_config(capability, dtype, 3)
+    _check(config, dtype, 67, 259, 40, 3, softcap=None, tail_slots=1)

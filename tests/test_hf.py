@@ -465,7 +465,8 @@ def test_collator_pads_everything_together():
     assert torch.isinf(b["target_logprobs"][1, 2]).all() and (b["target_logprobs"][1, :2] == -1.5).all()
     left = dk.hf.DFTDataCollator(padding_side="left", pad_to_multiple_of=4)(feats)
     assert left["input_ids"].shape == (3, 4)
-    assert left["labels"][1].tolist() == [-100, -100, 8, 9]
+    # the first token's label is dropped: no position predicts it, unpadded or padded on the right
+    assert left["labels"][1].tolist() == [-100, -100, -100, 9]
     assert left["target_index"][1, 2:, :].tolist() == [[1, 2, 3], [4, 5, 6]]
 
 

@@ -331,3 +331,82 @@ def test_retemper_fp32_rounding_noise_in_p_is_not_a_tail():
     r = dk.SparseTargets.from_logits(z.float(), V).retemper(0.5)
     dense = torch.log_softmax(0.5 * torch.log_softmax(z, -1), -1)
     torch.testing.assert_close(r.logprobs.double(), dense.gather(-1, r.index.long()), rtol=0, atol=2e-6)
+
+
+# --------------------------------------------------------------------------- blend: every source checked (issue 23)
+
+
+def test_blend_checks_the_kind_of_every_source_in_any_order():
+    g = torch.Generator().manual_seed(11)
+    z = _logits(4, V, seed=5)
+    top8 = dk.SparseTargets.from_logits(z, 8)                          # no kind recorded: top-k
+    hybrid = dk.SparseTargets.from_logits(z, 2, samples=6, generator=g)
+    for order in ([top8, hybrid], [hybrid, top8]):
+        with pytest.raises(ValueError, match=r"targets\[\d\] holds hybrid targets and targets\[\d\] topk targets"):
+            dk.blend(order)
+    mix = dk.blend([hybrid, hybrid])
+    assert mix.metadata["kind"] == "hybrid" and mix.k == 2 * hybrid.k
+
+
+def test_blend_refuses_other_temperatures_and_keeps_what_sources_share():
+    a = dk.SparseTargets.from_logits(_logits(3, V, seed=1), 6,
+                                     metadata={"tokenizer_fingerprint": "tok", "teacher_fingerprint": "ta"})
+    hot = dk.SparseTargets.from_logits(_logits(3, V, seed=2), 6, temperature=2.0)
+    for order in ([a, hot], [hot, a]):
+        with pytest.raises(ValueError, match=r"different temperatures.*retemper.*"
+                                             r"\(temperature (1.0 vs 2.0|2.0 vs 1.0)\)"):
+            dk.blend(order)
+    b = dk.SparseTargets.from_logits(_logits(3, V, seed=2), 6,
+                                     metadata={"tokenizer_fingerprint": "tok", "teacher_fingerprint": "tb"})
+    meta = dk.blend([a, b]).metadata
+    assert meta["temperature"] == 1.0 and meta["tokenizer_fingerprint"] == "tok" and "teacher_fingerprint" not in meta
+    b.metadata["tokenizer_fingerprint"] = "other"
+    with pytest.raises(ValueError, match=r"different tokenizers.*'tok' vs 'other'"):
+        dk.blend([a, b])
+    del b.metadata["tokenizer_fingerprint"]             # recorded by one side only: not vouched for
+    assert "tokenizer_fingerprint" not in dk.blend([a, b]).metadata
+
+
+class _Tok:
+    """Just enough of a tokenizer for its fingerprint."""
+
+    def get_vocab(self):
+        return {f"w{i}": i for i in range(V)}
+
+
+def _tiny_teacher(seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def test_blend_dirs_checks_every_source_and_keeps_the_tokenizer_fingerprint(tmp_path):
+    from dft_kernels import targets as T
+    from dft_kernels.data import DFTTargetsDataset
+    from dft_kernels.targets.blending import blend_dirs
+    g = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": torch.randint(0, V, (n,), generator=g).tolist()} for n in (5, 3, 7)]
+    kw = dict(out_dir=None, shard_size=2, progress=False, tokenizer=_Tok())
+    t1, t2 = _tiny_teacher(1), _tiny_teacher(2)
+    top = tmp_path / "top"
+    T.build(t1, [examples], 4, **{**kw, "out_dir": top})
+    hyb = tmp_path / "hyb"
+    T.build(t2, [examples], 2, **{**kw, "out_dir": hyb}, samples=3, seed=1)
+    for order in ([top, hyb], [hyb, top]):                 # the hybrid's sampled slots would be truncated
+        with pytest.raises(ValueError, match=r"hyb holds hybrid targets"):
+            blend_dirs(order, out_dir=tmp_path / "o", progress=False)
+    hot = tmp_path / "hot"
+    T.build(t2, [examples], 4, 2.0, **{**kw, "out_dir": hot})
+    with pytest.raises(ValueError, match="different temperatures"):
+        blend_dirs([top, hot], out_dir=tmp_path / "o", progress=False)
+    top2 = tmp_path / "top2"
+    T.build(t2, [examples], 4, **{**kw, "out_dir": top2})
+    man = blend_dirs([top, top2], out_dir=tmp_path / "mix", progress=False)
+    assert man["tokenizer_fingerprint"] == T.fingerprint_tokenizer(_Tok()) and man["temperature"] == 1.0
+    ds = DFTTargetsDataset(examples, tmp_path / "mix", vocab_size=V, tokenizer=_Tok())   # the check still works
+    assert len(ds) == 3

@@ -82,13 +82,30 @@ def test_data_errors_with_validate(prob, make, match):
         dk.SparseTargets(bad_idx, bad_lp).validate(vocab_size=50)
 
 
-def test_without_validate_bad_ids_do_not_crash(prob):
+def test_without_validate_bad_ids_raise_and_never_read_out_of_bounds(prob, monkeypatch):
+    """Bad ids raise without validate=True too (the always-on checks, docs/design.md sec. 7;
+    this test asserted a finite loss before they existed); with the checks switched off
+    (benchmarks only) they still never read out of bounds."""
+    from dft_kernels import validation
     logits, idx, lp, labels = prob
     idx = idx.clone()
     idx[0, 0] = 10**9
     idx[1, 0] = -5
+    with pytest.raises(ValueError, match="vocab size 50"):
+        dk.dft_loss(logits, idx, lp, labels, impl="torch")
+    monkeypatch.setattr(validation, "_ALWAYS_ON", False)
     loss = dk.dft_loss(logits, idx, lp, labels, impl="torch")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("make,match", DATA_CASES)
+def test_data_errors_without_validate(prob, make, match):
+    """The same cases as validate=True, by the always-on checks (before: silently dropped or passed)."""
+    logits, idx, lp, labels = prob
+    bad_idx, bad_lp = make(idx, lp)
+    for impl in ("torch", "reference"):
+        with pytest.raises(ValueError, match=match):
+            dk.dft_loss(logits, bad_idx, bad_lp, labels, impl=impl)
 
 
 def test_validate_accepts_good_targets(prob):

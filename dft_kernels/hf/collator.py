@@ -25,7 +25,10 @@ class DFTDataCollator:
     Other keys are stacked as they are (they must then have equal shapes).
 
     ``pad_to_multiple_of`` rounds the padded length up; ``padding_side`` is
-    "right" (default) or "left".
+    "right" (default) or "left". Left padding counts the same positions as right
+    padding: the label of a left-padded row's first token is set to
+    ``label_pad_token_id`` (otherwise the last pad would be scored against it, one
+    extra row per sequence; unpadded, no position predicts the first token).
     """
 
     def __init__(self, tokenizer=None, *, pad_token_id: int | None = None, label_pad_token_id: int = -100,
@@ -73,6 +76,12 @@ class DFTDataCollator:
             "attention_mask": self._stack([f["attention_mask"] for f in feats], L, 0),
             "labels": self._stack([f["labels"] for f in feats], L, self.label_pad_token_id),
         }
+        if self.padding_side == "left":
+            # the last pad before a sequence would predict its first token: no position does that unpadded
+            for b, f in enumerate(feats):
+                n = f["input_ids"].shape[0]
+                if 0 < n < L:
+                    batch["labels"][b, L - n] = self.label_pad_token_id
         with_targets = [f for f in feats if "target_index" in f]
         if with_targets:
             K = max(f["target_index"].shape[1] for f in with_targets)

@@ -33,7 +33,9 @@ class DFTConfig:
     - ``teacher``: "offline" (targets in the batches), or with ``DFTTrainer(...,
       teacher_model=m)`` "topk" (the live teacher's top-``k`` targets) or "dense" (the
       full-vocab two-head loss, :func:`dft_kernels.fused_linear_distill_loss`);
-      docs/design.md sec. 11.
+      docs/design.md sec. 11. Both project with the heads' weights: a teacher with a PEFT
+      adapter on its lm_head is refused (merge it: ``merge_and_unload()``), and so is a
+      LoRA on the student's lm_head with "dense" ("topk" uses the model's own logits).
     """
 
     lam: float = LOSS_DEFAULTS["lam"]

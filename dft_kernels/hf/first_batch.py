@@ -1,7 +1,9 @@
 """Checks on the batches a patched model sees (docs/design.md sec. 7, "nothing
-silently wrong"): the label arguments on every call (free), and on the first batch
-only -- whatever ``validate`` says -- the target data and the alignment of targets,
-labels and input ids."""
+silently wrong"): the label arguments on every call (free); the target data and the
+labels on every batch by the loss itself (``validation.check_loss_inputs``: device-side
+flags, no host sync); and on the first batch only -- whatever ``validate`` says -- the
+target data at once with the offending value named, and the alignment of targets,
+labels and input ids (host syncs, once)."""
 from __future__ import annotations
 
 import warnings

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distill import fused_linear_distill_loss, teacher_topk
-from .patch import run_capturing_hidden
+from .patch import _is_plain_linear, _unwrap, mask_padding, run_capturing_hidden
 from .transforms import logit_transforms
 
 TEACHER_MODES = ("offline", "topk", "dense")
@@ -19,6 +19,78 @@ def capture_last_hidden(model, **inputs):
     head = (model.module if hasattr(model, "module") else model).get_output_embeddings()     # DDP-wrapped or not
     return run_capturing_hidden(lambda: model(**inputs), head, who=type(model).__name__,
                                 fix="the online teacher needs a causal LM that applies its lm_head once")
+
+
+def _head_name(model, head) -> str:
+    """The module name of ``head`` inside ``model`` (e.g. "lm_head"), for error messages."""
+    for name, module in model.named_modules():
+        if module is head:
+            return name or type(head).__name__
+    return type(head).__name__
+
+
+def _wrapped_head(model):
+    """``(name, description, fix)`` of ``model``'s output embeddings when they are not a plain
+    ``nn.Linear`` (a PEFT adapter layer such as LoRA on the lm_head, a quantised layer), else None:
+    the online paths project with ``head.weight`` and would use the base head without the wrapper."""
+    head = model.get_output_embeddings()
+    if head is None or _is_plain_linear(head):
+        return None
+    cls = type(head)
+    if cls.__module__.startswith("peft"):
+        return (_head_name(model, head), f"a PEFT adapter layer ({cls.__module__}.{cls.__name__})",
+                "merge the adapter into the weights first: teacher_model = teacher_model.merge_and_unload()")
+    if isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.device.type == "meta":
+        what = "an lm_head whose weight is not materialised (offloaded: on the meta device)"
+    else:
+        what = f"a {cls.__name__}, not a plain nn.Linear"
+    return _head_name(model, head), what, "load the teacher with a plain, materialised lm_head (not wrapped, " \
+                                          "quantised or offloaded), or build its targets offline (targets build)"
+
+
+def check_teacher_and_student(teacher, student, mode: str) -> None:
+    """Refuse (ValueError) what the online teacher would get wrong, before anything runs:
+    the student itself (or a model sharing its parameters) as the teacher, a teacher whose lm_head
+    is wrapped (a LoRA adapter on it would be ignored), in ``mode="dense"`` a wrapped student lm_head
+    (the loss would use its base weight, the adapter would get no gradient), and different vocab sizes."""
+    if not isinstance(teacher, torch.nn.Module) or not callable(getattr(teacher, "get_output_embeddings", None)):
+        raise TypeError(f"teacher_model must be a Hugging Face causal LM, got {type(teacher).__name__}")
+    s_model, t_model = _unwrap(student), _unwrap(teacher)
+    if teacher is student or s_model is t_model:
+        raise ValueError("teacher_model is the student model itself: the teacher would be frozen and put in eval "
+                         "mode with the student, and would change as the student trains. Pass a separate teacher "
+                         "(e.g. teacher_model=copy.deepcopy(model) before training, or load it again)")
+    s_params = {id(p) for p in s_model.parameters()}
+    shared = [n for n, p in t_model.named_parameters() if id(p) in s_params]
+    if shared:
+        raise ValueError(f"teacher_model shares {len(shared)} parameter(s) with the student (e.g. {shared[0]!r}; "
+                         "a PEFT student wraps its base model in place): the teacher would be frozen with the student "
+                         "and run the student's adapters. Pass a separate teacher (e.g. teacher_model="
+                         "copy.deepcopy(model) before wrapping it, or load it again)")
+    wrapped = _wrapped_head(t_model)
+    if wrapped is not None:
+        name, what, fix = wrapped
+        raise ValueError(f"teacher_model's output embeddings {name!r} are {what}: the online teacher "
+                         f"(teacher={mode!r}) projects its last hidden states with the head's base weight, so "
+                         f"whatever the wrapper adds would be ignored. Fix: {fix}")
+    if mode == "dense":
+        wrapped = _wrapped_head(s_model)
+        if wrapped is not None:
+            name, what, _ = wrapped
+            raise ValueError(f"the student's output embeddings {name!r} are {what}: DFTConfig(teacher='dense') "
+                             "projects with the head's base weight, so the loss would use the base head and what "
+                             "the wrapper adds (a LoRA adapter) would get no gradient. Do not put LoRA on the "
+                             "lm_head (drop it from target_modules), or use teacher='topk' or offline targets, "
+                             "whose loss is computed from the model's own logits")
+    heads = (t_model.get_output_embeddings(), s_model.get_output_embeddings())
+    if not all(isinstance(getattr(h, "weight", None), torch.Tensor) for h in heads):
+        return                                          # no lm_head weight: OnlineTeacher / patch say so
+    v_t, v_s = (h.weight.shape[0] for h in heads)
+    if v_t != v_s:
+        raise ValueError(f"teacher_model has a vocab of {v_t} (its lm_head rows), the student {v_s}: the teacher's "
+                         "ids and the student's would not be the same tokens (and a student id past the teacher's "
+                         "vocab cannot be embedded). Use a teacher that shares the student's tokenizer, padded to "
+                         "one vocab size (model.resize_token_embeddings(n) on the smaller one)")
 
 
 class OnlineTeacher:
@@ -49,7 +121,9 @@ class OnlineTeacher:
     def hidden(self, inputs: dict) -> torch.Tensor:
         """The teacher's last hidden states [B, T, D_t] for the batch's ``input_ids``."""
         emb = self.model.get_input_embeddings().weight.device
-        kw = {n: inputs[n].to(emb) for n in ("input_ids", "attention_mask") if inputs.get(n) is not None}
+        # the student's positions too (position_ids: packed or left-padded batches)
+        kw = {n: inputs[n].to(emb) for n in ("input_ids", "attention_mask", "position_ids")
+              if inputs.get(n) is not None}
         self.model.eval()
         _, h = capture_last_hidden(self.model, use_cache=False, **kw)
         return h
@@ -73,6 +147,7 @@ class OnlineTeacher:
         head = s_model.get_output_embeddings()
         softcap, scale, _ = logit_transforms(s_model)
         shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:] if labels is not None else None
+        shifted, _ = mask_padding(inputs.get("attention_mask"), shifted, None, ignore)   # left padding too
         keys = ("divergence", "beta", "lam", "accuracy", "ignore_index", "impl", "strategy", "memory_budget")
         hidden, result = [], []
 

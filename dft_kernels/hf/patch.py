@@ -383,6 +383,7 @@ def _loss_forward(model, state: _PatchState, orig, args, kwargs):
         # no labels: positions count by their targets; drop the last one like the label shift does
         target_idx = target_idx.clone()
         target_idx[:, -1] = -1
+    shifted, target_idx = mask_padding(kwargs.get("attention_mask"), shifted, target_idx, ignore_index)
 
     if not state.data_checked:      # once per model, even with validate=False (docs/design.md sec. 7)
         check_first_batch(kwargs.get("input_ids"), labels, shifted, target_idx, target_lp,
@@ -410,6 +411,20 @@ def _loss_forward(model, state: _PatchState, orig, args, kwargs):
     if return_dict is False:
         return out.to_tuple()
     return out
+
+
+def mask_padding(attention_mask, shifted, target_idx, ignore_index):
+    """A padding position (``attention_mask == 0``, a 2-D mask) predicts nothing, whatever the
+    padding side: left padding would otherwise score the last pad against the first token.
+    Returns ``(shifted, target_idx)`` with such positions ignored / emptied."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return shifted, target_idx
+    pad = attention_mask == 0
+    if shifted is not None and tuple(shifted.shape) == tuple(pad.shape):
+        shifted = shifted.masked_fill(pad.to(shifted.device), ignore_index)
+    elif shifted is None and target_idx is not None and tuple(target_idx.shape[:2]) == tuple(pad.shape):
+        target_idx = target_idx.masked_fill(pad.to(target_idx.device).unsqueeze(-1), -1)
+    return shifted, target_idx
 
 
 def _is_plain_linear(head) -> bool:

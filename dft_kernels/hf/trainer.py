@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import transformers
 
 from .collator import DFTDataCollator
 from .config import DFTConfig
-from .patch import is_patched, last_loss_components, patch
+from ..options import LOSS_DEFAULTS
+from ..validation import flush_checks, raise_when
+from .patch import _STATE_ATTR, _unwrap, is_patched, last_loss_components, patch
 
 _COMPONENTS = ("divergence", "accuracy")
 _MASSES = ("teacher_mass", "student_mass")
@@ -49,6 +52,13 @@ class DFTTrainerMixin:
             raise ValueError("label_smoothing_factor must be 0 with the DFT loss (the Trainer would replace the "
                              "DFT loss with its label-smoothed cross-entropy)")
         model = kwargs.get("model", args[0] if args else None)
+        mode = dft_config.teacher if dft_config is not None else "offline"
+        if (teacher_model is None) != (mode == "offline"):
+            raise ValueError(f"DFTConfig(teacher={mode!r}) with teacher_model={type(teacher_model).__name__}: pass "
+                             "teacher_model together with teacher='topk' or 'dense', neither for offline targets")
+        if teacher_model is not None and isinstance(model, torch.nn.Module):
+            from .online import check_teacher_and_student     # before the teacher is frozen or anything runs
+            check_teacher_and_student(teacher_model, model, mode)
         tok = kwargs.get("processing_class", kwargs.get("tokenizer"))
         if kwargs.get("data_collator") is None and not (len(args) > 2 and args[2] is not None):
             kwargs["data_collator"] = DFTDataCollator(tok)
@@ -64,24 +74,48 @@ class DFTTrainerMixin:
             evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
             for ds in [self.train_dataset, *evals]:
                 warn_if_biased(getattr(ds, "manifest", None), dft_config.divergence, dft_config.beta)
+        if teacher_model is None:
+            self._dft_check_temperature()
         # the patched forward takes num_items_in_batch; its labels are shifted like ForCausalLMLoss's, so the
         # Trainer must count labels[..., 1:] (it does not for every model class, e.g. GPT-2's)
         self.model_accepts_loss_kwargs = True
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
         self._dft_teacher = None
-        mode = dft_config.teacher if dft_config is not None else "offline"
-        if (teacher_model is None) != (mode == "offline"):
-            raise ValueError(f"DFTConfig(teacher={mode!r}) with teacher_model={type(teacher_model).__name__}: pass "
-                             "teacher_model together with teacher='topk' or 'dense', neither for offline targets")
         if teacher_model is not None:
-            from .online import OnlineTeacher
+            from .online import OnlineTeacher, check_teacher_and_student
+            if not isinstance(model, torch.nn.Module):      # made by model_init: check it now
+                check_teacher_and_student(teacher_model, self.model, mode)
             self._dft_teacher = OnlineTeacher(teacher_model, mode, dft_config.k, dft_config.temperature,
                                               device=self.args.device)
         self._dft_train = _Accumulator()
         self._dft_eval = _Accumulator()
         self._dft_last_step = 0
         self.add_callback(_SyncLoggedStep(self))     # resume: count steps from the checkpoint's global step
+
+    def _dft_check_temperature(self) -> None:
+        """Offline targets built at one temperature, trained at another: warn once (legal, but the
+        loss tempers only the student, so it is pushed towards p_teacher ** (tau / T_built))."""
+        tau = self.dft_config.temperature if self.dft_config is not None else None
+        if tau is None:
+            state = getattr(_unwrap(self.model), "__dict__", {}).get(_STATE_ATTR) if self.model is not None else None
+            tau = state.loss_kwargs.get("temperature", 1.0) if state is not None else 1.0
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for ds in [self.train_dataset, *evals]:
+            man = getattr(ds, "manifest", None)
+            built = man.get("temperature") if isinstance(man, dict) else None
+            if isinstance(built, bool) or not isinstance(built, (int, float)) or math.isclose(built, tau, rel_tol=1e-6):
+                continue
+            where = getattr(ds, "targets_dir", None)
+            warnings.warn(
+                f"the targets{f' in {str(where)!r}' if where is not None else ''} were built at temperature "
+                f"{built:g} (the teacher's) but the loss trains at DFTConfig(temperature={tau:g}) (the student's): "
+                f"offline targets are not retempered, so the student is pushed towards p_teacher ** "
+                f"({tau:g} / {built:g}), not the teacher's distribution. Rebuild the targets at the training "
+                f"temperature (dft-kernels targets build ... --temperature {tau:g}), or train with "
+                f"DFTConfig(temperature={built:g}); top-k targets can be retempered in memory with "
+                f"SparseTargets.retemper({built:g} / {tau:g})", UserWarning, stacklevel=3)
+            return                                   # once per trainer
 
     def call_model_init(self, trial=None):
         # models made by model_init (hyper-parameter search) are patched like a passed model
@@ -121,6 +155,8 @@ class DFTTrainerMixin:
                 inputs = self._dft_teacher.targets(inputs, self.args.device)
             loss, outputs = transformers.Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                                               num_items_in_batch=num_items_in_batch)
+        if model.training and torch.is_grad_enabled():
+            self._dft_check_step_trains(model, inputs, loss)
         if self.dft_config is None or self.dft_config.log_components:
             comps = comps if comps is not None else last_loss_components(self.accelerator.unwrap_model(model))
             if comps is not None:
@@ -137,11 +173,35 @@ class DFTTrainerMixin:
                     self._dft_eval.add(comps, 1.0)
         return (loss, outputs) if return_outputs else loss
 
+    def _dft_check_step_trains(self, model, inputs, loss) -> None:
+        """A training step whose loss cannot depend on the parameters raises ValueError
+        (docs/design.md sec. 7): a loss without grad (checked now, free), or ``lam = 0`` with
+        targets given and counted positions, none of them with a valid target slot (a
+        device-side flag: raised at once on CPU, at the next loss call or log on CUDA).
+        A batch without a counted position is not an error."""
+        if isinstance(loss, torch.Tensor) and not loss.requires_grad:
+            raise ValueError("the DFT loss of this training step does not depend on the model's parameters (no "
+                             "labels and no targets in the batch? every parameter frozen?): check that the data "
+                             "collator keeps labels / target_index and that some parameters require grad")
+        if inputs.get("target_index") is None:
+            return                       # no targets: the loss is the accuracy term at weight 1
+        state = _unwrap(self.accelerator.unwrap_model(model)).__dict__.get(_STATE_ATTR)
+        comps = state.last_components if state is not None else None
+        if comps is None or state.loss_kwargs.get("lam", LOSS_DEFAULTS["lam"]) != 0:
+            return
+        # teacher_mass is the mean over counted positions with a valid slot: NaN when there is none
+        flag = ((comps.n_tokens > 0) & torch.isnan(comps.teacher_mass)).reshape(1)
+        raise_when(flag, lambda _: "lam=0 and no counted position of a training batch has a valid target slot "
+                                   "(every slot empty, id -1 or log-prob -inf): the step trains nothing. Check the "
+                                   "targets (dft-kernels targets inspect) and the collator, or set lam > 0 to "
+                                   "train on the labels too")
+
     def evaluate(self, *args, **kwargs):
         self._dft_eval.reset()
         return super().evaluate(*args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
+        flush_checks()      # the data checks still pending on the device (docs/design.md sec. 7)
         if self.dft_config is None or self.dft_config.log_components:
             if "loss" in logs and self._dft_train.n:
                 steps = max(1, self.state.global_step - self._dft_last_step)

@@ -3,7 +3,10 @@ of docs/design.md sec. 6 -- per-row fp32 log-sum-exp at one or two scales and th
 logits gathered at given ids -- and its backward.
 
 ``impl`` is "triton" or "torch"; the Triton modules are imported lazily so that
-``TRITON_INTERPRET=1`` may be set any time before the first Triton call.
+``TRITON_INTERPRET=1`` may be set any time before the first Triton call. The Triton
+choice of ``impl="auto"`` (``fallback.AUTO_TRITON``) runs each op's first call on a
+device through ``fallback.guarded``: a Triton failure warns once and the op continues
+on the chunked PyTorch path (docs/design.md sec. 16).
 """
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import importlib.util
 import os
 
 import torch
+
+from ._common import merge_duplicate_slots  # noqa: F401 (the targets' one-id-per-slot rule, used by the losses)
+from .fallback import AUTO_TRITON, guarded  # noqa: F401 (impl="auto"'s first-call fallback, docs/design.md sec. 16)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -53,12 +59,19 @@ def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, 
         ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32
         (the softcapped logits at ``index``, 0 where an id is -1 or out of range).
     """
+    from .torch_chunked import LSEGatherTorch
+
+    def run_torch(x):
+        return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, tail_slots)
+
     if impl == "triton":
         _check_triton(x.device)
-        from .lse_gather import LSEGatherTriton
-        return LSEGatherTriton.apply(x, index, tuple(scales), softcap, tail_slots)
-    from .torch_chunked import LSEGatherTorch
-    return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, tail_slots)
+
+        def run_triton(x):
+            from .lse_gather import LSEGatherTriton
+            return LSEGatherTriton.apply(x, index, tuple(scales), softcap, tail_slots)
+        return guarded("lse_gather", impl, x.device, x.dtype, run_triton, run_torch, (x,))
+    return run_torch(x)
 
 
 def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
@@ -74,12 +87,19 @@ def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
         ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32.
         Gradients are bitwise reproducible run to run (no atomics).
     """
+    from .torch_chunked import LinearLSEGatherTorch
+
+    def run_torch(h, w, b):
+        return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots)
+
     if impl == "triton":
         _check_triton(h.device)
-        from .linear_lse_gather import LinearLSEGatherTriton
-        return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots)
-    from .torch_chunked import LinearLSEGatherTorch
-    return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots)
+
+        def run_triton(h, w, b):
+            from .linear_lse_gather import LinearLSEGatherTriton
+            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots)
+        return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b))
+    return run_torch(h, w, b)
 
 
 def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
@@ -98,11 +118,18 @@ def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
         ``loss`` (0-dim, differentiable w.r.t. h, w, b; no double backward), ``lse``
         [N, T] and ``gathered`` [N, M] (detached).
     """
+    from .fast_chunked import FastLinearLoss
+
+    def run(path):
+        return lambda h, w, b: FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, path,
+                                                    chunk_rows, accum_fp32, tail_slots)
+
     if impl == "triton":
         _check_triton(h.device)
-    from .fast_chunked import FastLinearLoss
-    return FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, impl, chunk_rows, accum_fp32,
-                                tail_slots)
+        # the gradients are formed in the forward: guarding the forward covers every kernel
+        return guarded("linear_fast_loss", impl, h.device, h.dtype, run("triton"), run("torch"), (h, w, b),
+                       differentiable=False)
+    return run(impl)(h, w, b)
 
 
 def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, inv_temp: float,
@@ -117,13 +144,21 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
         ``index`` [N, k] int32, ``logprobs`` [N, k] fp32 normalised over the full vocab
         (value descending, ties by ascending id), ``lse`` [N] fp32. No gradients.
     """
+    from .teacher_chunked import chunked_topk
+
+    def run_torch(h, w, b):
+        return chunked_topk(h, w, b, k, inv_temp, softcap)
+
     with torch.no_grad():
         if impl == "triton":
             _check_triton(h.device)
-            from .teacher_topk import teacher_topk_forward
-            return teacher_topk_forward(h, w, b, k, 1.0, inv_temp, softcap)
-        from .teacher_chunked import chunked_topk
-        return chunked_topk(h, w, b, k, inv_temp, softcap)
+
+            def run_triton(h, w, b):
+                from .teacher_topk import teacher_topk_forward
+                return teacher_topk_forward(h, w, b, k, 1.0, inv_temp, softcap)
+            return guarded("teacher_topk", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b),
+                           differentiable=False)
+        return run_torch(h, w, b)
 
 
 def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, kind: str, beta: float, *,
@@ -144,8 +179,15 @@ def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, k
     from .teacher_chunked import TwoHeadDivergenceLean, two_head_divergence_fast
     if row_weight is not None:
         return two_head_divergence_fast(student, teacher, row_weight, inv_temp, kind, beta)
+    def run_torch(*heads):
+        return TwoHeadDivergenceLean.apply(*heads, student[3], teacher[3], inv_temp, kind, beta)
+
     if impl == "triton":
         _check_triton(student[0].device)
-        from .two_head_triton import TwoHeadDivergenceTriton
-        return TwoHeadDivergenceTriton.apply(*student[:3], *teacher[:3], student[3], teacher[3], inv_temp, kind, beta)
-    return TwoHeadDivergenceLean.apply(*student[:3], *teacher[:3], student[3], teacher[3], inv_temp, kind, beta)
+
+        def run_triton(*heads):
+            from .two_head_triton import TwoHeadDivergenceTriton
+            return TwoHeadDivergenceTriton.apply(*heads, student[3], teacher[3], inv_temp, kind, beta)
+        return guarded("two_head", impl, student[0].device, student[0].dtype, run_triton, run_torch,
+                       (*student[:3], *teacher[:3]))
+    return run_torch(*student[:3], *teacher[:3])

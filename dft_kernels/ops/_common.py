@@ -78,6 +78,35 @@ def merge_duplicate_ids(index: torch.Tensor, values: torch.Tensor, V: int) -> Me
     return MergedIds(torch.where(keep, sk, torch.full_like(sk, -1)), sums, perm)
 
 
+def merge_duplicate_slots(index: torch.Tensor, logprobs: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets with every id at most once per row (docs/design.md sec. 2): the slots of a
+    row that repeat an id become one slot holding their summed mass, as blending merges
+    them; an id outside [0, V) or a -inf log-prob is an empty slot.
+
+    Args:
+        index: [N, K] integer ids; logprobs: [N, K] float log-probs.
+        V: the vocab size.
+    Returns:
+        ``(index, logprobs)`` [N, K] each (dtypes kept), the row's slots in ascending id
+        order, empty slots (-1, -inf) last. A slot that was not repeated keeps its
+        log-prob bit for bit. No host sync.
+    """
+    valid = (index >= 0) & (index < V) & (logprobs > -torch.inf)
+    ids = torch.where(valid, index.long(), torch.full_like(index, -1, dtype=torch.long))
+    mass = torch.where(valid, logprobs.double().exp(), torch.zeros_like(logprobs, dtype=torch.float64))
+    merged = merge_duplicate_ids(ids, torch.stack([mass, valid.double()], dim=-1).double(), V)
+    keep = merged.ids >= 0
+    single = merged.sums[..., 1] == 1
+    own = logprobs.gather(1, merged.perm)
+    summed = merged.sums[..., 0].log().to(logprobs.dtype)
+    lp = torch.where(keep, torch.where(single, own, summed), torch.full_like(own, -torch.inf))
+    # empty slots last, the ids ascending (the sort key puts -1 after every id)
+    key = torch.where(keep, merged.ids, torch.full_like(merged.ids, V))
+    key, order = key.sort(dim=1, stable=True)
+    out_ids = torch.where(key < V, key, torch.full_like(key, -1)).to(index.dtype)
+    return out_ids, lp.gather(1, order)
+
+
 def merge_sparse_grad(index: torch.Tensor, g: torch.Tensor, V: int, tail_slots: int = 0):
     """Gradient entries that hit the same column of a row, merged.
 
@@ -109,6 +138,33 @@ def sorted_slots(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
     slots = index[:, :tail_slots].long()
     ok = (slots >= 0) & (slots < V)
     return torch.where(ok, slots, torch.full_like(slots, SLOT_SENTINEL)).sort(dim=1).values.contiguous()
+
+
+#: The largest block of rows any launch config uses: in-tile offsets (``BLOCK * stride``)
+#: of a Triton kernel are int32, so a row stride at or above 2**31 / MAX_TILE_ROWS is copied.
+MAX_TILE_ROWS = 256
+
+
+#: Byte budget of a forward's per-tile partials ([rows, columns] fp32, e.g. one log-sum-exp
+#: per (row, vocab tile)): rows go through the kernel in blocks of at most this size, so
+#: the buffer does not grow with N (long context, docs/design.md sec. 10).
+PARTIAL_BYTES = 64 << 20
+
+
+def partial_rows(n_rows: int, cols: int, block_rows: int) -> int:
+    """Rows per launch so that ``rows * cols`` fp32 partials fit ``PARTIAL_BYTES``: a
+    multiple of ``block_rows`` (at least one block), at most ``n_rows`` (at least 1)."""
+    rows = PARTIAL_BYTES // (4 * max(cols, 1)) // block_rows * block_rows
+    return max(1, min(max(rows, block_rows), n_rows))
+
+
+def tile_operand(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [R, C] as a Triton tile kernel reads it: unchanged when its last dim is unit
+    stride and a tile of rows stays within int32 offsets (``MAX_TILE_ROWS * stride(0)
+    < 2**31``; the tile's origin itself is int64 in the kernels), else a contiguous copy."""
+    if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) * MAX_TILE_ROWS < 2 ** 31:
+        return x
+    return x.contiguous()
 
 
 def row_activity(index: torch.Tensor, V: int) -> torch.Tensor:

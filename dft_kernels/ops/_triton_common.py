@@ -50,6 +50,14 @@ def _tanh(x):
 
 
 @triton.jit
+def _no_term_lse(lse, g):
+    """The lse a backward kernel divides by: +inf where the row's upstream gradient ``g``
+    is 0 or the lse is -inf (an empty sum), so that ``g * exp(z - lse)`` is exactly 0
+    there whatever the logits ``z`` (no ``0 * inf``)."""
+    return tl.where((g == 0) | (lse == float("-inf")), float("inf"), lse)
+
+
+@triton.jit
 def _online_lse(m, s, x):
     """One step of a running log-sum-exp ``m + log(s)`` over the values ``x`` (a 1-D
     block; ``-inf`` entries are ignored). Returns the updated ``(m, s)``."""

@@ -4,15 +4,23 @@
 tensors with the GPU branch of their one config function, records each kernel launch
 instead of running it, specialises it exactly as Triton's runtime does (ints equal to 1
 become constexprs, multiples of 16 get divisibility hints), compiles it for sm_80 and
-sm_90a with the ptxas Triton ships, and prints per kernel, dtype and arch: registers,
-spill bytes, shared memory, operand pipeline depth and the tensor-core instructions
-found in the PTX. It exits 1 on a compile failure, a spill, or a 16-bit / TF32
-``tl.dot`` kernel without ``wgmma`` (sm_90a) or ``mma.sync`` (sm_80).
+every architecture in :data:`ARCHS` (sm_75 ... sm_120a, each with its limits, from
+``linear_config.ARCHS``) with the ptxas Triton ships, and prints per kernel, dtype and
+arch: registers, spill bytes, shared memory, operand pipeline depth and the
+tensor-core instructions found in the PTX. It exits 1 on a compile failure, a spill,
+shared memory over the architecture's per-block limit, a ``tl.dot`` kernel without the
+architecture's tensor-core instruction for a dtype that has one there (``mma.sync``,
+``wgmma``, ``tcgen05.mma``), or an i32 product of an index with a stride in the TTGIR
+(:func:`i32_stride_products`: such an offset wraps past 2**31 elements).
+
+``--json FILE`` also writes the reports and the summary; ``--matrix OUT FILE...`` merges
+such files from several Triton releases into one table (tools/compile_matrix.sh).
 
 Kernels plug in through :data:`DRIVERS`: a function per op that calls its launchers,
 forward and backward, on ``meta`` tensors for one :class:`Variant` and dtype.
 
-Needs no GPU; the Triton runtime internals it uses are those of triton 3.9.
+Needs no GPU; the Triton runtime internals it uses are those of triton 3.9 (older
+releases: :func:`specialise` falls back to their binder, see tools/compile_matrix.sh).
 """
 from __future__ import annotations
 
@@ -21,17 +29,24 @@ import contextlib
 import importlib
 import io
 import itertools
+import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-#: Architectures checked: name -> compute capability.
-ARCHS = {"sm_80": (8, 0), "sm_90a": (9, 0)}
+from .compile_rules import (_PTXAS_REGS, _PTXAS_SPILL, dot_patterns, i32_stride_products,  # noqa: F401
+                            pipeline_depth, ptxas_usage)
+from .linear_config import ARCHS as ARCH_LIMITS
+
+#: Architectures checked: name -> compute capability (limits: ``linear_config.ARCHS``).
+ARCHS = {name: a.capability for name, a in ARCH_LIMITS.items()}
+#: The tensor-core instruction names of the PTX: gate name -> marker.
+TC_MARKERS = {"mma.sync": "mma.sync", "wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma"}
 #: Input dtypes checked: label -> (dtype, TF32 matmuls allowed).
 DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
           "fp32": (torch.float32, False), "tf32": (torch.float32, True)}
@@ -238,6 +253,10 @@ class Report:
     tensor_cores: str = "-"
     uses_dot: bool = False
     error: str = ""
+    #: TTGIR lines with an i32 product of an index with a stride (:func:`i32_stride_products`)
+    i32_products: tuple = ()
+    #: TTIR findings of :func:`dot_patterns` (chained / nested dots, data-dependent if)
+    dot_patterns: tuple = ()
 
     @property
     def problems(self) -> list[str]:
@@ -247,28 +266,22 @@ class Report:
         out = []
         if self.spill_bytes > 0:
             out.append(f"{self.spill_bytes} spill bytes")
-        if self.uses_dot and self.dtype != "fp32":
-            need = "wgmma" if self.arch == "sm_90a" else "mma.sync"
-            if need not in self.tensor_cores:
-                out.append(f"tl.dot without {need}")
+        limits = ARCH_LIMITS.get(self.arch)
+        if limits is not None and self.smem > limits.smem_per_block:
+            out.append(f"{self.smem} bytes of shared memory > {limits.smem_per_block} per block on {self.arch}")
+        if self.uses_dot and limits is not None and self.dtype in limits.tensor_core_dtypes:
+            if limits.tensor_core not in self.tensor_cores:
+                out.append(f"tl.dot without {limits.tensor_core}")
+        for line in self.i32_products:
+            out.append(f"i32 index * stride product: {line}")
+        out += list(self.dot_patterns)
         return out
 
 
-_PTXAS_REGS = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-# a multi-buffered shared allocation: !ttg.memdesc<STAGESxROWSxCOLSx...>
-_BUFFERED_ALLOC = re.compile(r"ttg\.local_alloc\s*(?::\s*\(\)\s*->|\{[^}]*\}\s*:\s*\(\)\s*->)\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
-
-
-def pipeline_depth(ttgir: str) -> int:
-    """Operand buffers of the main loop: the leading dimension of the multi-buffered
-    shared allocations Triton's pipeliner makes (1 when nothing is multi-buffered)."""
-    depths = [int(m) for m in _BUFFERED_ALLOC.findall(ttgir)]
-    return min(depths) if depths else 1
-
-
-def compile_job(job: Job) -> Report:
+def compile_job(job) -> Report:
     """Compile ``job`` with ptxas ``-v`` and read its resources."""
+    if isinstance(job, LegacyJob):
+        return compile_legacy(job)
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -288,10 +301,97 @@ def compile_job(job: Job) -> Report:
     regs = max((int(r) for r in _PTXAS_REGS.findall(text)), default=-1)
     spills = max((int(a) + int(b) for a, b in _PTXAS_SPILL.findall(text)), default=-1)
     ptx = compiled.asm["ptx"]
-    tc = [name for name, marker in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if marker in ptx]
+    tc = [name for name, marker in TC_MARKERS.items() if marker in ptx]
     return Report(**base, regs=regs, spill_bytes=spills, smem=int(compiled.metadata.shared),
                   depth=pipeline_depth(compiled.asm["ttgir"]), tensor_cores="+".join(tc) or "-",
-                  uses_dot="tt.dot" in compiled.asm["ttir"])
+                  uses_dot="tt.dot" in compiled.asm["ttir"],
+                  i32_products=tuple(i32_stride_products(compiled.asm["ttgir"])),
+                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])))
+
+
+# --------------------------------------------------------------------------- older Triton releases
+
+
+def _modern_runtime() -> bool:
+    """Whether this Triton has the runtime internals :func:`specialise` uses (>= 3.4 or so);
+    older releases (3.2, 3.3) compile through :func:`compile_legacy`."""
+    from triton.runtime.jit import JITFunction
+    try:
+        from triton import knobs  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(JITFunction, "_pack_args")
+
+
+@dataclass(frozen=True)
+class LegacyJob:
+    """A recorded launch for an older Triton: compiled in this process by ``warmup``."""
+    launch: Launch
+    arch: str
+    dtype: str
+    variant: str
+    key: str
+
+
+def _arg_key(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"T[{v.dtype},{v.stride()},{v.data_ptr() % 16 == 0}]"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"i[{v == 1},{v % 16 == 0}]"
+    return repr(v)
+
+
+def _legacy_job(launch: Launch, arch: str, dtype: str, variant: str) -> LegacyJob:
+    key = repr((launch.fn.__name__, [_arg_key(a) for a in launch.args],
+                sorted((k, _arg_key(v)) for k, v in launch.kwargs.items()), arch, dtype))
+    return LegacyJob(launch, arch, dtype, variant, key)
+
+
+class _CompileOnlyDriver:
+    """Stands in for the CUDA driver while ``warmup`` compiles for ``target`` (no GPU)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def compile_legacy(job: LegacyJob) -> Report:
+    """Compile a recorded launch with an older Triton's own ``warmup`` against a stand-in
+    driver for the job's architecture, then read registers and spills with ptxas ``-v``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    base = dict(kernel=job.launch.fn.__name__, dtype=job.dtype, arch=job.arch, variant=job.variant)
+    fn = job.launch.fn
+    for cache in (getattr(fn, "cache", None), getattr(fn, "device_caches", None)):
+        if isinstance(cache, dict):
+            cache.clear()    # keyed by device, not by target: never reuse another arch's kernel
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", _cc(job.arch), 32)))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = fn.warmup(*job.launch.args, grid=(1,), **job.launch.kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, the gate fails
+        return Report(**base, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                      if str(exc).strip() else type(exc).__name__)
+    finally:
+        driver.reset_active()
+    ptx = compiled.asm["ptx"]
+    regs, spills, err = ptxas_usage(ptx, _cc(job.arch))
+    if err:
+        return Report(**base, error=f"ptxas: {err}")
+    ttgir = compiled.asm["ttgir"]
+    tc = [name for name, marker in TC_MARKERS.items() if marker in ptx]
+    return Report(**base, regs=regs, spill_bytes=spills, smem=int(compiled.metadata.shared),
+                  depth=pipeline_depth(ttgir), tensor_cores="+".join(tc) or "-",
+                  uses_dot="tt.dot" in compiled.asm["ttir"], i32_products=tuple(i32_stride_products(ttgir)),
+                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])))
 
 
 # --------------------------------------------------------------------------- the gate
@@ -313,6 +413,8 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         for arch, dt, variant, op in itertools.product(archs, dtypes, variants, ops or tuple(DRIVERS)):
+            if dt not in ARCH_LIMITS[arch].triton_dtypes:
+                continue   # auto runs the chunked PyTorch path there (linear_config.triton_unsupported)
             dtype, allow_tf32 = DTYPES[dt]
             if not variant.accum_fp32 and dtype == torch.float32:
                 continue   # fp32 inputs accumulate in fp32 either way
@@ -320,7 +422,8 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
             with compile_target(ARCHS[arch]), recorded_launches() as launches:
                 DRIVERS[op](shape, variant, dtype)
             for launch in launches:
-                job = specialise(launch, arch, dt, variant.label)
+                job = specialise(launch, arch, dt, variant.label) if _modern_runtime() else \
+                    _legacy_job(launch, arch, dt, variant.label)
                 jobs.setdefault(job.key, job)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -330,7 +433,7 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
 def run_jobs(jobs: list[Job], workers: int) -> list[Report]:
     """Compile the jobs in ``workers`` processes (progress on stderr)."""
     from tqdm import tqdm
-    if workers <= 1:
+    if workers <= 1 or not _modern_runtime():
         return [compile_job(j) for j in tqdm(jobs, desc="compile", file=sys.stderr)]
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(compile_job, jobs), total=len(jobs), desc="compile", file=sys.stderr))
@@ -343,7 +446,8 @@ def summarise(reports: list[Report]) -> list[dict]:
     for r in reports:
         k = (r.kernel, r.dtype, r.arch)
         row = rows.setdefault(k, dict(kernel=r.kernel, dtype=r.dtype, arch=r.arch, compiles=0, regs=0,
-                                      spills=0, smem=0, depth=10 ** 6, tensor_cores=set(), failures=0))
+                                      spills=0, smem=0, depth=10 ** 6, tensor_cores=set(), i32=0,
+                                      failures=0))
         row["compiles"] += 1
         row["failures"] += bool(r.problems)
         row["regs"] = max(row["regs"], r.regs)
@@ -351,6 +455,7 @@ def summarise(reports: list[Report]) -> list[dict]:
         row["smem"] = max(row["smem"], r.smem)
         row["depth"] = min(row["depth"], r.depth)
         row["tensor_cores"].add(r.tensor_cores)
+        row["i32"] += len(r.i32_products)
     for row in rows.values():
         row["tensor_cores"] = "/".join(sorted(row["tensor_cores"]))
     return [rows[k] for k in sorted(rows)]
@@ -368,15 +473,85 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"compile_check: {message}\n")
 
 
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def write_json(path: str, reports: list[Report]) -> None:
+    """The reports and their summary as JSON (one Triton release's cell of the matrix)."""
+    with open(path, "w") as f:
+        json.dump(dict(triton=_triton_version(), reports=[asdict(r) | {"problems": r.problems} for r in reports],
+                       summary=summarise(reports)), f, indent=1)
+
+
+MATRIX_COLUMNS = ["triton", "arch", "dtype", "kernels", "compiles", "failures", "spills", "max_regs", "max_smem",
+                  "i32", "tensor_cores"]
+
+
+def matrix_rows(results: list[dict]) -> list[dict]:
+    """Per Triton release x arch x dtype (the kernels pooled): compiles, failures, the
+    worst spills / registers / shared memory, i32 products and the tensor-core
+    instructions seen; a release whose gate did not run is one row with its error."""
+    rows = []
+    for res in results:
+        if not res.get("summary") and "error" not in res:
+            continue    # nothing to compile: the dtypes asked are not Triton's on that arch (sm_75: fp32 only)
+        if not res.get("summary"):
+            err = (res.get("error") or "no result").strip().splitlines()
+            rows.append(dict(triton=res.get("triton", "?"), arch=res.get("arch", "-"), dtype="-", kernels=0,
+                             compiles=0, failures="-",
+                             spills="-", max_regs="-", max_smem="-", i32="-",
+                             tensor_cores=f"gate did not run: {err[-1][:120] if err else ''}"))
+            continue
+        cells: dict[tuple, list[dict]] = {}
+        for row in res["summary"]:
+            cells.setdefault((row["arch"], row["dtype"]), []).append(row)
+        order = {a: i for i, a in enumerate(ARCHS)}
+        for (arch, dtype), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+            tcs = sorted({t for g in group for t in g["tensor_cores"].split("/")} - {"-"})
+            rows.append(dict(triton=res["triton"], arch=arch, dtype=dtype, kernels=len(group),
+                             compiles=sum(g["compiles"] for g in group),
+                             failures=sum(g["failures"] for g in group),
+                             spills=max(g["spills"] for g in group), max_regs=max(g["regs"] for g in group),
+                             max_smem=max(g["smem"] for g in group), i32=sum(g.get("i32", 0) for g in group),
+                             tensor_cores="/".join(tcs) or "-"))
+    return rows
+
+
+def write_matrix(out: str, paths: list[str]) -> None:
+    """Merge the ``--json`` files of several Triton releases into one markdown table."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    text = ["# Compile gate x Triton release", "",
+            "`tools/compile_matrix.sh`: `python -m dft_kernels.ops.compile_check` under each Triton release; per "
+            "release x architecture x dtype the kernels pooled: compiles, failing compiles (spill, shared memory, "
+            "missing tensor cores, i32 index*stride product, compile error), worst spill bytes, registers and "
+            "shared memory, i32 products found, tensor-core instructions in the PTX.", "",
+            format_table(matrix_rows(results), MATRIX_COLUMNS), ""]
+    with open(out, "w") as f:
+        f.write("\n".join(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the gate. Returns the exit code: 0 pass, 1 a failure, 2 bad arguments."""
     p = _Parser(prog="python -m dft_kernels.ops.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--all", action="store_true", help="every constexpr combination and TF32 (slow)")
-    p.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this arch (repeatable)")
+    p.add_argument("--arch", choices=list(ARCHS), action="append", help="only this arch (repeatable)")
     p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
     p.add_argument("--op", choices=sorted(DRIVERS), action="append", help="only this op (repeatable)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
+    p.add_argument("--json", metavar="FILE", help="also write the reports and the summary as JSON")
+    p.add_argument("--matrix", nargs="+", metavar=("OUT", "FILE"),
+                   help="merge --json files of several Triton releases into the markdown table OUT; compiles nothing")
     a = p.parse_args(argv)
+    if a.matrix:
+        if len(a.matrix) < 2:
+            p.error("--matrix needs OUT and at least one --json FILE")
+        write_matrix(a.matrix[0], a.matrix[1:])
+        return 0
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     os.environ.pop("TRITON_INTERPRET", None)
@@ -392,11 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table([{**r.__dict__, "variant": r.variant} for r in reports], cols))
     print()
     print(format_table(summarise(reports), ["kernel", "dtype", "arch", "compiles", "regs", "spills", "smem",
-                                            "depth", "tensor_cores", "failures"]))
+                                            "depth", "tensor_cores", "i32", "failures"]))
+    if a.json:
+        write_json(a.json, reports)
     bad = [(r, why) for r in reports for why in r.problems]
     for r, why in bad:
         print(f"FAIL {r.kernel} {r.dtype} {r.arch} {r.variant}: {why}", file=sys.stderr)
-    print(f"{len(reports)} compiles, {len(bad)} failures", file=sys.stderr)
+    print(f"triton {_triton_version()}: {len(reports)} compiles, {len(bad)} failures", file=sys.stderr)
     return 1 if bad else 0
 
 

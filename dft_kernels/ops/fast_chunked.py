@@ -1,7 +1,8 @@
 """Strategy "fast" of the fused path (docs/design.md sec. 10): each chunk of logits once.
 
 Rows go in chunks of C. For each chunk the logits ``h[r] @ W.T (+ b)`` [C, V] are formed
-once; the primitive of docs/design.md sec. 6 (lse, gathered) runs on them -- the Triton
+once, in fp32 from 16-bit operands (``torch_chunked.linear_fp32``: never rounded to 16
+bits); the primitive of docs/design.md sec. 6 (lse, gathered) runs on them -- the Triton
 logits-path kernels (``ops/lse_gather.py``) for ``impl="triton"``, chunked PyTorch
 otherwise; the caller's per-row loss turns the chunk's small [C, T] / [C, M] tensors into
 a scalar and autograd on those small tensors gives the upstream gradients; the logits
@@ -30,7 +31,7 @@ import torch
 
 from ..validation import compute_dtype
 
-from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, lse_and_gather,
+from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, linear_fp32, lse_and_gather,
                             logits_grad, row_chunks)
 
 DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
@@ -53,7 +54,7 @@ def _upstream(chunk_loss, lse: torch.Tensor, gathered: torch.Tensor, r):
 
 def _chunk_torch(logits, idx, scales, softcap, tail_slots, chunk_loss, r, cdt):
     """One chunk in PyTorch: the softmax is formed in the logits' own storage."""
-    z, t = _softcap(logits.to(cdt), softcap)
+    z, t = _softcap(logits, softcap)
     if len(scales) == 1 and not tail_slots:
         return _chunk_torch_one_scale(z, t, idx, scales[0], chunk_loss, r)
     lse, gathered = lse_and_gather(z, idx, scales, tail_slots)
@@ -120,7 +121,7 @@ class FastLinearLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=cdt, device=h.device)
         run_chunk = _chunk_triton if impl == "triton" else _chunk_torch
         for r in row_chunks(N, max(1, int(chunk_rows)), rows):
-            logits = torch.nn.functional.linear(h[r], w, b)
+            logits = linear_fp32(h[r], w, b)      # fp32 from 16-bit operands, never rounded to 16 bits
             share, lse[r], gathered[r], dz = run_chunk(logits, index[r], scales, softcap, tail_slots, chunk_loss,
                                                        r, cdt)
             del logits

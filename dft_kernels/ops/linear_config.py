@@ -1,15 +1,103 @@
 """Launch configuration of the fused linear path (ops/linear_lse_gather.py): the one
 function that chooses every block size, warp count, stage count and the backward
 product backend, per compute capability and dtype. The launchers and the compile
-gate (ops/compile_check.py) both call it."""
+gate (ops/compile_check.py) both call it.
+
+It also holds what every op's config shares: the architectures the compile gate
+covers with their limits (:data:`ARCHS`), the register-cap rule
+(:func:`register_cap`) and which (architecture, dtype) cells the Triton path serves
+under ``impl="auto"`` (:func:`triton_unsupported`; docs/design.md sec. 16)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One GPU architecture as the compile gate sees it."""
+    name: str
+    capability: tuple[int, int]
+    #: the largest shared memory one block may use (bytes, the opt-in limit)
+    smem_per_block: int
+    #: tensor-core instruction Triton emits for ``tl.dot`` here ("" for none)
+    tensor_core: str
+    #: input dtypes ("bf16", "fp16", "tf32") whose ``tl.dot`` runs on tensor cores
+    tensor_core_dtypes: frozenset
+    #: input dtypes the Triton path serves here (the gate's dtypes; others: chunked PyTorch)
+    triton_dtypes: tuple
+    cards: str = ""
+
+
+_ALL = ("bf16", "fp16", "fp32", "tf32")
+_TC = frozenset({"bf16", "fp16", "tf32"})
+#: Every architecture the ptxas bundled with Triton targets (ptxas for sm_75-89,
+#: ptxas-blackwell from sm_90 on); Triton appends the "a" of sm_90a / sm_100a / sm_120a.
+#: Turing (sm_75): Triton >= 3.3 lowers ``tl.dot`` there without tensor cores (FMA) and
+#: Turing has no bf16 tensor cores at all, so ``impl="auto"`` runs 16-bit inputs on the
+#: chunked PyTorch path (cuBLAS: fp16 tensor cores) and only fp32 on Triton.
+ARCHS: dict[str, Arch] = {a.name: a for a in (
+    Arch("sm_75", (7, 5), 65536, "", frozenset(), ("fp32",), "T4, RTX 20xx"),
+    Arch("sm_80", (8, 0), 166912, "mma.sync", _TC, _ALL, "A100, A30"),
+    Arch("sm_86", (8, 6), 101376, "mma.sync", _TC, _ALL, "A10, A40, RTX 30xx, RTX A6000"),
+    Arch("sm_89", (8, 9), 101376, "mma.sync", _TC, _ALL, "L4, L40S, RTX 40xx"),
+    Arch("sm_90a", (9, 0), 232448, "wgmma", _TC, _ALL, "H100, H200, GH200"),
+    Arch("sm_100a", (10, 0), 232448, "tcgen05", _TC, _ALL, "B200, GB200"),
+    Arch("sm_120a", (12, 0), 101376, "mma.sync", _TC, _ALL, "RTX 50xx, RTX PRO 6000 Blackwell"),
+)}
+
+
+def arch_for(capability: tuple[int, int]) -> Arch:
+    """The :data:`ARCHS` entry a device of ``capability`` runs (the nearest one at or
+    below it within the same major version; e.g. (8, 7) -> sm_86, (10, 3) -> sm_100a)."""
+    same = [a for a in ARCHS.values() if a.capability[0] == capability[0] and a.capability <= tuple(capability)]
+    below = [a for a in ARCHS.values() if a.capability <= tuple(capability)]
+    pool = same or below or [ARCHS["sm_75"]]
+    return max(pool, key=lambda a: a.capability)
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    """"bf16" / "fp16" / "fp32" / "tf32" (fp32 with TF32 matmuls allowed)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def triton_unsupported(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
+    """Why ``impl="auto"`` does not run the Triton kernels for ``dtype`` on a device of
+    ``capability`` (None: it does). The reason names the architecture and the path."""
+    if capability is None:
+        return None
+    arch = arch_for(capability)
+    label = "fp32" if dtype == torch.float32 else dtype_label(dtype)
+    if label not in arch.triton_dtypes:
+        return (f"{label} on {arch.name}: Triton has no tensor-core tl.dot for it there, so auto uses the "
+                "chunked PyTorch path (cuBLAS)")
+    return None
+
+
+def register_cap(capability: tuple[int, int]) -> int | None:
+    """ptxas's register cap per thread for the 8-warp logits-tile kernels: 255 (the most
+    at 8 warps) everywhere but Hopper, None (ptxas's own choice) on Hopper.
+
+    Left to itself ptxas aims some variants at 128 registers (two programs per SM) and
+    spills: sm_80 16-32 bytes, sm_100a tf32 ``_teacher_topk_kernel`` 8 bytes, sm_120a
+    fp32 ``_teacher_topk_kernel`` 48 bytes and tf32 ``_dz_tile_kernel`` 8 bytes; with the
+    cap they allocate freely and fit without a spill. On sm_90a the same cap makes three
+    fp32 variants spill (64 bytes), so Hopper is the one without it."""
+    return None if capability[0] == 9 else 255
+
+
+def _stages(capability: tuple[int, int], stage_bytes: int) -> int:
+    """Operand pipeline depth: 4, fewer when 4 stages would not fit the block's shared
+    memory with room for the epilogue's layout conversions (a third of the budget)."""
+    budget = arch_for(capability).smem_per_block * 2 // 3
+    return max(2, min(4, budget // max(stage_bytes, 1)))
 
 
 @dataclass(frozen=True)
@@ -77,7 +165,7 @@ def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int,
     Returns:
         the :class:`FusedConfig`.
     """
-    products = check_backward_gemm(backward_gemm or default_backward_gemm())
+    products = check_backward_gemm(backward_gemm or _measured_backward_gemm(capability) or default_backward_gemm())
     bm = lambda cap: min(triton.next_power_of_2(max(M, 1)), cap)  # noqa: E731
     if capability is None:
         tile = TileConfig(BLOCK_N=16, BLOCK_V=128, BLOCK_D=64, GROUP=2, num_warps=4, num_stages=1)
@@ -101,14 +189,27 @@ def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int,
     # itself, ptxas aims some of its variants at 128 registers (two programs per SM) and
     # spills 16-32 bytes on sm_80; there the explicit cap of 255 (the limit at 8 warps)
     # makes it allocate freely, and those variants fit in 123 without a spill. On
-    # sm_90a the same cap makes three fp32 variants spill (64 bytes), so it is sm_80's only.
+    # sm_90a the same cap makes three fp32 variants spill (64 bytes), so it is every
+    # architecture's but Hopper's (:func:`register_cap`; sm_100a and sm_120a spill without it).
+    # Consumer cards (sm_86, sm_89, sm_120: ~100 KB per block) keep 4 stages of 16 KiB;
+    # sm_75 (64 KiB) gets fewer (:func:`_stages`).
     bd = 16 if dtype == torch.float32 else 32
-    tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4)
+    stages = _stages(capability, 2 * 128 * bd * dtype.itemsize)
+    tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=stages)
     return FusedConfig(
-        fwd=tile, dz=TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4,
-                                maxnreg=255 if capability < (9, 0) else None),
-        gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
+        fwd=tile, dz=TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=stages,
+                                maxnreg=register_cap(capability)),
+        gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=stages),
         gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=256, num_warps=4),
         fix=RowConfig(BLOCK_M=bm(256), BLOCK_D=0, num_warps=4),
         backward_gemm=products,
     )
+
+
+def _measured_backward_gemm(capability: tuple[int, int] | None) -> str | None:
+    """The backward-product backend ``dft-kernels doctor --save`` measured fastest on this
+    device (None: not measured, or ``DFT_KERNELS_BACKWARD_GEMM`` is set and wins)."""
+    if capability is None or os.environ.get("DFT_KERNELS_BACKWARD_GEMM"):
+        return None
+    from ..doctor.cache import cached_choice
+    return cached_choice("backward_gemm")

@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import active_first, merge_duplicate_ids, row_activity, sorted_slots, unpermute
+from ._common import (active_first, merge_duplicate_ids, partial_rows, row_activity, sorted_slots, tile_operand,
+                      unpermute)
 from .linear_config import FusedConfig, fused_config
 from .linear_lse_gather_products import check_backward_gemm, slab_backward
-from ._triton_common import _cast, _dot, _tanh, _tile_coords, _tile_ids, target_capability
+from ._triton_common import _cast, _dot, _no_term_lse, _tanh, _tile_coords, _tile_ids, target_capability
 
 # --------------------------------------------------------------------------- kernels
 
@@ -31,10 +32,13 @@ def _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rm
     """fp32 [BLOCK_N, BLOCK_V] tile of h[row_start:] @ w[col_start:].T over D in BLOCK_D
     steps (``rmask`` / ``cmask``: which of its rows / columns exist).
 
-    The int64 tile origin lives in two scalar pointers; in-tile offsets are int32 and
-    loop-invariant, which keeps the register budget for the accumulator and epilogue."""
-    h_base = H + row_start * stride_hn
-    w_base = W + col_start * stride_wv
+    The int64 tile origin lives in two scalar pointers (``row_start`` / ``col_start`` are
+    widened here, whatever the caller passes: a 32-bit loop counter times a stride wraps
+    once V * D or N * D passes 2**31); in-tile offsets are int32 and loop-invariant, which
+    keeps the register budget for the accumulator and epilogue (launchers keep
+    ``BLOCK * stride`` below 2**31: ``_common.tile_operand``)."""
+    h_base = H + tl.cast(row_start, tl.int64) * stride_hn
+    w_base = W + tl.cast(col_start, tl.int64) * stride_wv
     offs_d = tl.arange(0, BLOCK_D)
     h_offs = tl.arange(0, BLOCK_N)[:, None] * stride_hn + offs_d[None, :] * stride_hd
     w_offs = tl.arange(0, BLOCK_V)[None, :] * stride_wv + offs_d[:, None] * stride_wd
@@ -202,19 +206,22 @@ def _dz_tile_kernel(
         z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         z = softcap * _tanh(z / softcap)
-    lse_a = tl.load(LSE + rows * stride_ln, mask=rmask, other=0.0)
+    # a row without upstream gradient for a term (e.g. a row that does not count, whose
+    # lse is 0 while its logits are real) takes lse = +inf there: exp(z - inf) = 0 exactly,
+    # never 0 * exp(overflow) = 0 * inf = NaN
     g_a = tl.load(GLSE + rows * stride_gn, mask=rmask, other=0.0) * scale_a
+    lse_a = _no_term_lse(tl.load(LSE + rows * stride_ln, mask=rmask, other=0.0), g_a)
     dz = g_a[:, None] * tl.exp(z * scale_a - lse_a[:, None])
     if TWO_SCALES:
-        lse_b = tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0)
         g_b = tl.load(GLSE + rows * stride_gn + 1, mask=rmask, other=0.0) * scale_b
+        lse_b = _no_term_lse(tl.load(LSE + rows * stride_ln + 1, mask=rmask, other=0.0), g_b)
         dz += g_b[:, None] * tl.exp(z * scale_b - lse_b[:, None])
     if HAS_TAIL:
         scale_r = scale_b if TWO_SCALES else scale_a
         rc = 2 if TWO_SCALES else 1
-        lse_r = tl.load(LSE + rows * stride_ln + rc, mask=rmask, other=0.0)
-        lse_r = tl.where(lse_r == float("-inf"), 0.0, lse_r)   # every column is a slot: no term
         g_r = tl.load(GLSE + rows * stride_gn + rc, mask=rmask, other=0.0) * scale_r
+        # an empty tail (-inf: every column is a slot) has no term either
+        lse_r = _no_term_lse(tl.load(LSE + rows * stride_ln + rc, mask=rmask, other=0.0), g_r)
         er = g_r[:, None] * tl.exp(z * scale_r - lse_r[:, None])
         er = _mask_slots(er, 0.0, SLOT, stride_sn, tail_slots, n_iter, rows, rmask, cols,
                          col0 + pid_v * BLOCK_V, col0 + pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
@@ -325,20 +332,24 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
 
     f = cfg.fwd
     n_vb = triton.cdiv(V, f.BLOCK_V)
-    part = torch.empty((N, n_lse, n_vb), dtype=torch.float32, device=dev)
+    # per-tile partials for a bounded block of rows at a time: extra memory independent of N
+    n_block = partial_rows(N, n_lse * n_vb, f.BLOCK_N)
+    part = torch.empty((n_block, n_lse, n_vb), dtype=torch.float32, device=dev)
     slots = _slot_list(index, V, tail_slots)
-    grid = (triton.cdiv(N, f.BLOCK_N) * n_vb,)
-    _lse_tile_kernel[grid](
-        h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
-        part, part.stride(0), part.stride(1), active,
-        slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
-        N, V, D, sa, sb, cap,
-        HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
-        IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f.BLOCK_D == 0,
-        BLOCK_N=f.BLOCK_N, BLOCK_V=f.BLOCK_V, BLOCK_D=f.BLOCK_D, GROUP=f.GROUP,
-        **f.launch_options(),
-    )
-    torch.logsumexp(part, dim=-1, out=lse)
+    for r0 in range(0, N, n_block):
+        n = min(n_block, N - r0)
+        rows_slots = slots[r0:] if tail_slots else slots
+        _lse_tile_kernel[(triton.cdiv(n, f.BLOCK_N) * n_vb,)](
+            h[r0:], h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
+            part, part.stride(0), part.stride(1), active[r0:],
+            rows_slots, rows_slots.stride(0), tail_slots, int(tail_slots).bit_length(),
+            n, V, D, sa, sb, cap,
+            HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
+            IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % f.BLOCK_D == 0,
+            BLOCK_N=f.BLOCK_N, BLOCK_V=f.BLOCK_V, BLOCK_D=f.BLOCK_D, GROUP=f.GROUP,
+            **f.launch_options(),
+        )
+        torch.logsumexp(part[:n], dim=-1, out=lse[r0:r0 + n])
     del part
     lse.masked_fill_(active[:, None] == 0, 0.0)
 
@@ -370,14 +381,17 @@ def _sparse_values(index: torch.Tensor, g_gathered: torch.Tensor, gathered: torc
     zs = gathered.gather(1, merged.perm)
     dense = torch.zeros_like(zs)
     for k, s in enumerate(scales):
-        dense += (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lse[:, k:k + 1])
+        g_k = g_lse[:, k:k + 1]
+        lse_k = torch.where(g_k == 0, torch.full_like(g_k, torch.inf), lse[:, k:k + 1])   # no term: exp -> 0
+        dense += (g_k * s) * torch.exp(zs * s - lse_k)
     if tail_slots:
         # the tail term (log-sum-exp outside the slots) reaches the ids that are not slots
         in_slots = merged.sums[..., 1] > 0
         s, k = scales[-1], len(scales)
         lr = lse[:, k:k + 1]
-        lr = torch.where(torch.isinf(lr), torch.zeros_like(lr), lr)
-        tail = (g_lse[:, k:k + 1] * s) * torch.exp(zs * s - lr)
+        g_r = g_lse[:, k:k + 1]
+        lr = torch.where(torch.isinf(lr) | (g_r == 0), torch.full_like(lr, torch.inf), lr)   # no term: exp -> 0
+        tail = (g_r * s) * torch.exp(zs * s - lr)
         dense += torch.where(in_slots, torch.zeros_like(tail), tail)
     if softcap is not None:
         tz = zs / softcap
@@ -486,6 +500,7 @@ class LinearLSEGatherTriton(torch.autograd.Function):
         # rows that count first, so that the rows that do not form whole tiles the
         # kernels skip (device-side: no host sync)
         order, active = active_first(index, w.shape[0])
+        w = tile_operand(w)
         h = h.index_select(0, order)
         index = index.index_select(0, order).contiguous()
         lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config, active)

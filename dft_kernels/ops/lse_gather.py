@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import merge_sparse_grad, row_view, sorted_slots
-from ._triton_common import _online_lse, _tanh, target_capability
+from ._triton_common import _no_term_lse, _online_lse, _tanh, target_capability
 
 
 @triton.jit
@@ -150,6 +150,10 @@ def _lse_gather_bwd_kernel(
     g_a = tl.where(counts, g_a, 0.0)
     g_b = tl.where(counts, g_b, 0.0)
     g_r = tl.where(counts, g_r, 0.0)
+    # a term without upstream gradient (or an empty tail) contributes exactly 0
+    lse_a = _no_term_lse(lse_a, g_a)
+    lse_b = _no_term_lse(lse_b, g_b)
+    lse_r = _no_term_lse(lse_r, g_r)
 
     # dense part: the softmax term, recomputed tile by tile
     v_read = tl.where(counts, V, 0)

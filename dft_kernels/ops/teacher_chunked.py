@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..validation import compute_dtype
+from .torch_chunked import linear_fp32
 
 #: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`
 #: (a [64, k] buffer of values and ids per program: at k = 256 it spills hundreds of bytes
@@ -58,10 +59,10 @@ def sort_slots(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
 def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None, inv_temp: float,
                 c0: int = 0, c1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``softcap(h @ w[c0:c1].T + b[c0:c1]) * inv_temp`` in the compute dtype, and the
-    softcap's ``tanh`` (None without a softcap) for the chain rule."""
-    cdt = compute_dtype(h.dtype)
+    softcap's ``tanh`` (None without a softcap) for the chain rule. The product is formed
+    in fp32 from 16-bit operands (``torch_chunked.linear_fp32``), never rounded to 16 bits."""
     c1 = w.shape[0] if c1 is None else c1
-    z = torch.nn.functional.linear(h, w[c0:c1], None if b is None else b[c0:c1]).to(cdt)
+    z = linear_fp32(h, w[c0:c1], None if b is None else b[c0:c1])
     th = None
     if softcap is not None:
         th = torch.tanh(z / softcap)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import tile_operand
 from ._triton_common import _tanh, target_capability
 from .linear_lse_gather import _interp_bf16, _ieee, _logits_tile
 from .teacher_chunked import MAX_TRITON_K, sort_slots  # noqa: F401 (MAX_TRITON_K: the kernel's limit)
@@ -128,8 +129,8 @@ def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
         ``index`` [N, k] int32 and ``logprobs`` [N, k] fp32 sorted by value (descending,
         ties by ascending id), and ``lse`` [N] fp32 at the temperature.
     """
-    h = h.contiguous()
-    w = w.contiguous()
+    h = tile_operand(h)
+    w = tile_operand(w)
     N, D = h.shape
     V = w.shape[0]
     cfg = topk_config(target_capability(h.device), h.dtype, k)

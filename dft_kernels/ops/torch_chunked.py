@@ -6,11 +6,15 @@ the vocab outside the first ``tail_slots`` ids (the student's tail, exact instea
 ``1 - Q``) -- and the (softcapped) logits gathered at M ids, with backward
 passes that recompute each chunk of logits. Peak extra memory is
 O(chunk_rows x V) fp32, never O(N x V) beyond the gradient being returned.
+
+The fused path's logits are formed in fp32 from 16-bit operands (:func:`linear_fp32`),
+never rounded to 16 bits before the fp32 softmax.
 """
 from __future__ import annotations
 
 import torch
 
+from ..memory import UPCAST_SLAB_ELEMS
 from ..validation import compute_dtype
 from ._common import row_activity, row_view
 
@@ -20,6 +24,48 @@ DEFAULT_CHUNK_ELEMS = 1 << 22
 
 def chunk_rows(V: int, chunk_elems: int | None = None) -> int:
     return max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // max(V, 1))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``a @ b`` of 16-bit operands as one fp32 result (fp32 accumulation, no 16-bit
+    rounding) where torch has that kernel (``torch.mm(..., out_dtype=)``: CUDA, recent
+    torch); else None."""
+    if not a.is_cuda:
+        return None
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError):     # no such overload or kernel
+        return None
+
+
+def linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``h @ w.T (+ b)`` in the compute dtype (docs/design.md, "Compute dtype").
+
+    16-bit operands give fp32 logits that were never rounded to 16 bits: an fp32-output
+    matmul where torch has one (CUDA), else the chunk's rows and one ``UPCAST_SLAB_ELEMS``
+    slab of ``w`` at a time are upcast (the CPU): ``(rows + slab) x D`` fp32 transients,
+    never a whole fp32 copy of ``w``.
+
+    Args:
+        h: [C, D]; w: [Vc, D] (same dtype); b: [Vc] or None.
+    Returns:
+        [C, Vc] fp32 (float64 for float64 inputs): a new tensor the caller may overwrite.
+    """
+    cdt = compute_dtype(h.dtype)
+    if h.dtype == cdt and w.dtype == cdt:
+        return torch.nn.functional.linear(h, w, b)
+    z = _mm_fp32(h, w.t()) if cdt == torch.float32 and h.dtype == w.dtype else None
+    if z is None:
+        z = torch.empty((h.shape[0], w.shape[0]), dtype=cdt, device=h.device)
+        hc = h.to(cdt)
+        step = max(1, UPCAST_SLAB_ELEMS // max(w.shape[1], 1))
+        for c0 in range(0, w.shape[0], step):
+            torch.mm(hc, w[c0:c0 + step].to(cdt).t(), out=z[:, c0:c0 + step])
+    if b is not None:
+        z += b          # an fp32 add of the 16-bit bias: exact operands, one rounding
+    return z
 
 
 def active_rows(index: torch.Tensor, V: int) -> torch.Tensor | None:
@@ -213,9 +259,7 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
         for r in row_chunks(N, step, rows):
-            logits = torch.nn.functional.linear(h[r], w, b)
-            z, _ = _softcap(logits.to(cdt), softcap)
-            del logits
+            z, _ = _softcap(linear_fp32(h[r], w, b), softcap)
             lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
         ctx.save_for_backward(h, w, b, index, lse, rows)
         ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
@@ -239,9 +283,7 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         g_lse = g_lse.to(cdt)
         g_gathered = g_gathered.to(cdt)
         for r in row_chunks(N, step, rows):
-            logits = torch.nn.functional.linear(h[r], w, b)
-            z, t = _softcap(logits.to(cdt), ctx.softcap)
-            del logits
+            z, t = _softcap(linear_fp32(h[r], w, b), ctx.softcap)
             dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
                              overwrite_z=True)
             del z, t

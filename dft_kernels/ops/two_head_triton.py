@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import partial_rows, tile_operand
 from .linear_config import GemmConfig, TileConfig
 from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
 from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, slab_backward
@@ -179,7 +180,9 @@ def _two_head_dz_kernel(
     if HAS_CAP:
         th = s / (cap * inv_temp)   # = tanh(raw / cap); recomputed rather than kept live
         g = g * (1.0 - th * th)
-    g = tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
+    # a row without upstream gradient contributes exactly 0, whatever its logits (the
+    # tile of a skipped row block holds the bias alone, and 0 * inf would be NaN)
+    g = tl.where((rmask & (g_row != 0))[:, None] & cmask[None, :], g, 0.0)
     if STORE_DB:
         tl.store(DBP + pid_n * stride_bp + lcols, tl.sum(g, axis=0), mask=cmask)
     if STORE_DZ:
@@ -245,11 +248,16 @@ def _check(h, w, b, name: str) -> None:
 
 def _head_args(h, w, b, cap, tile: TileConfig):
     """The kernel arguments of one head, its runtime softcap and its constexprs."""
-    h, w = h.contiguous(), w.contiguous()
+    h, w = tile_operand(h), tile_operand(w)
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), b if b is not None else w)
     flags = dict(bias=b is not None, cap=cap is not None, ieee=_ieee(h), interp=_interp_bf16(h),
                  even=h.shape[1] % tile.BLOCK_D == 0)
     return args, float(cap) if cap is not None else 1.0, flags
+
+
+def _rows(args: tuple, r0: int) -> tuple:
+    """One head's kernel arguments with its hidden states from row ``r0`` on."""
+    return (args[0][r0:],) + args[1:]
 
 
 def _flag_kwargs(fs: dict, ft: dict, tile: TileConfig) -> dict:
@@ -259,8 +267,14 @@ def _flag_kwargs(fs: dict, ft: dict, tile: TileConfig) -> dict:
                 BLOCK_D=tile.BLOCK_D, GROUP=tile.GROUP, **tile.launch_options())
 
 
-def _jsd_logs(beta: float) -> tuple[float, float, float]:
+def _jsd_logs(kind: str, beta: float) -> tuple[float, float, float]:
+    """``(beta, log beta, log(1 - beta))`` for JSD; zeros for the other kinds, which do not
+    read them (beta 0 and 1 are forward and reverse KL, where the logs do not exist)."""
+    if kind != "jsd":
+        return 0.0, 0.0, 0.0
     beta = float(beta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"kind='jsd' needs 0 < beta < 1, got {beta}: beta 0 is forward KL and 1 reverse KL")
     return beta, math.log(beta), math.log1p(-beta)
 
 
@@ -278,33 +292,41 @@ def two_head_forward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: str
     sargs, cap_s, fs = _head_args(h, w, b, cap, f)
     targs, cap_tt, ft = _head_args(ht, wt, bt, cap_t, f)
     lse = torch.empty((N, 2), dtype=torch.float32, device=dev)
+    div = torch.empty(N, dtype=torch.float32, device=dev)
+    aux = torch.zeros(N, dtype=torch.float32, device=dev)
     if N == 0:
-        z = torch.zeros(0, dtype=torch.float32, device=dev)
-        return z, z.clone(), lse
+        return div, aux, lse
     n_vb = triton.cdiv(V, f.BLOCK_V)
-    grid = (triton.cdiv(N, f.BLOCK_N) * n_vb,)
-    part = torch.empty((N, n_vb, N_STATS), dtype=torch.float32, device=dev)
-    _two_head_stats_kernel[grid](
-        *sargs, *targs, part, part.stride(0), N, V, D, ht.shape[1], cap_s, cap_tt, float(inv_temp),
-        GAP_REVERSE=kind == "reverse_kl", **_flag_kwargs(fs, ft, f))
-    m_s, sum_s, m_t, sum_t, gap = part.unbind(-1)
-    top_s, top_t = m_s.amax(1), m_t.amax(1)
-    r_s, r_t = torch.exp(m_s - top_s[:, None]), torch.exp(m_t - top_t[:, None])
-    tot_s, tot_t = (sum_s * r_s).sum(1), (sum_t * r_t).sum(1)
-    ls, lt = top_s + tot_s.log(), top_t + tot_t.log()
-    lse[:, 0], lse[:, 1] = ls, lt
-    if kind == "forward_kl":
-        div = (gap * r_t).sum(1) / tot_t - lt + ls
-        return div, torch.zeros_like(div), lse
-    if kind == "reverse_kl":
-        div = (gap * r_s).sum(1) / tot_s - ls + lt
-        return div, div.clone(), lse
-    del part
-    part = torch.empty((N, n_vb, 2), dtype=torch.float32, device=dev)
-    _two_head_jsd_kernel[grid](
-        *sargs, *targs, lse, lse.stride(0), part, part.stride(0), N, V, D, ht.shape[1], cap_s, cap_tt,
-        float(inv_temp), *_jsd_logs(beta), **_flag_kwargs(fs, ft, f))
-    div, aux = part.sum(1).unbind(-1)
+    # per-tile partials for a bounded block of rows at a time: extra memory independent of N
+    n_block = partial_rows(N, n_vb * N_STATS, f.BLOCK_N)
+    part = torch.empty((n_block, n_vb, N_STATS), dtype=torch.float32, device=dev)
+    for r0 in range(0, N, n_block):
+        n = min(n_block, N - r0)
+        rows = slice(r0, r0 + n)
+        _two_head_stats_kernel[(triton.cdiv(n, f.BLOCK_N) * n_vb,)](
+            *_rows(sargs, r0), *_rows(targs, r0), part, part.stride(0), n, V, D, ht.shape[1], cap_s, cap_tt,
+            float(inv_temp), GAP_REVERSE=kind == "reverse_kl", **_flag_kwargs(fs, ft, f))
+        m_s, sum_s, m_t, sum_t, gap = part[:n].unbind(-1)
+        top_s, top_t = m_s.amax(1), m_t.amax(1)
+        r_s, r_t = torch.exp(m_s - top_s[:, None]), torch.exp(m_t - top_t[:, None])
+        tot_s, tot_t = (sum_s * r_s).sum(1), (sum_t * r_t).sum(1)
+        ls, lt = top_s + tot_s.log(), top_t + tot_t.log()
+        lse[rows, 0], lse[rows, 1] = ls, lt
+        if kind == "forward_kl":
+            div[rows] = (gap * r_t).sum(1) / tot_t - lt + ls
+        elif kind == "reverse_kl":
+            div[rows] = (gap * r_s).sum(1) / tot_s - ls + lt
+            aux[rows] = div[rows]
+    if kind != "jsd":
+        return div, aux, lse
+    # JSD: a second pass once both lse are known, (div, KL(q||m)) partials per tile
+    part = part.view(-1)[:n_block * n_vb * 2].view(n_block, n_vb, 2)
+    for r0 in range(0, N, n_block):
+        n = min(n_block, N - r0)
+        _two_head_jsd_kernel[(triton.cdiv(n, f.BLOCK_N) * n_vb,)](
+            *_rows(sargs, r0), *_rows(targs, r0), lse[r0:], lse.stride(0), part, part.stride(0), n, V, D,
+            ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(kind, beta), **_flag_kwargs(fs, ft, f))
+        div[r0:r0 + n], aux[r0:r0 + n] = part[:n].sum(1).unbind(-1)
     return div, aux, lse
 
 
@@ -330,7 +352,7 @@ def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: st
         grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
         _two_head_dz_kernel[grid](
             *sargs, *targs, lse, lse.stride(0), aux, g_div, active, dz, dz.stride(0), dbp, dbp.stride(0),
-            r0, n_rows, v0, n_cols, D, ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(beta),
+            r0, n_rows, v0, n_cols, D, ht.shape[1], cap_s, cap_tt, float(inv_temp), *_jsd_logs(kind, beta),
             KIND=KINDS[kind], STORE_DZ=need_h or need_w, STORE_DB=need_b, **_flag_kwargs(fs, ft, zc))
 
     dh, dw, db32 = slab_backward(sargs[0], sargs[3], need_h, need_w, need_b, True, active, zc, cfg.gemm, products,

@@ -20,7 +20,15 @@ from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, previous_
 _SAME_SOURCE = (("input_ids_sha256", "built over different sequences (input_ids sha256 differ): blend targets "
                                      "built from the same examples, in the same order"),
                 ("vocab_size", "built for different vocab sizes: blend teachers that share one tokenizer"),
-                ("kind", "of different kinds (topk / sampled / hybrid): blend targets of one kind"))
+                ("kind", "of different kinds (topk / sampled / hybrid): blend targets of one kind"),
+                ("tokenizer_fingerprint", "built with different tokenizers (tokenizer_fingerprint differ): one id "
+                                          "would mean different tokens; blend teachers that share one tokenizer"),
+                ("temperature", "built at different temperatures: the mixture would have none; rebuild them at one "
+                                "temperature (targets build --temperature T), or retemper top-k targets in memory "
+                                "to T first (SparseTargets.retemper(T_built / T))"))
+#: metadata a blend keeps when every source records it with one value (DFTTargetsDataset checks
+#: tokenizer_fingerprint; the trainer compares the temperature with the loss's)
+_SHARED_KEYS = ("temperature", "tokenizer_fingerprint", "teacher_fingerprint")
 
 
 def _check_weights(weights, n: int, what: str) -> list[float]:
@@ -50,6 +58,35 @@ def _check_same_source(metas, names) -> None:
                 raise ValueError(f"{seen[0][0]} and {name} are {why} ({key} {seen[0][1]!r} vs {val!r})")
 
 
+def _kind(metadata) -> str:
+    """The kind of targets with this metadata; none recorded = top-k (a truncated estimate)."""
+    return metadata.get("kind") or "topk"
+
+
+def _check_kinds(metas, names) -> bool:
+    """ValueError when sampled / hybrid targets would be blended with top-k (or other truncated)
+    ones, in either order; returns whether the sources are sampled / hybrid."""
+    from .sampling import is_sampled
+    sampled = [(n, _kind(m)) for n, m in zip(names, metas) if is_sampled(m)]
+    truncated = [(n, _kind(m)) for n, m in zip(names, metas) if not is_sampled(m)]
+    if sampled and truncated:
+        (a, ka), (b, kb) = sampled[0], truncated[0]
+        raise ValueError(f"{a} holds {ka} targets and {b} {kb} targets: their mixture is neither an unbiased "
+                         f"estimate ({ka}) nor a top-k, and one kind cannot describe it (docs/design.md sec. 12); "
+                         "blend targets of one kind")
+    return bool(sampled)
+
+
+def _shared_metadata(metas) -> dict:
+    """The keys of ``_SHARED_KEYS`` every one of ``metas`` records with the same value."""
+    out = {}
+    for key in _SHARED_KEYS:
+        vals = [m.get(key) for m in metas]
+        if vals and vals[0] is not None and all(v == vals[0] for v in vals):
+            out[key] = vals[0]
+    return out
+
+
 def blend(targets, weights=None, k=None) -> SparseTargets:
     """Per-position mixture ``sum_i w_i p_i`` of several teachers' sparse distributions.
 
@@ -59,7 +96,12 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
     segment log-sum-exp), and the ``k`` (default: the largest input K) ids of largest
     blended mass kept, sorted by mass; fewer distinct ids leave empty slots. Tails
     mix implicitly: the blended tail 1 - P = sum_i w_i (1 - P_i) + the dropped mass.
-    The log-probs come back in the widest input dtype."""
+    The log-probs come back in the widest input dtype.
+
+    Sampled / hybrid sources keep every slot (``k`` = the sum of their K) and cannot be mixed
+    with top-k ones, in any order; sources recording different sequences, vocab sizes, kinds,
+    tokenizers or temperatures are refused. The result records ``kind``, ``temperature``,
+    ``tokenizer_fingerprint`` and ``teacher_fingerprint`` when every source agrees on them."""
     if isinstance(targets, SparseTargets) or not isinstance(targets, (list, tuple)) or not targets:
         raise TypeError("targets must be a non-empty list of SparseTargets")
     for i, t in enumerate(targets):
@@ -67,7 +109,9 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
             raise TypeError(f"targets[{i}] is {type(t).__name__}, not SparseTargets")
     n = len(targets)
     w = _check_weights(weights, n, "targets")
-    _check_same_source([t.metadata for t in targets], [f"targets[{i}]" for i in range(n)])
+    names = [f"targets[{i}]" for i in range(n)]
+    _check_same_source([t.metadata for t in targets], names)
+    sampled = _check_kinds([t.metadata for t in targets], names)
     lead = targets[0].index.shape[:-1]
     for i, t in enumerate(targets):
         if t.index.shape[:-1] != lead:
@@ -76,10 +120,9 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
         if t.device != targets[0].device:
             raise ValueError(f"targets[{i}] is on {t.device}, targets[0] on {targets[0].device}; "
                              "move them to one device with .to(device)")
-    from .sampling import is_sampled
-    if is_sampled(targets[0].metadata):  # every slot kept: the mixture of unbiased estimates stays one
+    if sampled:  # every slot kept: the mixture of unbiased estimates stays one
         if k is not None and _check_k(k) < sum(t.k for t in targets):
-            raise ValueError(f"k={k} would drop slots of {targets[0].metadata['kind']} targets and bias the "
+            raise ValueError(f"k={k} would drop slots of {_kind(targets[0].metadata)} targets and bias the "
                              f"mixture (docs/design.md sec. 12): pass k >= {sum(t.k for t in targets)} or None")
         k = sum(t.k for t in targets)
     kout = max(t.k for t in targets) if k is None else _check_k(k)
@@ -124,9 +167,7 @@ def blend(targets, weights=None, k=None) -> SparseTargets:
         vals = {t.metadata.get(key) for t in targets} - {None}
         if len(vals) == 1:
             meta[key] = vals.pop()
-    temps = {t.metadata.get("temperature") for t in targets}
-    if len(temps) == 1 and None not in temps:
-        meta["temperature"] = temps.pop()
+    meta.update(_shared_metadata([t.metadata for t in targets]))
     out = SparseTargets(out_id.reshape(*lead, -1), out_lp.reshape(*lead, -1), meta)
     return out.pad(kout) if out.k < kout else out
 
@@ -170,10 +211,12 @@ def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, descri
     for s in range(len(mans[0]["shards"])):
         _check_same_source([m["shards"][s] for m in mans], names)
     from .sampling import is_sampled
-    if is_sampled(mans[0]):
-        raise ValueError(f"{names[0]} holds {mans[0]['kind']} targets: blend_dirs writes a 'blend' kind that would "
-                         "lose that (docs/design.md sec. 12); blend them in memory with blend(), which keeps "
-                         "every slot, or build top-k targets to blend on disk")
+    for d, m in zip(names, mans):          # every source, whatever the order
+        if is_sampled(m):
+            raise ValueError(f"{d} holds {m['kind']} targets: blend_dirs keeps the top-K of the mixture and writes "
+                             "a 'blend' kind, which would drop sampled slots and lose that (docs/design.md sec. "
+                             "12); blend them in memory with blend(), which keeps every slot, or build top-k "
+                             "targets to blend on disk")
     kout = max(int(m["k"]) for m in mans) if k is None else _check_k(k)
     vocab = mans[0].get("vocab_size")
     if isinstance(vocab, int) and kout > vocab:
@@ -187,7 +230,7 @@ def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, descri
               f"{s['weight']:g} * {s['name'] or s['teacher']}" for s in sources),
               "vocab_size": vocab, "k": kout, "dtype": dtype, "shard_size": mans[0].get("shard_size"),
               "temperature": mans[0].get("temperature") if len({m.get("temperature") for m in mans}) == 1 else None,
-              "sources": sources}
+              "sources": sources, **_shared_metadata(mans)}
     out = Path(out_dir)
     if out.resolve() in {d.resolve() for d in dirs}:
         raise ValueError(f"out_dir {str(out)!r} is one of the inputs: write the blend to a new directory")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..validation import compute_dtype, mass_rounding, validate_target_data
+from ..validation import check_logits_input, compute_dtype, mass_rounding, validate_target_data
 from .store import METADATA_KEY, atomic_write, metadata_json, read_safetensors
 
 LOGPROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -230,10 +230,13 @@ class SparseTargets:
 
         Rows are processed in chunks (``chunk_rows``, default: about 2**24 elements
         per chunk), so the fp32 copies are chunk-sized [rows, V] temporaries, never [N, V].
-        Log-probs come back in ``dtype`` (default fp32; fp64 for fp64 logits)."""
+        Log-probs come back in ``dtype`` (default fp32; fp64 for fp64 logits). NaN or +inf
+        logits and probabilities passed as logits (every value in [0, 1], rows summing to
+        1) raise ValueError (``validation.check_logits_input``)."""
         from .sampling import check_sampling, sampling_metadata, targets_from_logits
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
             raise TypeError("logits must be a floating-point tensor [..., V]")
+        check_logits_input(logits)      # NaN / +inf logits, probabilities passed as logits: refused
         k, samples = check_sampling(k, samples)
         if samples == 0:
             k = _check_k(k)

@@ -9,16 +9,23 @@ from pathlib import Path
 import torch
 
 from ..targets.store import atomic_write
+from .guards import check_positions, check_targets_teacher, compare_tokenizers
 from .inputs import (UsageError, check_targets_dir, check_token_ids, load_causal_lm, load_tokenizer, read_examples,
                      vocab_size_of)
 
-#: metric key -> (label in the report, lower is better)
-METRICS = {"ce": ("held-out CE (nats/token)", True), "perplexity": ("perplexity", True),
-           "sparse_kl": ("sparse KL to the targets (bucket)", True),
-           "full_kl": ("full-vocab KL(teacher || model)", True),
-           "student_mass": ("model mass on the teacher's top-k", False),
-           "distinct_1": ("distinct-1", False), "distinct_2": ("distinct-2", False),
-           "type_token_ratio": ("type-token ratio", False)}
+#: metric key -> (label in the report, which way is better: "lower", "higher" or "reference" = closer to
+#: the held-out data's own value)
+METRICS = {"ce": ("held-out CE (nats/token)", "lower"), "perplexity": ("perplexity", "lower"),
+           "sparse_kl": ("sparse KL to the targets (bucket)", "lower"),
+           "full_kl": ("full-vocab KL(teacher || model)", "lower"),
+           "student_mass": ("model mass on the teacher's top-k", "higher"),
+           "distinct_1": ("distinct-1", "reference"), "distinct_2": ("distinct-2", "reference"),
+           "type_token_ratio": ("type-token ratio", "reference")}
+#: the plot's panel titles (short enough for a 4-wide grid); "reference" metrics say so below the title
+PANEL_TITLES = {"ce": "held-out CE (nats/token)", "perplexity": "perplexity (log scale)",
+                "sparse_kl": "sparse KL to the targets", "full_kl": "full-vocab KL(teacher || model)",
+                "student_mass": "mass on the teacher's top-k", "distinct_1": "distinct-1",
+                "distinct_2": "distinct-2", "type_token_ratio": "type-token ratio"}
 
 
 def _batches(items: list, size: int):
@@ -115,28 +122,63 @@ def sample_continuations(model, seqs, *, n: int, max_new_tokens: int, seed: int,
     return out
 
 
+def reference_continuations(seqs, *, n: int, max_new_tokens: int, tokenizer=None) -> list[list]:
+    """What the held-out data itself continues the prompts of :func:`sample_continuations`
+    with (the same prompts, up to ``max_new_tokens`` tokens): the diversity the models are
+    compared against."""
+    out = []
+    for s in seqs[:n]:
+        p = max(1, min(8, len(s) // 2))
+        cont = list(s[p:p + max_new_tokens])
+        out.append(tokenizer.decode(cont, skip_special_tokens=True).split() if tokenizer is not None else cont)
+    return out
+
+
+def _check_model_dirs(args) -> None:
+    """Every --model and --teacher is a model directory, before any data is read."""
+    for arg, paths in (("--model", args.model), ("--teacher", [args.teacher] if args.teacher else [])):
+        for path in paths:
+            if not (Path(path) / "config.json").is_file():
+                raise UsageError(f"{arg} {path} is not a local Hugging Face model directory (no config.json): "
+                                 "pass a directory written by save_pretrained")
+
+
 def run_eval(args) -> dict:
     """Score every ``args.model`` and write the report files to ``args.out``; returns the report."""
     from ..data import DFTTargetsDataset
     from ..targets.store import read_manifest
-    teacher = load_causal_lm(args.teacher, arg="--teacher").float().eval() if args.teacher else None
+    _check_model_dirs(args)
+    manifest = read_manifest(check_targets_dir(args.targets)) if args.targets is not None else None
+    teacher = None
+    if args.teacher:
+        teacher = load_causal_lm(args.teacher, arg="--teacher")
+        if manifest is not None:
+            check_targets_teacher(manifest, teacher, teacher_dir=args.teacher, targets_dir=args.targets)
+        teacher = teacher.float().eval()
     first = args.model[0]
     tok_dir = first if load_tokenizer(first) is not None else args.teacher
     seqs = read_examples(args.data, tok_dir, args.max_length)
+    if teacher is not None:
+        check_positions(seqs, teacher, model_arg=f"--teacher {args.teacher}")
     temperature = 1.0
-    if args.targets is not None:
-        temperature = float(read_manifest(check_targets_dir(args.targets)).get("temperature") or 1.0)
+    if manifest is not None:
+        temperature = float(manifest.get("temperature") or 1.0)
     rows = []
     for path in args.model:
         model = load_causal_lm(path, arg="--model").float().eval()
         V = vocab_size_of(model)
         check_token_ids(seqs, V, arg="--data", model=f"--model {path}")
-        if teacher is not None and vocab_size_of(teacher) != V:
-            raise UsageError(f"--teacher {args.teacher} has vocab {vocab_size_of(teacher)}, --model {path} has {V}: "
-                             "the full-vocab KL needs one vocab")
+        check_positions(seqs, model, model_arg=f"--model {path}")
+        if teacher is not None:
+            if vocab_size_of(teacher) != V:
+                raise UsageError(f"--teacher {args.teacher} has vocab {vocab_size_of(teacher)}, --model {path} has "
+                                 f"{V}: the full-vocab KL needs one vocab")
+            compare_tokenizers(path, args.teacher, a_arg="--model", b_arg="--teacher", vocab_a=V,
+                               vocab_b=vocab_size_of(teacher), purpose="the full-vocab KL")
         targets = None
         if args.targets is not None:
-            targets = DFTTargetsDataset([{"input_ids": s} for s in seqs], args.targets, vocab_size=V)
+            tok = load_tokenizer(path) if manifest.get("tokenizer_fingerprint") else None
+            targets = DFTTargetsDataset([{"input_ids": s} for s in seqs], args.targets, vocab_size=V, tokenizer=tok)
         row = {"model": str(path), **score_model(model, seqs, targets=targets, teacher=teacher,
                                                  temperature=temperature, batch_size=args.batch_size)}
         if args.generate:
@@ -147,41 +189,77 @@ def run_eval(args) -> dict:
         rows.append(row)
     report = {"data": str(args.data), "n_sequences": len(seqs), "targets": args.targets, "teacher": args.teacher,
               "generate": args.generate, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "models": rows}
+    if args.generate:   # the held-out data's own continuations: the diversity to be close to
+        report["reference"] = lexical_diversity(reference_continuations(
+            seqs, n=args.generate, max_new_tokens=args.max_new_tokens, tokenizer=load_tokenizer(first)))
     write_report(report, Path(args.out))
     return report
 
 
 def markdown_table(report: dict) -> str:
-    """The report's models as rows and its metrics as columns (GitHub markdown)."""
+    """The report's models as rows and its metrics as columns (GitHub markdown); with
+    samples, a last row holds the held-out data's own diversity (the reference)."""
     keys = [k for k in METRICS if any(k in r for r in report["models"])]
     head = "| model | " + " | ".join(METRICS[k][0] for k in keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1)]
     for r in report["models"]:
         lines.append(f"| {r['model']} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " |")
+    ref = report.get("reference")
+    if ref:
+        lines.append("| reference: the held-out data | " + " | ".join(f"{ref[k]:.4f}" if k in ref else "-"
+                                                                      for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, out: Path) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` (one bar chart per metric, the
-    models side by side), each written atomically."""
+    """``report.json``, ``report.md`` and ``report.png`` (a grid of bar charts, one per
+    metric, the models side by side; perplexity on a log scale; the diversity panels
+    with the held-out data's value as a dashed target line), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
     md = (f"# Evaluation on {report['data']} ({report['n_sequences']} sequences)\n\n" + markdown_table(report)
-          + "\nLower is better for CE, perplexity and KL; higher for the mass and the diversity measures.\n")
+          + "\nLower is better for CE, perplexity and KL; higher for the mass on the teacher's top-k; for the "
+            "diversity measures closer to the reference (the held-out data's own continuations) is better: a "
+            "random model scores high.\n")
     atomic_write(out / "report.md", md.encode())
     import io
+    import textwrap
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [k for k in METRICS if any(k in r for r in report["models"])]
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.2), squeeze=False)
+    cols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.3 * nrows), squeeze=False)
     names = [Path(r["model"]).name for r in report["models"]]
-    for ax, k in zip(axes[0], keys):
-        ax.bar(range(len(names)), [r.get(k, 0.0) for r in report["models"]], color=[f"C{i}" for i in range(len(names))])
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(METRICS[k][0] + (" (lower better)" if METRICS[k][1] else ""), fontsize=8)
-    fig.tight_layout()
+    colors = [f"C{i}" for i in range(len(names))]
+    ref = report.get("reference") or {}
+    line = None
+    for i, ax in enumerate(axes.flat):
+        if i >= len(keys):
+            ax.set_visible(False)
+            continue
+        k = keys[i]
+        vals = [r.get(k, float("nan")) for r in report["models"]]
+        ax.bar(range(len(names)), vals, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        better = METRICS[k][1]
+        note = {"lower": "lower is better", "higher": "higher is better",
+                "reference": "closer to the reference is better"}[better]
+        if k == "perplexity":
+            ax.set_yscale("log")
+        ax.tick_params(axis="y", which="both", labelsize=8)
+        if better == "reference" and k in ref:
+            line = ax.axhline(ref[k], color="black", linestyle="--", linewidth=1.2)
+        title = "\n".join(textwrap.wrap(PANEL_TITLES[k], 28))
+        ax.set_title(f"{title}\n({note})", fontsize=9)
+    if line is not None:      # one legend for the dashed target line, under the grid
+        fig.legend([line], ["reference: the held-out data's own continuations (the target value)"],
+                   loc="lower center", fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+    else:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

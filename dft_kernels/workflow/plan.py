@@ -2,7 +2,9 @@
 
 Assumptions (printed with the result): weights and gradients in the model dtype
 (bf16 by default), optimizer state in fp32 (AdamW 8 bytes / trained parameter,
-8-bit AdamW 2, plain SGD 0), flash attention (no [T, T] scores stored), the loss
+8-bit AdamW 2, plain SGD 0) updating those weights directly -- no fp32 master copy
+unless ``master_weights`` (``--master-weights``: +4 bytes / trained parameter, the
+usual mixed-precision layout); flash attention (no [T, T] scores stored), the loss
 path from the library's own memory model (``dft_kernels.memory.loss_extra_bytes``).
 Activations are an estimate (the tensors a Llama-style decoder layer keeps for its
 backward), not a measurement.
@@ -55,15 +57,18 @@ def load_config(model: str) -> dict:
 
 
 def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None, optimizer: str = "adamw",
-                grad_ckpt: bool = False, gpu: str = "a100-80gb", dtype: str = "bf16") -> dict:
+                grad_ckpt: bool = False, gpu: str = "a100-80gb", dtype: str = "bf16",
+                master_weights: bool = False) -> dict:
     """Bytes of one training step.
 
     Args:
         cfg: model config fields (see :data:`NAMED_CONFIGS`). tokens: N, tokens per step (batch * length).
-        k: teacher slots per position. lora: LoRA rank on every linear of the decoder layers
+        k: teacher slots per position (0: plain cross-entropy). lora: LoRA rank on every linear of the decoder layers
             (None: full fine-tune; with LoRA the base and the lm_head are frozen).
         optimizer: "adamw", "adamw8bit" or "sgd". grad_ckpt: checkpoint every decoder layer.
         gpu: a key of :data:`GPUS`. dtype: weights / activations dtype, "bf16", "fp16" or "fp32".
+        master_weights: an fp32 master copy of the trained weights next to the optimizer
+            state (mixed precision); nothing extra with ``dtype="fp32"``.
     Returns:
         dict: parameter counts, bytes per part (weights, gradients, optimizer, activations with
         and without checkpointing, the loss path naive / lean / fast), totals per loss path,
@@ -85,7 +90,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     trained = L * sum(lora * (i + o) for i, o in layer_linears) if lora else params
     weights = params * e + (trained * e if lora else 0)
     grads = trained * e
-    optim = trained * OPTIMIZER_BYTES[optimizer]
+    master = 4 if master_weights and e != 4 else 0
+    optim = trained * (OPTIMIZER_BYTES[optimizer] + master)
     # kept for the backward per token per layer: 2 norm inputs + 2 normed, q / k / v, attention out,
     # gate / up / act / act*up (flash attention: no [T, T] scores)
     act_layer = (4 * D + q + 2 * kv + q + 4 * I) * e
@@ -106,10 +112,13 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
             advice.append("--lora 16 trains adapters only (no full gradients / optimizer state)")
         if optimizer == "adamw":
             advice.append(f"--optimizer adamw8bit saves {trained * 6 / GiB:.1f} GiB")
+        if master:
+            advice.append(f"without --master-weights (pure {dtype} training) saves {trained * 4 / GiB:.1f} GiB")
         advice.append(f"fewer --tokens per step (now {tokens}; use gradient accumulation)")
     elif not fits["naive"]:
         advice.append("fits with dft_kernels' fused loss (lean / fast) but not with materialised logits")
     return {"model": cfg.get("name"), "tokens": tokens, "k": k, "lora": lora, "optimizer": optimizer,
+            "master_weights": bool(master), "optimizer_bytes_per_param": OPTIMIZER_BYTES[optimizer] + master,
             "grad_ckpt": grad_ckpt, "dtype": dtype, "gpu": gpu, "gpu_bytes": cap, "params": params,
             "trained_params": trained,
             "bytes": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act,
@@ -117,16 +126,38 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
             "loss_path": loss, "total": total, "fits": fits, "advice": advice}
 
 
+def count(n: int) -> str:
+    """A parameter count in the unit that suits it: 8.03 B, 125.4 M, 46.1 K, 512."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n / size >= 100 else f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def optimizer_layout(p: dict) -> str:
+    """The optimizer-state layout the plan assumes, and the other one's flag."""
+    base = {"adamw": "AdamW m + v in fp32", "adamw8bit": "8-bit AdamW m + v", "sgd": "plain SGD (no state)"}
+    text = f"{base[p['optimizer']]}, {p.get('optimizer_bytes_per_param', 0)} B per trained parameter"
+    if p["dtype"] == "fp32":
+        return text + " (fp32 weights: no master copy needed)"
+    if p.get("master_weights"):
+        return text + f" incl. an fp32 master copy of the {p['dtype']} weights"
+    return text + f", updating the {p['dtype']} weights directly (--master-weights: + an fp32 master copy, +4 B)"
+
+
 def plan_text(p: dict) -> str:
     """The plan as a short table with a verdict per loss path."""
-    def g(b):
-        return f"{b / GiB:8.2f} GiB"
+    def g(b):   # GiB for a real model, MiB / KiB for a small one (not "0.00 GiB")
+        for unit, size in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+            if b >= size or unit == "KiB":
+                return f"{b / size:8.2f} {unit}"
     b = p["bytes"]
-    lines = [f"model {p['model']}: {p['params'] / 1e9:.2f} B parameters, {p['trained_params'] / 1e9:.3f} B trained"
-             f"{' (LoRA r=' + str(p['lora']) + ')' if p['lora'] else ''}; {p['tokens']} tokens/step, K={p['k']}, "
+    k = f"K={p['k']}" if p["k"] else "K=0 (plain cross-entropy)"
+    lines = [f"model {p['model']}: {count(p['params'])} parameters, {count(p['trained_params'])} trained"
+             f"{' (LoRA r=' + str(p['lora']) + ')' if p['lora'] else ''}; {p['tokens']} tokens/step, {k}, "
              f"{p['dtype']}, {p['optimizer']}{', grad checkpointing' if p['grad_ckpt'] else ''}",
              f"  weights          {g(b['weights'])}", f"  gradients        {g(b['gradients'])}",
-             f"  optimizer state  {g(b['optimizer'])}",
+             f"  optimizer state  {g(b['optimizer'])}   ({optimizer_layout(p)})",
              f"  activations      {g(b['activations'])}   (without checkpointing {g(b['activations_no_ckpt'])}, "
              f"with {g(b['activations_ckpt'])})"]
     for s in ("naive", "lean", "fast"):

@@ -31,15 +31,25 @@ def check_preset_name(name: str | None) -> str | None:
 
 
 def find_target_dirs(roots) -> list[Path]:
-    """Each root that is a targets directory, else its immediate subdirectories that are."""
+    """Each root that is a targets directory, else the targets directories anywhere below
+    it (subfolders of subfolders too; a targets directory's own subfolders are not searched),
+    in sorted path order."""
+    import os
     found = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise UsageError(f"{root} is not a directory: give directories that hold targets")
         if (root / MANIFEST).is_file():
             found.append(root)
-        else:
-            found.extend(sorted(p.parent for p in root.glob(f"*/{MANIFEST}")))
+            continue
+        below = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            if MANIFEST in filenames and dirpath != str(root):
+                below.append(Path(dirpath))
+                dirnames[:] = []                 # a targets directory holds shards, not more targets
+            else:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(sorted(below))
     return found
 
 

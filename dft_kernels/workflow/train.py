@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from ..options import ACCURACIES, DIVERGENCES, LOSS_DEFAULTS, STRATEGIES, TAILS
-from ..targets.store import atomic_write
+from ..targets.store import atomic_write, read_manifest
+from .guards import (check_positions, compare_tokenizers, last_checkpoint, prepare_out, quiet_transformers,
+                     run_fingerprint, warn)
 from .inputs import (UsageError, check_targets_dir, check_token_ids, load_causal_lm, load_tokenizer, positive_float,
                      positive_int, read_examples, vocab_size_of)
 
@@ -17,6 +19,12 @@ SUMMARY = "train_summary.json"
 #: the loss options ``train`` exposes as flags (DFTConfig fields of the same name)
 LOSS_FLAGS = {"lam": float, "divergence": DIVERGENCES, "beta": float, "tail": TAILS, "accuracy": ACCURACIES,
               "temperature": float, "strategy": STRATEGIES}
+#: the loss flags that need a teacher: without --targets / --teacher the loss is the accuracy term at weight 1
+TEACHER_ONLY_FLAGS = ("lam", "divergence", "beta", "tail", "temperature")
+#: train flag -> the TrainingArguments field it sets (an --hf-FIELD given as well wins)
+HF_FIELD_OF_FLAG = {"batch_size": "per_device_train_batch_size", "lr": "learning_rate", "epochs": "num_train_epochs",
+                    "max_steps": "max_steps", "logging_steps": "logging_steps", "save_steps": "save_steps",
+                    "seed": "seed", "quiet": "disable_tqdm"}
 
 
 def parse_hf_value(text: str):
@@ -49,23 +57,25 @@ def parse_hf_overrides(extra: list[str]) -> dict:
     return out
 
 
-def last_checkpoint(out: Path) -> Path | None:
-    """The checkpoint-N directory of ``out`` with the largest N that holds a trainer state."""
-    cks = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(cks, key=lambda p: int(p.name[11:])) if cks else None
-
-
 def training_arguments(args, hf: dict):
     """TrainingArguments from the command's flags, then the YAML ``hf`` mapping and
     ``--hf-KEY`` flags on top (later wins)."""
     import torch
     from transformers import TrainingArguments
+    logging_steps = args.logging_steps
+    if args.max_steps > 0 and logging_steps > args.max_steps:
+        logging_steps = args.max_steps       # log at least once: the summary's loss first -> last needs a log
     kw = dict(output_dir=str(args.out), per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-              num_train_epochs=args.epochs, max_steps=args.max_steps, logging_steps=args.logging_steps,
+              num_train_epochs=args.epochs, max_steps=args.max_steps, logging_steps=logging_steps,
               save_steps=args.save_steps, save_total_limit=2, report_to="none", seed=args.seed,
               disable_tqdm=args.quiet, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
     if args.eval_data:
-        kw.update(eval_strategy="steps", eval_steps=args.logging_steps, per_device_eval_batch_size=args.batch_size)
+        kw.update(eval_strategy="steps", eval_steps=logging_steps, per_device_eval_batch_size=args.batch_size)
+    explicit = getattr(args, "explicit", None) or set()
+    for flag, field in HF_FIELD_OF_FLAG.items():
+        if field in hf and flag in explicit and hf[field] != kw[field]:
+            warn(f"--hf-{field} {hf[field]} wins over --{flag.replace('_', '-')} {getattr(args, flag)} "
+                 "(--hf-KEY is applied last); give one of the two")
     kw.update(hf)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(hf) - fields)
@@ -78,23 +88,35 @@ def training_arguments(args, hf: dict):
         raise UsageError(f"TrainingArguments rejected the options: {str(e).splitlines()[0]}") from None
 
 
-def _dataset(path, args, model, tokenizer_dir, arg: str):
+def _read(path, args, model, tokenizer_dir, arg: str) -> list[list[int]]:
     seqs = read_examples(path, tokenizer_dir, args.max_length, arg=arg)
     check_token_ids(seqs, vocab_size_of(model), arg=arg, model=f"--student {args.student}")
+    check_positions(seqs, model, model_arg=f"--student {args.student}", data_arg=arg)
+    return seqs
+
+
+def _dataset(seqs, args, model, tokenizer):
     examples = [{"input_ids": s} for s in seqs]
     if args.targets is None:
         return examples
     from ..data import DFTTargetsDataset
-    return DFTTargetsDataset(examples, args.targets, vocab_size=vocab_size_of(model))
+    # the student's tokenizer against the one the targets were built with, when both are known
+    tok = tokenizer if read_manifest(args.targets).get("tokenizer_fingerprint") else None
+    return DFTTargetsDataset(examples, args.targets, vocab_size=vocab_size_of(model), tokenizer=tok)
 
 
 def dft_config(args):
     """The DFTConfig of the run: the loss flags, the teacher route; plain cross-entropy
-    (``lam = 1``, no divergence) when there is no teacher."""
+    (the accuracy term at weight 1, no divergence: ``lam`` does not apply) when there is
+    no teacher; with ``--targets`` its ``k`` is the targets' K."""
     from ..hf import DFTConfig
     kw = {name: getattr(args, name) for name in LOSS_FLAGS}
     if args.targets is None and args.teacher is None:
-        kw["lam"] = 1.0          # no targets: the loss is lam * CE, the SFT baseline wants CE itself
+        kw["lam"] = 1.0          # no targets: the accuracy term at weight 1 (the SFT baseline is CE itself)
+    if args.targets is not None:
+        k = read_manifest(args.targets).get("k")
+        if isinstance(k, int) and k >= 1:
+            kw["k"] = k
     if args.teacher is not None:
         fields = {f.name for f in dataclasses.fields(DFTConfig)}
         if "teacher" not in fields:
@@ -107,11 +129,32 @@ def dft_config(args):
         raise UsageError(str(e)) from None
 
 
+def _flag_warnings(args) -> None:
+    """Flags given that this route ignores: one warning each."""
+    explicit = getattr(args, "explicit", None) or set()
+    if args.targets is None and args.teacher is None:
+        given = [f"--{n}" for n in TEACHER_ONLY_FLAGS if n in explicit]
+        if given:
+            warn(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply without --targets / --teacher: "
+                 "the loss is plain "
+                 "cross-entropy (the accuracy term at weight 1, recorded as lam 1.0 in train_summary.json)")
+        if "k" in explicit:
+            warn(f"--k {args.k} does not apply without --teacher --online topk (plain cross-entropy)")
+    elif "k" in explicit and args.targets is not None:
+        warn(f"--k {args.k} is ignored with --targets: the targets' K ({read_manifest(args.targets).get('k')}) "
+             "is used; build or blend targets with another --k to change it")
+    elif "k" in explicit and args.online == "dense":
+        warn(f"--k {args.k} is ignored with --online dense (the teacher's full distribution); use --online topk "
+             "to keep K slots")
+
+
 def run_train(args, hf: dict) -> dict:
     """Train ``args.student`` and save it to ``args.out``; returns the summary dict.
 
-    Resumes from the newest ``checkpoint-N`` in ``args.out`` when there is one (the
-    same command re-run after a crash finishes the job); ``args.resume`` demands one.
+    Resumes from the newest ``checkpoint-N`` in ``args.out`` when the run recorded
+    there (``run_fingerprint.json``: student weights at the start, tokenizer, data,
+    targets, teacher, loss options) is this one, and refuses otherwise unless
+    ``args.overwrite``; ``args.resume`` demands a checkpoint.
     """
     if (args.targets is None) == (args.teacher is None) and args.targets is not None:
         raise UsageError("give either --targets DIR (offline) or --teacher DIR --online topk|dense, not both")
@@ -120,63 +163,97 @@ def run_train(args, hf: dict) -> dict:
     if args.online is not None and args.teacher is None:
         raise UsageError(f"--online {args.online} needs --teacher DIR (the model that runs next to the student); "
                          "for offline targets pass --targets DIR and drop --online")
+    if args.eval_data and args.targets is not None:
+        raise UsageError("--eval-data with --targets needs targets for the eval data too (not supported): drop "
+                         "--eval-data and score held-out data with `dft-kernels eval --targets`")
+    overwrite = bool(getattr(args, "overwrite", False))
+    if args.resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: drop one")
+    out = Path(args.out)
+    if args.resume and (not out.is_dir() or last_checkpoint(out) is None):
+        raise UsageError(f"--resume: {out} holds no checkpoint-N directory to resume from; drop --resume")
     if args.targets is not None:
         check_targets_dir(args.targets)
-    out = Path(args.out)
-    resume = last_checkpoint(out) if out.is_dir() else None
-    if args.resume and resume is None:
-        raise UsageError(f"--resume: {out} holds no checkpoint-N directory to resume from; drop --resume")
+    _flag_warnings(args)
+    with quiet_transformers(args.quiet):   # no weight loading / saving bars
+        return _train(args, hf, out, overwrite)
+
+
+def _train(args, hf: dict, out: Path, overwrite: bool) -> dict:
+    """:func:`run_train` after the checks that need no model: load, check, fingerprint, train, save."""
     cfg = dft_config(args)
     model = load_causal_lm(args.student, arg="--student")
-    tok_dir = args.student if load_tokenizer(args.student) is not None else args.teacher
-    train_ds = _dataset(args.data, args, model, tok_dir, "--data")
-    eval_ds = None
-    if args.eval_data:
-        if args.targets is not None:
-            raise UsageError("--eval-data with --targets needs targets for the eval data too; evaluate with "
-                             "`dft-kernels eval` instead")
-        eval_ds = _dataset(args.eval_data, args, model, tok_dir, "--eval-data")
+    student_tok = load_tokenizer(args.student)
+    tok_dir = args.student if student_tok is not None else args.teacher
+    seqs = _read(args.data, args, model, tok_dir, "--data")
+    eval_seqs = _read(args.eval_data, args, model, tok_dir, "--eval-data") if args.eval_data else None
+    train_ds = _dataset(seqs, args, model, student_tok)
+    eval_ds = None if eval_seqs is None else _dataset(eval_seqs, args, model, student_tok)
     targs = training_arguments(args, hf)
     from ..hf import DFTTrainer
-    extra = {}
+    extra, teacher = {}, None
     if args.teacher is not None:
         teacher = load_causal_lm(args.teacher, arg="--teacher")
         tv, sv = vocab_size_of(teacher), vocab_size_of(model)
         if tv != sv:
             raise UsageError(f"--teacher {args.teacher} has vocab size {tv}, --student {args.student} has {sv}: "
                              "an online teacher must share the student's tokenizer")
+        compare_tokenizers(args.student, args.teacher, a_arg="--student", b_arg="--teacher", vocab_a=sv,
+                           vocab_b=tv, purpose="the online teacher's targets")
+        for s_, arg in ((seqs, "--data"), (eval_seqs, "--eval-data")):
+            if s_ is not None:
+                check_positions(s_, teacher, model_arg=f"--teacher {args.teacher}", data_arg=arg)
         if args.online == "topk" and args.k > tv:
             raise UsageError(f"--k {args.k} is larger than the teacher's vocab size {tv}: use --k <= {tv} "
                              "(or --online dense)")
         extra["teacher_model"] = teacher
+    recorded = _recorded_config(cfg, args)
+    fingerprint = run_fingerprint(student=model, tokenizer_dir=args.student, seqs=seqs, eval_seqs=eval_seqs,
+                                  targets_dir=args.targets, teacher=teacher, loss=recorded)
+    resume = prepare_out(out, fingerprint, overwrite=overwrite, resume_required=args.resume)
     trainer = DFTTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, dft_config=cfg,
-                         processing_class=load_tokenizer(args.student), **extra)
+                         processing_class=student_tok, **extra)
     if resume is not None:
-        print(f"resuming from {resume}")
+        print(f"resuming from {resume} (the same run: {out}/run_fingerprint.json matches)")
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     secs = time.perf_counter() - t0
     trainer.save_model(str(out))
-    tok = load_tokenizer(args.student)
-    if tok is not None:
-        tok.save_pretrained(str(out))
+    if student_tok is not None:
+        student_tok.save_pretrained(str(out))
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
+    sft = args.targets is None and args.teacher is None       # no divergence term at all
+    mean = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), None)
     summary = {"steps": trainer.state.global_step, "seconds": round(secs, 2), "resumed_from": str(resume) if resume
                else None, "first_loss": logs[0]["loss"] if logs else None, "last_loss": last.get("loss"),
-               "last_divergence": last.get("dft_divergence"), "last_accuracy": last.get("dft_accuracy"),
-               "dft_config": dataclasses.asdict(cfg), "log_history": trainer.state.log_history}
+               "mean_loss": mean, "last_divergence": None if sft else last.get("dft_divergence"),
+               "last_accuracy": last.get("dft_accuracy"), "accuracy_weight": recorded["lam"],
+               "dft_config": recorded, "log_history": trainer.state.log_history}
     atomic_write(out / SUMMARY, (json.dumps(summary, indent=1, default=str) + "\n").encode())
     return summary
+
+
+def _recorded_config(cfg, args) -> dict:
+    """The DFTConfig as it applies: ``k`` is the targets' K offline, ``--k`` with
+    ``--online topk``, None where no K applies (dense, plain cross-entropy)."""
+    d = dataclasses.asdict(cfg)
+    if "k" in d and args.targets is None and not (args.teacher is not None and args.online == "topk"):
+        d["k"] = None
+    return d
 
 
 def summary_line(summary: dict, out) -> str:
     """One line: steps, loss first -> last, the last divergence / accuracy terms, time, where."""
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
+    if summary["first_loss"] is None:        # no logging step was reached: the run's mean loss instead
+        loss = "no step logged" if summary.get("mean_loss") is None else f"mean loss {f(summary['mean_loss'])}"
+        return f"trained {summary['steps']} steps in {summary['seconds']:.1f}s: {loss}; model saved to {out}"
+    parts = [f"{name} {f(summary[key])}" for name, key in (("divergence", "last_divergence"),
+                                                            ("accuracy", "last_accuracy")) if summary[key] is not None]
     return (f"trained {summary['steps']} steps in {summary['seconds']:.1f}s: loss {f(summary['first_loss'])} -> "
-            f"{f(summary['last_loss'])} (divergence {f(summary['last_divergence'])}, accuracy "
-            f"{f(summary['last_accuracy'])}); model saved to {out}")
+            f"{f(summary['last_loss'])}{' (' + ', '.join(parts) + ')' if parts else ''}; model saved to {out}")
 
 
 def add_train_arguments(p) -> None:
@@ -186,26 +263,38 @@ def add_train_arguments(p) -> None:
     p.add_argument("--targets", default=None, help="targets directory built from --data (offline teacher)")
     p.add_argument("--teacher", default=None, help="teacher model directory (online teacher, with --online)")
     p.add_argument("--online", choices=("topk", "dense"), default=None, help="online teacher: top-k or dense")
-    p.add_argument("--k", type=positive_int, default=32, help="teacher slots per position with --online topk")
-    p.add_argument("--eval-data", default=None, help="held-out jsonl evaluated every --logging-steps (no targets)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, final model, train_summary.json)")
+    p.add_argument("--k", type=positive_int, default=32,
+                   help="teacher slots per position with --online topk (default 32; with --targets the targets' K "
+                        "is used, --online dense keeps the full distribution)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out jsonl evaluated every --logging-steps; without --targets only (SFT or --teacher "
+                        "runs): with --targets score held-out data with `dft-kernels eval --targets`")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, final model, train_summary.json, "
+                                                "run_fingerprint.json)")
     p.add_argument("--config", default=None, help="YAML file: any of these flags by name, and an 'hf:' mapping "
                                                   "of TrainingArguments (flags given on the command line win)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume from "
-                                                         "(one is used anyway when present)")
+                                                         "(one of the same run is used anyway when present)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out even if it holds a run of other settings (its checkpoints are "
+                        "deleted); without it such a run is refused, the same run is resumed")
     p.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this length")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch size (default 8)")
-    p.add_argument("--lr", type=positive_float, default=5e-5, help="learning rate (default 5e-5)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="per-device batch size (default 8; --hf-per_device_train_batch_size wins when both are given)")
+    p.add_argument("--lr", type=positive_float, default=5e-5,
+                   help="learning rate (default 5e-5; --hf-learning_rate wins when both are given)")
     p.add_argument("--epochs", type=positive_float, default=1.0, help="epochs (default 1)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: epochs)")
-    p.add_argument("--logging-steps", type=positive_int, default=10, help="log every N steps (default 10)")
+    p.add_argument("--logging-steps", type=positive_int, default=10,
+                   help="log every N steps (default 10; at most --max-steps, so that one step is logged)")
     p.add_argument("--save-steps", type=positive_int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (training and weight loading)")
     for name, kind in LOSS_FLAGS.items():
         if isinstance(kind, tuple):
             p.add_argument(f"--{name}", choices=kind, default=LOSS_DEFAULTS.get(name, kind[0]),
                            help=f"DFT loss option (default {LOSS_DEFAULTS.get(name, kind[0])})")
         else:
+            extra = "; without --targets / --teacher the loss is CE at weight 1" if name == "lam" else ""
             p.add_argument(f"--{name}", type=kind, default=LOSS_DEFAULTS[name],
-                           help=f"DFT loss option (default {LOSS_DEFAULTS[name]})")
+                           help=f"DFT loss option (default {LOSS_DEFAULTS[name]}{extra})")

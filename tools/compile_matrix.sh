@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The compile gate (python -m dft_kernels.ops.compile_check) under several Triton
+# releases: one small virtual environment per release beside the project's own
+# (its torch, numpy and tqdm are reused through a .pth file; only triton is
+# installed), then one summary table version x arch x dtype x kernel under
+# benchmarks/results/ (docs/design.md sec. 16).
+#
+#   tools/compile_matrix.sh [VERSION ...]       default: the releases in TRITON_VERSIONS
+#   PYTHON=.venv/bin/python JOBS=1 GATE_ARGS="--op fused --dtype bf16" tools/compile_matrix.sh 3.2.0
+#
+# Environment: PYTHON (the project's interpreter, default .venv/bin/python), ARCHS
+# (default every architecture of the gate, one gate run each), JOBS
+# (compile processes, default 1), GATE_ARGS (extra arguments of the gate, e.g. --arch,
+# --dtype, --op), OUT (the summary, default benchmarks/results/compile_matrix.md),
+# MATRIX_DIR (where the environments live, default build/compile_matrix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+JOBS=${JOBS:-1}
+GATE_ARGS=${GATE_ARGS:-}
+OUT=${OUT:-benchmarks/results/compile_matrix.md}
+MATRIX_DIR=${MATRIX_DIR:-build/compile_matrix}
+TRITON_VERSIONS=${TRITON_VERSIONS:-"3.2.0 3.6.0 3.9.0"}
+ARCHS=${ARCHS:-"sm_75 sm_80 sm_86 sm_89 sm_90a sm_100a sm_120a"}
+versions=("$@")
+[ ${#versions[@]} -eq 0 ] && read -r -a versions <<< "$TRITON_VERSIONS"
+
+# every site directory of the project's interpreter (its own and, with
+# --system-site-packages, the base interpreter's)
+sites=$("$PYTHON" -c "import sys; print('\n'.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))")
+mkdir -p "$MATRIX_DIR" "$(dirname "$OUT")"
+logs=()
+for v in "${versions[@]}"; do
+    env_dir="$MATRIX_DIR/triton-$v"
+    if [ ! -x "$env_dir/bin/python" ]; then
+        "$PYTHON" -m venv --without-pip "$env_dir"
+        env_site=$("$env_dir/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        # the project's packages after this environment's own (its triton wins)
+        echo "$sites" > "$env_site/zz_project.pth"
+        "$PYTHON" -m pip --python "$env_dir/bin/python" install -q --no-deps "triton==$v"
+    fi
+    got=$("$env_dir/bin/python" -c "import triton; print(triton.__version__)")
+    # one gate per architecture: an older Triton may abort on an architecture it does not
+    # know (a C++ assertion), which then costs only that cell
+    for arch in $ARCHS; do
+        echo "== triton $got $arch" >&2
+        log="$MATRIX_DIR/gate-$v-$arch.json"
+        rm -f "$log"
+        # shellcheck disable=SC2086
+        env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$PWD" \
+            "$env_dir/bin/python" -m dft_kernels.ops.compile_check --jobs "$JOBS" --arch "$arch" --json "$log" \
+            $GATE_ARGS > "$MATRIX_DIR/gate-$v-$arch.md" 2> "$MATRIX_DIR/gate-$v-$arch.err" || true
+        [ -s "$log" ] || "$PYTHON" - "$got" "$arch" "$MATRIX_DIR/gate-$v-$arch.err" "$log" <<'PY'
+import json, sys
+version, arch, err, out = sys.argv[1:]
+lines = [seg.strip() for ln in open(err, errors="replace").read().splitlines() for seg in ln.split("\r")]
+lines = [ln.rsplit("it]", 1)[-1].strip() for ln in lines if ln]   # drop a progress bar before the message
+why = next((ln for ln in reversed(lines) if "Error" in ln or "Assertion" in ln or "error" in ln), lines[-1] if lines else "")
+json.dump({"triton": version, "arch": arch, "error": why, "summary": []}, open(out, "w"))
+PY
+        logs+=("$log")
+    done
+done
+"$PYTHON" -m dft_kernels.ops.compile_check --matrix "$OUT" "${logs[@]}"
+echo "wrote $OUT" >&2
