@@ -3,11 +3,11 @@ the memory model's prediction, and the targets of the check-* presets."""
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from .cases import DTYPES, Case, floors
+from .harness import round_robin
 from .methods import DENSE_TEACHER_METHODS
 
 #: relative loss difference allowed against the reference, by dtype
@@ -104,13 +104,8 @@ def lse_micro_benchmark(C: int, V: int, reps: int = 7) -> dict:
     fns = {"torch.logsumexp": lambda: torch.logsumexp(z, dim=-1),
            "log_softmax-derived": lambda: _lse_via_log_softmax(z)}
     err = float((fns["torch.logsumexp"]() - fns["log_softmax-derived"]()).abs().max())
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
-    med = {k: statistics.median(v) for k, v in ts.items()}
+    ts = round_robin(fns, reps, warmup=0)
+    med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
     return {"chunk": [C, V], "median_ms": med, "speedup": med["torch.logsumexp"] / med["log_softmax-derived"],
             "max_abs_diff": err}
 

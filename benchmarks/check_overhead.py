@@ -7,7 +7,7 @@ path) at ``--n`` rows, ``--d`` hidden, ``--vocab`` and ``--k`` slots with the ch
 and off (the private switch ``validation._ALWAYS_ON``; the benchmark is its only user),
 alternating on / off round-robin for ``--rounds`` rounds, and prints the medians, their
 difference, and the checks timed alone (the median of many calls, less noisy than the
-difference of two multi-second steps) as a share of the step.
+difference of two multi-second steps, which a busy machine swamps) as a share of the step.
 
 ``--what pipeline``: each item's targets are checked twice by the data pipeline
 (``DFTTargetsDataset.__getitem__`` and ``DFTDataCollator``) with
@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from .harness import round_robin, time_calls
+
 
 def _median_s(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, warmup=1, repeats=rounds))
 
 
 def loss_overhead(n: int, d: int, vocab: int, k: int, rounds: int, seed: int = 0) -> dict:
@@ -54,22 +49,21 @@ def loss_overhead(n: int, d: int, vocab: int, k: int, rounds: int, seed: int = 0
         h.grad = weight.grad = None
         dk.fused_linear_dft_loss(h, weight, idx, lp, labels, impl="torch").backward()
 
-    def timed(on: bool) -> float:
-        validation._ALWAYS_ON = on
-        try:
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
-        finally:
-            validation._ALWAYS_ON = True
+    def step_with_checks(on: bool):
+        def run():
+            validation._ALWAYS_ON = on
+            try:
+                step()
+            finally:
+                validation._ALWAYS_ON = True
+        return run
 
-    timed(True)                                            # warm-up (allocator, threads)
-    on, off = [], []
-    for r in range(rounds):                                # alternate, starting side flips each round
-        for flag in ((True, False) if r % 2 == 0 else (False, True)):
-            (on if flag else off).append(timed(flag))
-    checks = _median_s(lambda: validation.check_loss_inputs(idx, lp, labels, vocab, -100), max(20, rounds * 10))
-    return {"on_ms": statistics.median(on) * 1e3, "off_ms": statistics.median(off) * 1e3, "checks_ms": checks * 1e3}
+    # after a warm-up of each (allocator, threads); alternate, the starting side flips each round
+    times = round_robin({"on": step_with_checks(True), "off": step_with_checks(False)}, rounds, alternate=True)
+    on, off = times["on"], times["off"]
+    checks = _median_s(lambda: validation.check_loss_inputs(idx, lp, labels, vocab, -100), 200)
+    return {"on_ms": statistics.median(on) * 1e3, "off_ms": statistics.median(off) * 1e3, "checks_ms": checks * 1e3,
+            "on_all_ms": [round(t * 1e3) for t in on], "off_all_ms": [round(t * 1e3) for t in off]}
 
 
 def pipeline_overhead(batch: int, seq: int, k: int, vocab: int, rounds: int) -> tuple[float, float]:
@@ -112,14 +106,18 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=None, help="default 32000 (loss), 8192 (pipeline)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.what == "loss":
         vocab = a.vocab or 32000
         r = loss_overhead(a.n, a.d, vocab, a.k, a.rounds)
         print(f"fused_linear_dft_loss fwd+bwd (torch, CPU, {torch.get_num_threads()} threads), N={a.n} D={a.d} "
               f"V={vocab} K={a.k}, median of {a.rounds} round-robin rounds: checks on {r['on_ms']:.1f} ms, off "
               f"{r['off_ms']:.1f} ms, difference {(r['on_ms'] - r['off_ms']) / r['off_ms']:+.2%}; the checks alone "
-              f"{r['checks_ms']:.3f} ms = {r['checks_ms'] / r['off_ms']:.3%} of the step")
+              f"{r['checks_ms']:.3f} ms (median of 200 calls) = {r['checks_ms'] / r['off_ms']:.3%} of the step\n"
+              f"  steps on  (ms): {r['on_all_ms']}\n  steps off (ms): {r['off_all_ms']}")
         return
     vocab = a.vocab or 8192
     c, s = pipeline_overhead(a.batch, a.seq, a.k, vocab, a.rounds)

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 METHODS = ("trl", "fast", "lean")
 
@@ -26,22 +25,18 @@ METHODS = ("trl", "fast", "lean")
 def _matmul_rate(n: int, d: int, dtype, device) -> float:
     """FLOP/s of an [n, d] x [d, 8192] matmul (the tile shape of the loss)."""
     import torch
+
+    from .harness import time_calls
     a = torch.randn(n, d, device=device, dtype=dtype)
     b = torch.randn(d, 8192, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * n * d * 8192 / (time.perf_counter() - t0)
+    times = time_calls(lambda: a @ b, device, warmup=3, repeats=10)
+    return len(times) * 2 * n * d * 8192 / sum(times)
 
 
 def _one(method: str, n: int, d: int, v: int, device: str, dtype_name: str, repeats: int) -> dict:
-    import resource
-
     import torch
+
+    from .harness import MiB, PeakMemory, time_calls
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[dtype_name]
     torch.manual_seed(0)
     h = torch.randn(n, d, device=device).to(dtype).requires_grad_()
@@ -59,30 +54,19 @@ def _one(method: str, n: int, d: int, v: int, device: str, dtype_name: str, repe
         loss.backward()
 
     cuda = device.startswith("cuda")
+    if cuda:
+        step()                                    # warm-up: compiles, allocator
+        h.grad = w.grad = None
+    with PeakMemory(device) as mem:               # CPU: one cold step (peak RSS growth, gradients included)
+        times = time_calls(step, device, warmup=0, repeats=repeats if cuda else 1)
     if not cuda:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        step()
-        return {"method": method, "seconds": time.perf_counter() - t0,
-                "extra_peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
-    step()                                        # warm-up: compiles, allocator
-    h.grad = w.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        return {"method": method, "seconds": times[0], "extra_peak_mib": mem.extra / MiB}
     grads = 2 * (n * d + v * d) * h.element_size()
     flops = (8 * n * d * v + 4 * n * d * v) if method != "fast" else (6 * n * d * v + 2 * n * d * v)
     rate = _matmul_rate(n, d, dtype, device)
     sec = statistics.median(times)
     return {"method": method, "seconds": sec, "best_seconds": min(times),
-            "extra_peak_mib": (torch.cuda.max_memory_allocated() - base - grads) / 2 ** 20,
+            "extra_peak_mib": (mem.extra - grads) / MiB,
             "floor_flops": flops, "matmul_tflops": rate / 1e12, "time_over_floor": sec / (flops / rate)}
 
 

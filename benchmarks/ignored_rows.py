@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 
 def _problem(N, D, V, K, fraction, device, dtype):
@@ -31,17 +29,6 @@ def _problem(N, D, V, K, fraction, device, dtype):
         labels[::step] = -100          # every step-th row does not count
         idx[::step] = -1
     return h, w, idx.to(device), lp.to(device), labels.to(device)
-
-
-def _timed(fn, device) -> float:
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -66,6 +53,8 @@ def main(argv=None) -> int:
     import torch
 
     import dft_kernels as dk
+
+    from .harness import round_robin, summary
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[a.dtype]
 
     def step_fn(problem):
@@ -79,17 +68,12 @@ def main(argv=None) -> int:
 
     runs = {"all counted": step_fn(_problem(a.N, a.D, a.V, a.K, 0.0, a.device, dtype)),
             f"{a.fraction:.0%} ignored": step_fn(_problem(a.N, a.D, a.V, a.K, a.fraction, a.device, dtype))}
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()                                   # warm-up (compiles, allocator)
-    for _ in range(a.rounds):
-        for name, fn in runs.items():
-            times[name].append(_timed(fn, a.device))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    all_t, ign_t = med.values()
+    times = round_robin(runs, a.rounds, a.device, warmup=1)      # after a warm-up of each (compiles, allocator)
+    stats = {name: summary(t) for name, t in times.items()}
+    all_t, ign_t = (st["median"] for st in stats.values())
     ratio = ign_t / all_t
-    for name in runs:
-        print(f"{name:>12}: median {med[name] * 1e3:9.1f} ms  best {min(times[name]) * 1e3:9.1f} ms")
+    for name, st in stats.items():
+        print(f"{name:>12}: median {st['median'] * 1e3:9.1f} ms  best {st['best'] * 1e3:9.1f} ms")
     print(f"ratio (ignored / all counted) = {ratio:.3f}  (target <= 0.6 at 50%)")
     if a.out:
         result = dict(args=vars(a), torch=torch.__version__, seconds=times, median_ratio=ratio,

@@ -1,4 +1,5 @@
-"""One measurement: peak memory and forward / backward times of one case.
+"""One measurement: peak memory and forward / backward times of one case (with the
+benchmarks' shared harness, benchmarks/harness.py).
 
 Memory
   GPU: inputs allocated -> warm-up step(s) -> gradients dropped ->
@@ -29,171 +30,64 @@ Time
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 import traceback
 
 import torch
 
 from .cases import DTYPES, Case, input_bytes, make_inputs
+from .harness import PeakMemory, drop_grads, grad_bytes, malloc_release_to_os, reset_rss_peak, time_calls, time_phases
 from .methods import build
-
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 64 * 1024
-
-
-# --------------------------------------------------------------------------- CPU memory
-
-
-def _status() -> dict:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    k, v = line.split(":", 1)
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def rss_now() -> int | None:
-    return _status().get("VmRSS")
-
-
-def rss_peak() -> int:
-    s = _status()
-    if "VmHWM" in s:
-        return s["VmHWM"]
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def reset_rss_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0). False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def malloc_release_to_os() -> bool:
-    """Serve allocations >= 64 KiB by mmap so that free() returns them to the OS."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
 
 # --------------------------------------------------------------------------- one case
 
 
-def _sync(dev: torch.device):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _drop_grads(ts):
-    for t in ts:
-        t.grad = None
-
-
 def _measure_memory(case: Case, f, grads, dev) -> tuple[dict, torch.Tensor]:
     def step():
-        _drop_grads(grads)
+        drop_grads(grads)
         loss = f()
         loss.backward()
         return loss
 
-    mem = {}
-    if dev.type == "cuda":
+    # warm-up where the peak counter can be reset after it (always on CUDA)
+    warm = dev.type == "cuda" or reset_rss_peak()
+    if warm:
         for _ in range(max(1, case.warmup)):
             step()
-        _drop_grads(grads)
-        gc.collect()
-        _sync(dev)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    drop_grads(grads)
+    with PeakMemory(dev) as pm:
         loss = step()
-        _sync(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        mem["method"] = "cuda max_memory_allocated - memory_allocated after inputs (warm)"
+    if dev.type == "cuda":
+        method = "cuda max_memory_allocated - memory_allocated after inputs (warm)"
+    elif warm and pm.resettable:
+        method = "VmHWM - VmRSS after inputs, peak counter reset after one warm-up step"
     else:
-        can_reset = reset_rss_peak()
-        if can_reset:
-            for _ in range(max(1, case.warmup)):
-                step()
-            _drop_grads(grads)
-            gc.collect()
-            base = rss_now()
-            reset_rss_peak()
-            loss = step()
-            peak = rss_peak()
-            mem["method"] = "VmHWM - VmRSS after inputs, peak counter reset after one warm-up step"
-        else:
-            gc.collect()
-            base = rss_now()
-            loss = step()
-            peak = rss_peak()
-            mem["method"] = "peak RSS since start - RSS after inputs (cold: no warm-up, counter not resettable)"
-        if base is None:
-            raise RuntimeError("cannot read the resident set size (/proc/self/status) on this system")
-    gb = sum(t.grad.numel() * t.grad.element_size() for t in grads if t.grad is not None)
-    mem.update(baseline_bytes=int(base), peak_bytes=int(peak), peak_extra_bytes=int(peak - base),
-               grads_bytes=int(gb), extra_minus_grads_bytes=int(peak - base - gb))
+        method = "peak RSS since start - RSS after inputs (cold: no warm-up, counter not resettable)"
+    gb = grad_bytes(grads)
+    mem = dict(method=method, baseline_bytes=int(pm.base), peak_bytes=int(pm.peak), peak_extra_bytes=int(pm.extra),
+               grads_bytes=int(gb), extra_minus_grads_bytes=int(pm.extra - gb))
     return mem, loss
 
 
 def _measure_time(case: Case, f, grads, dev) -> dict:
-    for _ in range(max(1, case.warmup)):
-        _drop_grads(grads)
-        f().backward()
-    _sync(dev)
-    fwd, bwd, tot = [], [], []
-    t_start = time.perf_counter()
-    for r in range(max(1, case.repeats)):
-        _drop_grads(grads)
-        if dev.type == "cuda":
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            loss = f()
-            e1.record()
-            loss.backward()
-            e2.record()
-            e2.synchronize()
-            a, b = e0.elapsed_time(e1), e1.elapsed_time(e2)
-        else:
-            t0 = time.perf_counter()
-            loss = f()
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            a, b = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        fwd.append(a)
-        bwd.append(b)
-        tot.append(a + b)
-        del loss
-        if r + 1 >= 3 and time.perf_counter() - t_start > case.time_budget_s:
-            break
-    _drop_grads(grads)
+    fwd, bwd = ([t * 1e3 for t in s] for s in time_phases(
+        [f, lambda loss: loss.backward()], dev, warmup=max(1, case.warmup), repeats=case.repeats,
+        budget_s=case.time_budget_s, setup=lambda: drop_grads(grads)))
+    drop_grads(grads)
+    return time_record(fwd, bwd, [a + b for a, b in zip(fwd, bwd)],
+                       "cuda events" if dev.type == "cuda" else "time.perf_counter")
+
+
+def time_record(fwd: list, bwd: list, tot: list, clock: str, **more) -> dict:
+    """A case's timing record from its per-iteration forward, backward and total samples
+    (ms): medians, the best total, the samples; ``more`` after ``runs``."""
     return {"fwd_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd), "fwd_bwd_ms": statistics.median(tot),
-            "fwd_bwd_min_ms": min(tot), "runs": len(tot), "samples_fwd_ms": [round(t, 4) for t in fwd],
+            "fwd_bwd_min_ms": min(tot), "runs": len(tot), **more, "samples_fwd_ms": [round(t, 4) for t in fwd],
             "samples_bwd_ms": [round(t, 4) for t in bwd], "samples_fwd_bwd_ms": [round(t, 4) for t in tot],
-            "clock": "cuda events" if dev.type == "cuda" else "time.perf_counter"}
+            "clock": clock}
 
 
 def run_case(case: Case, mode: str = "both") -> dict:
@@ -217,7 +111,7 @@ def run_case(case: Case, mode: str = "both") -> dict:
             out["finite"] = bool(math.isfinite(out["loss"]) and all(
                 g is not None and math.isfinite(g) for g in out["grad_norms"]))
             del loss
-            _drop_grads(grads)
+            drop_grads(grads)
         if mode in ("time", "both"):
             out["time"] = _measure_time(case, f, grads, dev)
         out["wall_s"] = time.perf_counter() - t0
@@ -266,22 +160,7 @@ def measure_ceilings(device: str, dtype: str, quick: bool = False) -> dict:
     b = torch.randn(n, n, generator=g, device=dev).to(mdt)
 
     def timed(fn) -> float:
-        fn()
-        _sync(dev)
-        ts = []
-        for _ in range(reps):
-            if dev.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                ts.append(e0.elapsed_time(e1) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return statistics.median(time_calls(fn, dev, warmup=1, repeats=reps))
 
     t_mm = timed(lambda: torch.matmul(a, b))
     del a, b

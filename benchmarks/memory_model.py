@@ -5,7 +5,7 @@ Derived by reading ``LSEGatherTorch`` (logits path) and ``LinearLSEGatherTorch``
 single chunks. The check presets of the sweep put each prediction next to the
 measurement (``measured_over_predicted``), and results JSONs record the hashes of
 the sources they ran with. Which columns are gathered and at which temperatures
-comes from the library itself (``dft_kernels.losses._plan``), the chunk size from
+comes from the library itself (``dft_kernels.losses.gather_plan``), the chunk size from
 ``dft_kernels.ops.torch_chunked.chunk_rows``. Every number is bytes *beyond the
 inputs and the returned gradients*.
 
@@ -69,29 +69,27 @@ replays the chunks with that rule; ``peak_bytes`` is the allocator-level figure
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
-from dft_kernels.losses import _plan as plan_columns
+from dft_kernels.losses import gather_plan
 from dft_kernels.memory import UPCAST_SLAB_ELEMS
 from dft_kernels.ops.torch_chunked import chunk_rows
 from dft_kernels.options import LOSS_DEFAULTS, needs_student_tail
 
+from .harness import MiB
+
 LOSS_COEF = 40
-MiB = 2 ** 20
 
 
 def _plan(K: int, lam: float, temperature: float, V: int) -> tuple[list, int, int]:
     """(scales, M, R) as the library chooses them for the default loss options: the
     library's own column plan on a one-row problem, and whether the divergence reads
     the student's tail (R = 1: the tail's log-sum-exp over the vocab outside the slots)."""
-    kw = dict(target_index=torch.arange(K).unsqueeze(0) if K > 0 else None,
-              target_logprobs=torch.full((1, K), -math.log(K + 1)) if K > 0 else None,
-              labels=torch.zeros(1, dtype=torch.int64), lam=lam, temperature=float(temperature),
-              ignore_index=LOSS_DEFAULTS["ignore_index"], N=1, V=V)
-    accepted = inspect.signature(plan_columns).parameters
-    index, temps = plan_columns(**{k: v for k, v in kw.items() if k in accepted})
+    index, temps = gather_plan(torch.arange(K).unsqueeze(0) if K > 0 else None,
+                               torch.full((1, K), -math.log(K + 1)) if K > 0 else None,
+                               torch.zeros(1, dtype=torch.int64), lam=lam, temperature=temperature,
+                               ignore_index=LOSS_DEFAULTS["ignore_index"], n_rows=1, vocab=V)
     tail = needs_student_tail(LOSS_DEFAULTS["divergence"], LOSS_DEFAULTS["beta"], LOSS_DEFAULTS["tail"])
     return [1.0 / t for t in temps], int(index.shape[1]), int(K > 0 and tail)
 

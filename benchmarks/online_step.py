@@ -17,7 +17,7 @@ Methods (same models, same batch, same optimizer; forward KL at ``--temperature`
 
 Each method runs in a fresh process, round-robin over ``--rounds``: one warm-up step, then
 ``--steps`` timed steps (``time.perf_counter``). Memory: growth of the process's peak RSS
-(VmHWM, benchmarks/measure.py) from just before the warm-up step to the end, so it includes
+(VmHWM, benchmarks/harness.py) from just before the warm-up step to the end, so it includes
 the gradients and AdamW's state (the same for every method) plus each method's working memory.
 The loss of the first step is reported too: ``dense`` and ``trl`` compute the same quantity.
 """
@@ -28,7 +28,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 METHODS = ("topk", "dense", "trl")
 SIZES = (("vocab", 32000), ("student_dim", 256), ("teacher_dim", 512), ("layers", 2), ("batch", 2), ("seq", 128),
@@ -53,7 +52,7 @@ def run_one(method: str, cfg: dict) -> dict:
     from dft_kernels.hf import DFTConfig
     from dft_kernels.hf.online import OnlineTeacher
 
-    from .measure import rss_now, rss_peak
+    from .harness import MiB, PeakMemory, time_calls
     torch.set_num_threads(cfg["threads"])
     tau = cfg["temperature"]
     student = _llama(cfg["vocab"], cfg["student_dim"], cfg["layers"], seed=1).train()
@@ -94,15 +93,10 @@ def run_one(method: str, cfg: dict) -> dict:
         opt.step()
         return float(loss.detach())
 
-    base = rss_now() or rss_peak()
-    first_loss = step()                                       # warm-up (allocates gradients and AdamW state)
-    times = []
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"method": method, "seconds": times, "first_loss": first_loss,
-            "peak_rss_growth_mib": (rss_peak() - base) / 2 ** 20}
+    with PeakMemory("cpu") as mem:
+        first_loss = step()                                   # warm-up (allocates gradients and AdamW state)
+        times = time_calls(step, warmup=0, repeats=cfg["steps"])
+    return {"method": method, "seconds": times, "first_loss": first_loss, "peak_rss_growth_mib": mem.extra / MiB}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@ peak RSS is the memory measure) or this process (GPU), and pools the timing roun
 from __future__ import annotations
 
 import multiprocessing as mp
-import statistics
 
 from .cases import Case
 
@@ -52,15 +51,12 @@ class Runner:
 
 def _merge_times(parts: list[dict]) -> dict:
     """Pool the per-iteration samples of several timing processes; medians of the pool."""
+    from .measure import time_record
     if len(parts) == 1:
         return parts[0]
-    fwd = [x for p in parts for x in p["samples_fwd_ms"]]
-    bwd = [x for p in parts for x in p["samples_bwd_ms"]]
-    tot = [x for p in parts for x in p["samples_fwd_bwd_ms"]]
-    return {"fwd_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd), "fwd_bwd_ms": statistics.median(tot),
-            "fwd_bwd_min_ms": min(tot), "runs": len(tot), "rounds": len(parts),
-            "round_medians_fwd_bwd_ms": [p["fwd_bwd_ms"] for p in parts],
-            "samples_fwd_ms": fwd, "samples_bwd_ms": bwd, "samples_fwd_bwd_ms": tot, "clock": parts[0]["clock"]}
+    fwd, bwd, tot = ([x for p in parts for x in p[f"samples_{k}_ms"]] for k in ("fwd", "bwd", "fwd_bwd"))
+    return time_record(fwd, bwd, tot, parts[0]["clock"], rounds=len(parts),
+                       round_medians_fwd_bwd_ms=[p["fwd_bwd_ms"] for p in parts])
 
 
 def measure_group(runner: Runner, cases: list[Case], rounds: int, report) -> list[dict]:

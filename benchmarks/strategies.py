@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MiB = 2 ** 20
@@ -84,12 +83,9 @@ def _loss_fn(method, h, w, idx, lp, labels, V):
 
 def measure(method: str, N: int, D: int, V: int, K: int, mode: str) -> dict:
     """fwd+bwd time (mode "time") or peak RSS beyond inputs and gradients ("memory")."""
-    import gc
-
-    import torch
-    from . import measure as rss
+    from . import harness
     if mode == "memory":
-        rss.malloc_release_to_os()
+        harness.malloc_release_to_os()
     h, w, idx, lp, labels = _inputs(N, D, V, K)
     if method.endswith("ignored50"):
         labels[::2] = -100
@@ -99,28 +95,22 @@ def measure(method: str, N: int, D: int, V: int, K: int, mode: str) -> dict:
     w.requires_grad_(not method.endswith("frozen"))
     grads = [t for t in (h, w) if t.requires_grad]
     f = _loss_fn(method, h, w, idx, lp, labels, V)
+    losses = []
 
     def step():
-        for t in grads:
-            t.grad = None
+        harness.drop_grads(grads)
         loss = f()
         loss.backward()
-        return float(loss)
+        losses.append(float(loss))
 
     step()  # warm-up (compiles, first-touch pages)
-    for t in grads:
-        t.grad = None
-    gc.collect()
+    harness.drop_grads(grads)
     if mode == "time":
-        t0 = time.perf_counter()
-        loss = step()
-        return {"ms": (time.perf_counter() - t0) * 1e3, "loss": loss}
-    base = rss.rss_now()
-    rss.reset_rss_peak()
-    loss = step()
-    peak = rss.rss_peak()
-    gb = sum(t.grad.numel() * t.grad.element_size() for t in grads)
-    return {"extra_minus_grads": peak - base - gb, "loss": loss}
+        ms = harness.time_call(step) * 1e3
+        return {"ms": ms, "loss": losses[-1]}
+    with harness.PeakMemory("cpu") as pm:
+        step()
+    return {"extra_minus_grads": pm.extra - harness.grad_bytes(grads), "loss": losses[-1]}
 
 
 # --------------------------------------------------------------------------- driver

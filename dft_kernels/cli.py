@@ -7,7 +7,7 @@ work lives in ``dft_kernels.targets`` and ``dft_kernels.workflow``.
     dft-kernels targets blend A B --weights 0.7 0.3 --out DIR [--k 32]
     dft-kernels train --student DIR --data FILE [--targets DIR | --teacher DIR --online topk|dense] --out DIR [--overwrite]
     dft-kernels eval --model DIR [DIR ...] --data FILE [--targets DIR] [--teacher DIR] --out DIR
-    dft-kernels plan --model CONFIG.json|NAME --tokens N [--gpu a100-80gb]
+    dft-kernels plan --model CONFIG.json|NAME --tokens N | --seq-len L [--batch-size B] [--gpu a100-80gb] [--kernels triton|torch]
     dft-kernels doctor [--model DIR | --vocab V --hidden D] [--tokens N] [--json] [--save | --clear]
 
 Bad input (a ValueError / TypeError / missing file) ends with exit code 2 and one line
@@ -237,8 +237,12 @@ def _cmd_plan(args) -> int:
     if args.master_weights and args.dtype == "fp32":
         from .workflow.guards import warn
         warn("--master-weights with --dtype fp32 adds nothing: the weights are fp32 already")
-    p = memory_plan(load_config(args.model), tokens=args.tokens, k=args.k, lora=args.lora, optimizer=args.optimizer,
-                    grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype, master_weights=args.master_weights)
+    if (args.tokens is None) == (args.seq_len is None):
+        raise UsageError("plan needs one of --tokens N (tokens per step) or --seq-len L (with --batch-size B)")
+    tokens = args.tokens if args.tokens is not None else args.seq_len * args.batch_size
+    p = memory_plan(load_config(args.model), tokens=tokens, k=args.k, lora=args.lora, optimizer=args.optimizer,
+                    grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype, master_weights=args.master_weights,
+                    kernels=args.kernels)
     print(json.dumps(p, indent=1) if args.json else plan_text(p))
     return 0
 
@@ -247,7 +251,12 @@ def add_plan_parser(sub) -> None:
     from .workflow.plan import DTYPE_BYTES, GPUS, NAMED_CONFIGS, OPTIMIZER_BYTES
     p = sub.add_parser("plan", help="memory of a training step for a model config and a GPU")
     p.add_argument("--model", required=True, help=f"config.json (or its dir) or one of {', '.join(NAMED_CONFIGS)}")
-    p.add_argument("--tokens", type=positive_int, required=True, help="tokens per step (batch * sequence length)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="tokens per step (batch * sequence length)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="sequence length, instead of --tokens (tokens per step = --batch-size * --seq-len)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step with --seq-len (default 1)")
+    p.add_argument("--kernels", choices=("triton", "torch"), default="triton",
+                   help="the loss path modelled: triton (a GPU, default) or torch (the chunked PyTorch path: CPU)")
     p.add_argument("--k", type=nonnegative_int, default=32,
                    help="teacher slots per position (default 32; 0: plain cross-entropy)")
     p.add_argument("--lora", type=positive_int, default=None, help="LoRA rank (default: full fine-tune)")

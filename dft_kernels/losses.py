@@ -232,6 +232,17 @@ def _plan(target_index, target_logprobs, labels, lam, temperature, ignore_index,
     return index.contiguous(), tuple(temps)
 
 
+def gather_plan(target_index, target_logprobs, labels, *, lam: float, temperature: float, ignore_index: int,
+                n_rows: int, vocab: int) -> tuple[torch.Tensor, tuple]:
+    """The columns the losses gather and the temperatures of their log-sum-exps, as the
+    loss entry points plan them (read by the benchmarks' memory model).
+
+    Returns:
+        ``(index, temperatures)``: ``[n_rows, M]`` ids (the K teacher slots, then the
+        label; -1 = not projected) and the tuple of softmax temperatures."""
+    return _plan(target_index, target_logprobs, labels, lam, float(temperature), ignore_index, n_rows, vocab)
+
+
 # --------------------------------------------------------------------------- public
 
 _TARGET_ARGS_DOC = """\

@@ -17,6 +17,15 @@ LEAN_CHUNK_ELEMS = 1 << 22
 #: the rank-C updates of dW run near matmul speed, small next to the naive [N, V]
 FAST_CHUNK_ELEMS = 1 << 23
 
+#: Byte budgets of the Triton kernels' buffers (the launchers read them from here):
+#: a forward's per-tile partials (rows go through the kernel in blocks that fit it), the
+#: backward's dz slab ([rows, cols] in the input dtype) and its fp32 dH accumulator.
+PARTIAL_BYTES = 64 << 20
+SLAB_BYTES = 64 << 20
+ACC_BYTES = 128 << 20
+#: Byte budget of a forward block's rows of ``h`` gathered in the kernels' row order.
+GATHER_BYTES = 64 << 20
+
 #: fp32 elements of one slab of W upcast to form 16-bit logits in fp32 where torch has
 #: no fp32-output 16-bit matmul (the CPU; ``ops.torch_chunked.linear_fp32``): rows = this // D
 UPCAST_SLAB_ELEMS = 1 << 20
@@ -38,8 +47,58 @@ def chunk_rows_for(strategy: str, vocab: int, n_rows: int | None = None, chunk_e
     return min(rows, n_rows) if n_rows else rows
 
 
+def backward_chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool, *, slab_bytes: int = SLAB_BYTES,
+                      acc_bytes: int = ACC_BYTES, align: int = 256) -> tuple[int, int]:
+    """Rows per chunk and columns per slab of the Triton backward's dz slab (docs/fused_path.md).
+
+    Args:
+        N, V, D: rows, vocab, hidden; elt: bytes per input element.
+        sep_h: dH accumulates in a separate fp32 [rows, D] buffer (16-bit inputs, fp32 accumulation).
+        sep_w: dW accumulates in fp32 (then one chunk of all N rows when N <= V).
+        slab_bytes, acc_bytes: the budgets; align: rows and columns are multiples of it.
+    Returns:
+        ``(n_chunk, n_slab)``.
+    """
+    budget_rows = acc_bytes // (4 * D) if sep_h else slab_bytes // (elt * 4 * align)
+    budget_rows = max(align, budget_rows // align * align)
+    n_chunk = N if (N <= budget_rows or (sep_w and N <= V)) else budget_rows
+    v_round = -(-V // align) * align
+    n_slab = slab_bytes // (elt * max(n_chunk, 1)) // align * align
+    return n_chunk, min(max(n_slab, align), v_round)
+
+
+def triton_lean_bytes(*, n_rows: int, hidden: int, vocab: int, k: int, dtype_bytes: int,
+                      head_trains: bool = True) -> int:
+    """Bytes of one forward + backward of the lean strategy on the Triton fused path (a GPU)
+    beyond its inputs and the gradients it returns (docs/design.md sec. 10):
+
+    - per row, ``48*M`` (M = K + 1) held through the backward's slab loop (the ids in the
+      kernels' row order, the sorted slots, lse, gathered, the merged sparse gradient, the
+      row order), and ``150*M`` for a moment before it (the sort and prefix sums that merge
+      a row's repeated ids in the sparse gradient, float64);
+    - bounded, whatever N: the forward's per-tile partials (at most ``PARTIAL_BYTES``) and
+      one block of rows of ``h`` gathered in the kernels' row order (``GATHER_BYTES``); the
+      backward's dz slab (about ``SLAB_BYTES``), one row chunk of ``h`` and of dH (fp32 for
+      16-bit inputs: ``ACC_BYTES``; a single chunk of all rows while N <= V with a trained
+      16-bit head) and the fp32 dW accumulator ``V*D*4`` when a 16-bit head trains over
+      several row chunks (:func:`backward_chunking`).
+
+    Nothing grows with N * V or N * D. Args as in :func:`loss_extra_bytes`; returns bytes."""
+    N, D, V, e = n_rows, hidden, vocab, dtype_bytes
+    M = k + 1
+    block = max(1, min(N, GATHER_BYTES // max(D * e, 1)))
+    forward = min(N * 3 * -(-V // 64) * 4, PARTIAL_BYTES) + block * D * e
+    low = e < 4
+    n_chunk, n_slab = backward_chunking(N, V, D, e, low, low and head_trains)
+    backward = n_chunk * n_slab * e + n_chunk * D * e + n_chunk * D * (4 if low else e)
+    if low and head_trains and n_chunk < N:
+        backward += V * D * 4
+    return max(N * 150 * M, N * 48 * M + max(forward, backward))
+
+
 def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: int, dtype_bytes: int,
-                     head_trains: bool = True, chunk_rows: int | None = None, upcast: bool = False) -> int:
+                     head_trains: bool = True, chunk_rows: int | None = None, upcast: bool = False,
+                     kernels: str = "torch") -> int:
     """Bytes of one forward + backward of the loss beyond its inputs.
 
     With e = ``dtype_bytes``, N rows, D hidden, V vocab, M = K + 1 gathered columns and
@@ -78,6 +137,9 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
         head_trains: whether the lm_head weight needs a gradient.
         chunk_rows: C, rows per chunk (None: the strategy's default).
         upcast: the device has no fp32-output 16-bit matmul (the CPU: ``not weight.is_cuda``).
+        kernels: "torch" (the chunked PyTorch path: the CPU, ``impl="torch"``) or "triton"
+            (a GPU: lean is :func:`triton_lean_bytes`; fast's chunk holds its logits and
+            the logits-path kernel's gradient, ``2*C*V*4``, instead of the tail chunks).
     Returns:
         The predicted bytes (int).
     """
@@ -88,13 +150,20 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
             raise ValueError(f"{name}={v!r} must be an int >= 0")
     if dtype_bytes not in (1, 2, 4, 8):
         raise ValueError(f"dtype_bytes={dtype_bytes!r} must be 1, 2, 4 or 8 (bytes per element)")
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels={kernels!r} must be 'torch' or 'triton'")
     N, D, V, e = n_rows, hidden, vocab, dtype_bytes
     small = N * (k + 1) * 64
     if strategy == "naive":
         return N * V * (e + (4 if e != 4 else 0) + 8 + (8 if k > 0 else 0)) + small
+    if strategy == "lean" and kernels == "triton":
+        return triton_lean_bytes(n_rows=N, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=head_trains)
     C = chunk_rows or chunk_rows_for(strategy, V, N)
     C = min(C, max(N, 1))
-    chunk = C * V * max(e, 4) * (1 + (3 if k > 0 else 0))
+    if kernels == "triton":
+        chunk = 2 * C * V * max(e, 4)
+    else:
+        chunk = C * V * max(e, 4) * (1 + (3 if k > 0 else 0))
     if upcast and e < 4:
         chunk += (C + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, 1)))) * D * 4
     held = (V * D * 4 if head_trains else 0) + N * D * e if strategy == "fast" else 0

@@ -191,9 +191,10 @@ def test_plan_loss_path_matches_measured_cpu_peaks(tmp_path, capsys):
                num_key_value_heads=4, tie_word_embeddings=False)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["plan", "--model", str(tmp_path), "--tokens", str(N), "--k", str(K), "--dtype", "fp32",
-                 "--json"]) == 0
+                 "--kernels", "torch", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["loss_path"] == memory_plan(dict(cfg, name=str(tmp_path)), tokens=N, k=K, dtype="fp32")["loss_path"]
+    assert plan["loss_path"] == memory_plan(dict(cfg, name=str(tmp_path)), tokens=N, k=K, dtype="fp32",
+                                            kernels="torch")["loss_path"]
     # the measurement returns dH and dW, which the plan counts as gradients, except the fp32 ones
     # "fast" holds from the forward on (its loss path includes them): compare without them
     predicted = dict(plan["loss_path"])

@@ -40,8 +40,8 @@ def _summary(stdout: str) -> dict[tuple[str, str, str], dict]:
 
 
 #: the CI fixture's architectures (the full set: `python -m dft_kernels.ops.compile_check`,
-#: and tools/compile_matrix.sh): the datacenter pair, a ~100 KB consumer card, Blackwell
-CI_ARCHS = ("sm_80", "sm_90a", "sm_89", "sm_100a")
+#: and tools/compile_matrix.sh): the datacenter pair, datacenter and consumer (~100 KB) Blackwell
+CI_ARCHS = ("sm_80", "sm_90a", "sm_100a", "sm_120a")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_default_gate_passes(default_gate):
 
 @pytest.mark.parametrize("arch, marker", [pytest.param("sm_80", "mma.sync", id="sm80-mma"),
                                           pytest.param("sm_90a", "wgmma", id="sm90a-wgmma"),
-                                          pytest.param("sm_89", "mma.sync", id="sm89-mma"),
+                                          pytest.param("sm_120a", "mma.sync", id="sm120a-mma"),
                                           pytest.param("sm_100a", "tcgen05", id="sm100a-tcgen05")])
 def test_16bit_dots_use_tensor_cores(default_gate, arch, marker):
     rows = _summary(default_gate.stdout)

@@ -195,3 +195,12 @@ def test_resolve_impl_tags_auto_and_reads_the_doctor_cache(monkeypatch):
     monkeypatch.setattr(cache, "cached_choice", lambda name, device=None: "torch" if name == "impl" else None)
     assert losses.resolve_impl("auto", cuda) == "torch"
     assert losses.resolve_impl("auto", torch.device("cpu")) == "torch"
+
+
+def test_broken_triton_import_falls_back(monkeypatch):
+    def broken(device, dtype):
+        raise ImportError("libcuda.so.1: cannot open shared object file")
+    monkeypatch.setattr(fallback, "preflight", broken)
+    with pytest.warns(fallback.TritonFallbackWarning, match="ImportError: libcuda.so.1"):
+        got = _loss_and_grads("auto")
+    torch.testing.assert_close(got[0], _loss_and_grads("torch")[0])

@@ -130,7 +130,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
     kw = dict(shard_size=3, chunk_vocab=128, progress=False)
     dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "ref", **kw)
 
-    real_write = building.write_shard
+    real_write = store.write_shard                  # the one shard-directory writer's (build and blend)
     written = []
 
     def crash_after_two(path, **kwargs):
@@ -139,7 +139,7 @@ def test_interrupted_build_resumes_byte_identical(teacher, tmp_path, monkeypatch
         written.append(path.name)
         return real_write(path, **kwargs)
 
-    monkeypatch.setattr(building, "write_shard", crash_after_two)
+    monkeypatch.setattr(store, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         dkt.build(teacher, _batches(examples, 2), 5, out_dir=tmp_path / "run", **kw)
     monkeypatch.undo()
@@ -299,3 +299,141 @@ def test_loader_with_the_hf_collator(built):
     width = max(len(e["input_ids"]) for e in examples[:4])
     assert batch["input_ids"].shape == (4, width) and batch["target_index"].shape == (4, width, 6)
     assert torch.equal(batch["target_logprobs"][1, :len(examples[1]["input_ids"])], ds[1]["target_logprobs"])
+
+
+# --------------------------------------------------------------------------- offline = online
+
+
+def _head_input_differs(model):
+    """A model whose lm_head input is not its decoder's last_hidden_state: the causal-LM
+    wrapper transforms the final hidden states once more before its head (a final norm
+    outside the decoder), here with a forward pre-hook on the head that stays on the model."""
+    norm = torch.nn.LayerNorm(model.config.hidden_size)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model.extra_norm = norm                               # a submodule: in the state dict and the fingerprint
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (model.extra_norm(args[0]),))
+    return model
+
+
+@pytest.mark.parametrize("family,extra,wrap", [
+    pytest.param("Llama", {}, _head_input_differs, id="llama-norm-before-head"),
+    pytest.param("Gemma2", dict(head_dim=16, final_logit_softcapping=3.0), None, id="gemma2-softcap"),
+    pytest.param("Cohere", dict(logit_scale=0.5), None, id="cohere-logit_scale"),
+])
+def test_offline_targets_equal_the_online_teachers(tmp_path, family, extra, wrap):
+    """targets build and the online teacher (DFTConfig(teacher="topk")) capture the teacher's
+    hidden states at its lm_head with one hook: the same targets, bit for bit, for every model."""
+    from dft_kernels.hf.online import OnlineTeacher
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(**_SMALL, **extra)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    if wrap is not None:
+        model = wrap(model)
+    seqs = [list(range(5, 17)), list(range(40, 47)), [3, 1, 4, 1, 5, 9, 2, 6]]
+    dkt.build(model, [seqs], 6, 1.5, out_dir=tmp_path, dtype=torch.float32, progress=False, teacher_name="tiny")
+    shard = dk.SparseTargets.load(tmp_path / "shard-00000.safetensors")
+
+    width = max(map(len, seqs))                       # the same right-padded batch for the online teacher
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
+    online = OnlineTeacher(model, "topk", 6, 1.5).targets({"input_ids": ids, "attention_mask": mask}, "cpu")
+    keep = mask.bool()
+    assert torch.equal(shard.index, online["target_index"][keep])
+    assert torch.equal(shard.logprobs, online["target_logprobs"][keep])
+
+    ref = torch.cat([_dense_logprobs(model, s, 1.5) for s in seqs])        # and both are the model's own
+    torch.testing.assert_close(shard.logprobs.double(), ref.gather(-1, shard.index.long()), rtol=1e-5, atol=1e-5)
+    if wrap is not None:                              # the decoder's last_hidden_state would have given others
+        with torch.no_grad():
+            h = model.model(input_ids=torch.tensor([seqs[0]])).last_hidden_state[0]
+        naive = dk.teacher_topk(h, model.lm_head.weight, 6, temperature=1.5)
+        assert not torch.allclose(naive.logprobs, shard.logprobs[:len(seqs[0])], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- one resume protocol
+
+
+def _two_builds(tmp_path, teacher):
+    examples = _examples(7, seed=5)
+    kw = dict(shard_size=3, progress=False)
+    dkt.build(teacher, _batches(examples), 4, out_dir=tmp_path / "a", **kw)
+    dkt.build(teacher, _batches(examples), 6, out_dir=tmp_path / "b", **kw)
+    return [tmp_path / "a", tmp_path / "b"]
+
+
+def test_blend_dirs_resumes_like_build(teacher, tmp_path, monkeypatch):
+    """blend_dirs and build share one shard-directory writer: stale temp files are removed, a
+    verified shard is kept, a corrupted one recomputed, a crash leaves a resumable directory
+    and other settings in the same out_dir are refused naming the key."""
+    from dft_kernels.targets.blending import blend_dirs
+    srcs = _two_builds(tmp_path, teacher)
+    ref = tmp_path / "ref"
+    blend_dirs(srcs, [0.6, 0.4], out_dir=ref, progress=False)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / (store._TMP_PREFIX + "shard-00000.safetensors.x")).write_bytes(b"half a shard")
+    real_write = store.write_shard
+    written = []
+
+    def crash_after_one(path, **kwargs):
+        if written:
+            raise KeyboardInterrupt("simulated crash")
+        written.append(path.name)
+        return real_write(path, **kwargs)
+
+    monkeypatch.setattr(store, "write_shard", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        blend_dirs(srcs, [0.6, 0.4], out_dir=run, progress=False)
+    monkeypatch.undo()
+    assert sorted(_files(run)) == ["manifest.json", "shard-00000.safetensors"]      # the temp file is gone
+    assert not json.loads((run / "manifest.json").read_text())["complete"]
+
+    kept = (run / "shard-00000.safetensors").stat().st_ino
+    path = run / "shard-00001.safetensors"
+    path.write_bytes(b"not a shard")                      # a damaged shard fails verification: recomputed
+    man = blend_dirs(srcs, [0.6, 0.4], out_dir=run, progress=False)
+    assert man["complete"] and (run / "shard-00000.safetensors").stat().st_ino == kept
+    assert _files(run) == _files(ref)
+
+    with pytest.raises(ValueError, match=r"holds another blend built with k=6, this blend has k=5"):
+        blend_dirs(srcs, [0.6, 0.4], out_dir=run, k=5, progress=False)
+    with pytest.raises(ValueError, match="holds another blend built with teacher="):
+        blend_dirs(srcs, [0.5, 0.5], out_dir=run, progress=False)
+    assert _files(run) == _files(ref)                     # a refused run writes nothing
+
+
+def test_writer_is_the_one_resume_protocol(tmp_path):
+    """store.ShardDirWriter on its own: keep-or-write per shard, counts, manifest."""
+    seqs = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    expect = {"shard": 0, "first_sequence": 0, "n_sequences": 2, "n_positions": 4,
+              "input_ids_sha256": dkt.input_ids_sha256(seqs)}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.zeros(4, 2, dtype=torch.int32), torch.full((4, 2), -1.0, dtype=torch.float16), seqs, {}
+
+    params = {"format": dkt.SHARD_FORMAT, "k": 2, "vocab_size": 8}
+    w = store.ShardDirWriter(tmp_path, params, info={"name": "x"})
+    assert w.shard(expect, compute) is True
+    man = w.finish()
+    assert man["complete"] and man["name"] == "x" and man["n_positions"] == 4 and len(calls) == 1
+    w = store.ShardDirWriter(tmp_path, params, info={"name": "y"})     # free fields may change
+    assert w.shard(expect, compute) is False and (w.written, w.kept) == (0, 1) and len(calls) == 1
+    assert w.shard({**expect, "shard": 1}, compute) is True             # a shard not on disk yet
+    assert dkt.read_manifest(tmp_path)["shards"][1]["file"] == "shard-00001.safetensors"
+    with pytest.raises(ValueError, match="holds targets built with k=2, this build has k=3: use a new out_dir"):
+        store.ShardDirWriter(tmp_path, {**params, "k": 3})
+
+    def refuse(old):                                       # the caller's own check runs first, on the old manifest
+        if old.get("k") == 2:
+            raise ValueError("teacher was retrained")
+
+    with pytest.raises(ValueError, match="teacher was retrained"):
+        store.ShardDirWriter(tmp_path, {**params, "k": 3}, check=refuse)

@@ -55,8 +55,11 @@ for v in "${versions[@]}"; do
 import json, sys
 version, arch, err, out = sys.argv[1:]
 lines = [seg.strip() for ln in open(err, errors="replace").read().splitlines() for seg in ln.split("\r")]
-lines = [ln.rsplit("it]", 1)[-1].strip() for ln in lines if ln]   # drop a progress bar before the message
 why = next((ln for ln in reversed(lines) if "Error" in ln or "Assertion" in ln or "error" in ln), lines[-1] if lines else "")
+for mark in ("Assertion", "python: "):     # an abort: the assertion, without the progress bar before it
+    if mark in why:
+        why = why[why.index(mark):]
+        break
 json.dump({"triton": version, "arch": arch, "error": why, "summary": []}, open(out, "w"))
 PY
         logs+=("$log")

@@ -33,9 +33,10 @@ def environment(device: torch.device) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported, the kernels will fail their checks
         tv = f"unavailable ({type(exc).__name__})"
     lo, hi = (_ver(v) for v in TRITON_RANGE)
+    got = _ver(tv)
     info = dict(device=str(device), python=platform.python_version(), torch=torch.__version__, triton=tv,
-                triton_supported=f">={TRITON_RANGE[0]} (gate and tests: {TRITON_RANGE[0]} .. {TRITON_RANGE[1]})",
-                triton_in_range=bool(_ver(tv)) and lo <= _ver(tv), triton_tested=bool(_ver(tv)) and lo <= _ver(tv) <= hi,
+                triton_supported=f">={TRITON_RANGE[0]} (compile gate: {TRITON_RANGE[0]} .. {TRITON_RANGE[1]})",
+                triton_in_range=bool(got) and lo <= got, triton_tested=bool(got) and lo <= got <= hi,
                 torch_in_range=_ver(torch.__version__) >= MIN_TORCH)
     if device.type == "cuda":
         from ..ops.linear_config import arch_for
@@ -72,20 +73,19 @@ TINY_ODD = Head(N=19, D=40, V=261, K=3)
 
 
 def _problem(head: Head, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
-    """Float64 masters of every input (hidden, weight, teacher head, targets, labels with
-    ignored rows); the checks round them to ``dtype`` and compare against float64."""
-    g = torch.Generator().manual_seed(seed)
+    """fp32 masters of every input (hidden, weight, teacher head, logits, targets, labels
+    with ignored rows), made on ``device`` (no [V, D] float64 on the host); the checks
+    round them to ``dtype``, and the reference runs in float64 on the rounded values."""
+    g = torch.Generator(device=device).manual_seed(seed)
     N, D, V, K = head.N, head.D, head.V, head.K
-    h = torch.randn(N, D, generator=g, dtype=torch.float64)
-    w = torch.randn(V, D, generator=g, dtype=torch.float64) * (4.0 / D ** 0.5)
-    ht = torch.randn(N, D, generator=g, dtype=torch.float64)
-    wt = torch.randn(V, D, generator=g, dtype=torch.float64) * (4.0 / D ** 0.5)
-    tz = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
-    lp, idx = torch.log_softmax(tz, -1).topk(min(K, V), dim=-1)
-    labels = torch.randint(0, V, (N,), generator=g)
+    kw = dict(generator=g, device=device)
+    h, ht = torch.randn(N, D, **kw), torch.randn(N, D, **kw)
+    w = torch.randn(V, D, **kw) * (4.0 / D ** 0.5)
+    wt = torch.randn(V, D, **kw) * (4.0 / D ** 0.5)
+    lp, idx = torch.log_softmax(torch.randn(N, V, **kw) * 3, -1).topk(min(K, V), dim=-1)
+    labels = torch.randint(0, V, (N,), **kw)
     labels[::7] = -100
-    out = dict(h=h, w=w, ht=ht, wt=wt, index=idx, logprobs=lp.float(), labels=labels, x=(h @ w.T) / 2)
-    return {k: v.to(device) for k, v in out.items()} | {"dtype": dtype}
+    return dict(h=h, w=w, ht=ht, wt=wt, index=idx, logprobs=lp, labels=labels, x=(h @ w.T) / 2)
 
 
 def timing_problem(head: Head, device: torch.device, seed: int = 0) -> dict:
@@ -101,7 +101,7 @@ def timing_problem(head: Head, device: torch.device, seed: int = 0) -> dict:
 
 
 def _leaves(p: dict, dtype: torch.dtype, names=("h", "w")) -> list[torch.Tensor]:
-    return [p[n].to(dtype).requires_grad_(True) for n in names]
+    return [p[n].detach().to(dtype, copy=True).requires_grad_(True) for n in names]
 
 
 def _run(fn: Callable, leaves: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..distill import fused_linear_distill_loss, teacher_topk
-from .patch import _is_plain_linear, _unwrap, mask_padding, run_capturing_hidden
-from .transforms import logit_transforms
+from ..lm_head import logit_transforms, run_capturing_hidden
+from .patch import _is_plain_linear, _unwrap, mask_padding
 
 TEACHER_MODES = ("offline", "topk", "dense")
 

@@ -15,7 +15,7 @@ forward *without* ``labels`` (so the model computes no loss of its own) and
   ``[B, T, V]`` logits are never computed. The loss is then
   :func:`dft_kernels.fused_linear_dft_loss` on the recorded hidden states and the
   head's own ``weight`` / ``bias`` (tied embeddings included: it is the same
-  parameter), with the model's known logit transforms (``hf/transforms.py``,
+  parameter), with the model's known logit transforms (``dft_kernels/lm_head.py``,
   shared with the targets build's teacher) folded in: Gemma-style
   ``final_logit_softcapping`` -> ``softcap``; Cohere-style ``logit_scale`` and
   Granite-style ``1 / logits_scaling`` -> the hidden states and the bias are
@@ -59,9 +59,9 @@ from typing import Any
 import torch
 
 from ..losses import dft_loss, fused_linear_dft_loss
+from ..lm_head import logit_transforms, run_capturing_hidden
 from ..options import DFTLossOutput, check_options
 from .first_batch import check_first_batch, check_label_arguments
-from .transforms import logit_transforms
 
 _STATE_ATTR = "_dft_kernels_patch"
 _FORWARD_MARK = "_dft_kernels_forward"
@@ -437,40 +437,6 @@ def _is_plain_linear(head) -> bool:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta":
         return False
     return "forward" not in head.__dict__ or hasattr(head, "_hf_hook")
-
-
-def run_capturing_hidden(call, head, *, who: str, fix: str):
-    """Run ``call()`` with the output embeddings ``head`` fed one row only.
-
-    Args:
-        call: runs the model's forward; head: its output embeddings (lm_head).
-        who / fix: the model's name and the way out, for the error messages.
-    Returns:
-        ``(output, hidden)``: what ``call()`` returned and the input of ``head``
-        ([B, T, D], the final hidden states); the [B, T, V] logits are never formed.
-    """
-    captured = []
-
-    def take_hidden(module, h_args, h_kwargs):
-        if captured:
-            raise RuntimeError(f"{who}.forward calls its output embeddings more than once; the fused path "
-                               f"cannot tell which call gives the logits: {fix}")
-        h = h_args[0] if h_args else h_kwargs["input"]
-        captured.append(h)
-        one = h[(slice(0, 1),) * (h.dim() - 1)].detach()     # one row: the model finishes its forward cheaply
-        if h_args:
-            return (one,) + tuple(h_args[1:]), h_kwargs
-        return h_args, {**h_kwargs, "input": one}
-
-    handle = head.register_forward_pre_hook(take_hidden, with_kwargs=True)
-    try:
-        out = call()
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError(f"{who}.forward never called its output embeddings ({type(head).__name__}), so the "
-                         f"final hidden states could not be captured; {fix}")
-    return out, captured[0]
 
 
 def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib):

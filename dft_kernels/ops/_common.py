@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..memory import PARTIAL_BYTES
 from ..validation import compute_dtype
 
 
@@ -145,15 +146,12 @@ def sorted_slots(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
 MAX_TILE_ROWS = 256
 
 
-#: Byte budget of a forward's per-tile partials ([rows, columns] fp32, e.g. one log-sum-exp
-#: per (row, vocab tile)): rows go through the kernel in blocks of at most this size, so
-#: the buffer does not grow with N (long context, docs/design.md sec. 10).
-PARTIAL_BYTES = 64 << 20
 
 
 def partial_rows(n_rows: int, cols: int, block_rows: int) -> int:
-    """Rows per launch so that ``rows * cols`` fp32 partials fit ``PARTIAL_BYTES``: a
-    multiple of ``block_rows`` (at least one block), at most ``n_rows`` (at least 1)."""
+    """Rows per launch so that ``rows * cols`` fp32 partials (e.g. one log-sum-exp per row
+    and vocab tile) fit ``memory.PARTIAL_BYTES``: the buffer does not grow with N (long
+    context). A multiple of ``block_rows`` (at least one block), at most ``n_rows`` (>= 1)."""
     rows = PARTIAL_BYTES // (4 * max(cols, 1)) // block_rows * block_rows
     return max(1, min(max(rows, block_rows), n_rows))
 
@@ -181,6 +179,14 @@ def active_first(index: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tenso
     act = row_activity(index, V)
     order = torch.argsort(1 - act, stable=True)
     return order, act.index_select(0, order).contiguous()
+
+
+def block_rows(x: torch.Tensor, order: torch.Tensor | None, r0: int, n: int) -> torch.Tensor:
+    """Rows ``r0 : r0 + n`` of the problem: of ``x`` itself (a view), or, with a row
+    ``order``, rows ``order[r0 : r0 + n]`` of ``x`` gathered into a new [n, ...] tensor."""
+    if order is None:
+        return x[r0:r0 + n]
+    return x.index_select(0, order[r0:r0 + n])
 
 
 def unpermute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

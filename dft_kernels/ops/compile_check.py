@@ -411,6 +411,8 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
     from ._triton_common import compile_target
     jobs: dict[str, Job] = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32
+    gemm_env = os.environ.get("DFT_KERNELS_BACKWARD_GEMM")
+    os.environ["DFT_KERNELS_BACKWARD_GEMM"] = "triton"   # the Triton products are compiled, whatever is cached
     try:
         for arch, dt, variant, op in itertools.product(archs, dtypes, variants, ops or tuple(DRIVERS)):
             if dt not in ARCH_LIMITS[arch].triton_dtypes:
@@ -427,6 +429,10 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
                 jobs.setdefault(job.key, job)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        if gemm_env is None:
+            os.environ.pop("DFT_KERNELS_BACKWARD_GEMM", None)
+        else:
+            os.environ["DFT_KERNELS_BACKWARD_GEMM"] = gemm_env
     return list(jobs.values())
 
 
@@ -478,10 +484,12 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def write_json(path: str, reports: list[Report]) -> None:
-    """The reports and their summary as JSON (one Triton release's cell of the matrix)."""
+def write_json(path: str, reports: list[Report], args: list[str] | None = None) -> None:
+    """The reports and their summary as JSON (one Triton release's cell of the matrix);
+    ``args``: the gate's arguments (what it covered)."""
     with open(path, "w") as f:
-        json.dump(dict(triton=_triton_version(), reports=[asdict(r) | {"problems": r.problems} for r in reports],
+        json.dump(dict(triton=_triton_version(), args=args or [],
+                       reports=[asdict(r) | {"problems": r.problems} for r in reports],
                        summary=summarise(reports)), f, indent=1)
 
 
@@ -519,6 +527,19 @@ def matrix_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _coverage(args: list[str]) -> str:
+    """The gate arguments that say what was compiled (not --arch, --jobs, --json)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--arch", "--jobs", "--json"):
+            skip = True
+        elif not a.startswith(("--arch=", "--jobs=", "--json=")):
+            out.append(a)
+    return " ".join(out)
+
+
 def write_matrix(out: str, paths: list[str]) -> None:
     """Merge the ``--json`` files of several Triton releases into one markdown table."""
     results = []
@@ -531,6 +552,10 @@ def write_matrix(out: str, paths: list[str]) -> None:
             "missing tensor cores, i32 index*stride product, compile error), worst spill bytes, registers and "
             "shared memory, i32 products found, tensor-core instructions in the PTX.", "",
             format_table(matrix_rows(results), MATRIX_COLUMNS), ""]
+    runs = sorted({(r.get("triton", "?"), _coverage(r.get("args", []))) for r in results if r.get("summary")})
+    text += ["Gate arguments per release (beyond one `--arch` per run; none: the default set, every op, "
+             "bf16 / fp16 / fp32, the heaviest and the most common option combination):", ""]
+    text += [f"- {v}: `{a or '(default)'}`" for v, a in runs] + [""]
     with open(out, "w") as f:
         f.write("\n".join(text))
 
@@ -569,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summarise(reports), ["kernel", "dtype", "arch", "compiles", "regs", "spills", "smem",
                                             "depth", "tensor_cores", "i32", "failures"]))
     if a.json:
-        write_json(a.json, reports)
+        write_json(a.json, reports, list(sys.argv[1:] if argv is None else argv))
     bad = [(r, why) for r in reports for why in r.problems]
     for r, why in bad:
         print(f"FAIL {r.kernel} {r.dtype} {r.arch} {r.variant}: {why}", file=sys.stderr)

@@ -133,7 +133,10 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
         return run_triton(*inputs)
     if state == "failed":
         return run_torch(*inputs)
-    reason = preflight(device, dtype)
+    try:
+        reason = preflight(device, dtype)
+    except Exception as exc:  # noqa: BLE001 - e.g. a triton that does not import
+        reason = _cause(exc)
     if reason is not None:
         _fail(key, device, op, reason)
         return run_torch(*inputs)

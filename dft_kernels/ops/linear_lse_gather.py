@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (active_first, merge_duplicate_ids, partial_rows, row_activity, sorted_slots, tile_operand,
-                      unpermute)
+from ._common import (active_first, block_rows, merge_duplicate_ids, partial_rows, row_activity, sorted_slots,
+                      tile_operand, unpermute)
 from .linear_config import FusedConfig, fused_config
+from ..memory import GATHER_BYTES
 from .linear_lse_gather_products import check_backward_gemm, slab_backward
 from ._triton_common import _cast, _dot, _no_term_lse, _tanh, _tile_coords, _tile_ids, target_capability
 
@@ -301,7 +302,7 @@ def _check(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torc
 def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
                               scales: tuple[float, ...], softcap: float | None, tail_slots: int = 0,
                               config: FusedConfig | None = None, active: torch.Tensor | None = None,
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``lse`` [N, T (+1)] fp32 and ``gathered`` [N, M] fp32 for logits ``h @ w.T + b``.
 
     With ``tail_slots > 0`` the extra last lse column is the log-sum-exp at ``scales[-1]``
@@ -310,7 +311,10 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     block of ``BLOCK_N`` such rows does no matmul work (the autograd function orders
     the rows active-first so that they form whole blocks).
     ``config``: the launch config (None: ``fused_config`` for the device).
-    ``active``: int32 [N] row activity (None: :func:`row_activity` of ``index``)."""
+    ``active``: int32 [N] row activity (None: :func:`row_activity` of ``index``).
+    ``order``: int64 [N] or None: row i of the problem (of ``index``, ``active`` and the
+    outputs) is row ``order[i]`` of ``h``, gathered one bounded block of rows at a time
+    (no [N, D] copy)."""
     _check(h, w, b, index)
     N, D = h.shape
     V = w.shape[0]
@@ -330,17 +334,21 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
-    f = cfg.fwd
+    f, g = cfg.fwd, cfg.gather
     n_vb = triton.cdiv(V, f.BLOCK_V)
-    # per-tile partials for a bounded block of rows at a time: extra memory independent of N
+    # a bounded block of rows at a time: per-tile partials and the block's rows of h (in
+    # ``order``), so that no buffer grows with N
     n_block = partial_rows(N, n_lse * n_vb, f.BLOCK_N)
+    if order is not None:
+        n_block = min(n_block, max(f.BLOCK_N, GATHER_BYTES // (D * h.element_size()) // f.BLOCK_N * f.BLOCK_N))
     part = torch.empty((n_block, n_lse, n_vb), dtype=torch.float32, device=dev)
     slots = _slot_list(index, V, tail_slots)
     for r0 in range(0, N, n_block):
         n = min(n_block, N - r0)
+        hb = block_rows(h, order, r0, n)
         rows_slots = slots[r0:] if tail_slots else slots
         _lse_tile_kernel[(triton.cdiv(n, f.BLOCK_N) * n_vb,)](
-            h[r0:], h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
+            hb, hb.stride(0), hb.stride(1), w, w.stride(0), w.stride(1), bias,
             part, part.stride(0), part.stride(1), active[r0:],
             rows_slots, rows_slots.stride(0), tail_slots, int(tail_slots).bit_length(),
             n, V, D, sa, sb, cap,
@@ -350,18 +358,18 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
             **f.launch_options(),
         )
         torch.logsumexp(part[:n], dim=-1, out=lse[r0:r0 + n])
+        if M > 0:
+            rows_index, rows_out = index[r0:], gathered[r0:]
+            _indexed_dot_kernel[(n,)](
+                hb, hb.stride(0), hb.stride(1), w, w.stride(0), w.stride(1), bias,
+                rows_index, rows_index.stride(0), rows_out, rows_out.stride(0),
+                V, D, M, cap,
+                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
+                BLOCK_M=g.BLOCK_M, BLOCK_D=g.BLOCK_D, num_warps=g.num_warps,
+            )
+        del hb
     del part
     lse.masked_fill_(active[:, None] == 0, 0.0)
-
-    if M > 0:
-        g = cfg.gather
-        _indexed_dot_kernel[(N,)](
-            h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
-            index, index.stride(0), gathered, gathered.stride(0),
-            V, D, M, cap,
-            HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK_M=g.BLOCK_M, BLOCK_D=g.BLOCK_D, num_warps=g.num_warps,
-        )
     return lse, gathered
 
 
@@ -417,11 +425,14 @@ def _sum_by_id(ids: torch.Tensor, vals: torch.Tensor, V: int) -> torch.Tensor:
 
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
                                need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0,
-                               config: FusedConfig | None = None, active: torch.Tensor | None = None):
+                               config: FusedConfig | None = None, active: torch.Tensor | None = None,
+                               order: torch.Tensor | None = None):
     """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed.
-    ``config``: the launch config (None: ``fused_config`` for the device); ``active``:
-    as in :func:`linear_lse_gather_forward`. Rows that do not count get zero gradient and,
-    with no upstream gradient either, a block of them does no matmul work."""
+    ``config``: the launch config (None: ``fused_config`` for the device); ``active``,
+    ``order``: as in :func:`linear_lse_gather_forward` (``index``, ``lse``, ... and the
+    upstream gradients in the problem's row order; ``dh`` comes back in ``h``'s). Rows that
+    do not count get zero gradient and, with no upstream gradient either, a block of them
+    does no matmul work."""
     N, D = h.shape
     V = w.shape[0]
     M = index.shape[1]
@@ -453,14 +464,17 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     store_dz = need_h or need_w
     zc, fx = cfg.dz, cfg.fix
 
-    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols):
+    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols, h_rows):
+        # the chunk's rows: h_rows holds them from its row 0, the per-row tensors from row r0
         grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
+        lse_r, g_r, act_r = lse[r0:], g_lse[r0:], active[r0:]
+        slots_r = slots[r0:] if tail_slots else slots
         _dz_tile_kernel[grid](
-            h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), bias,
-            lse, lse.stride(0), g_lse, g_lse.stride(0), active,
+            h_rows, h_rows.stride(0), h_rows.stride(1), w, w.stride(0), w.stride(1), bias,
+            lse_r, lse_r.stride(0), g_r, g_r.stride(0), act_r,
             dz, dz.stride(0), dbp, dbp.stride(0),
-            slots, slots.stride(0), tail_slots, int(tail_slots).bit_length(),
-            r0, n_rows, v0, n_cols, D, sa, sb, cap,
+            slots_r, slots_r.stride(0), tail_slots, int(tail_slots).bit_length(),
+            0, n_rows, v0, n_cols, D, sa, sb, cap,
             HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, TWO_SCALES=two, HAS_TAIL=tail_slots > 0,
             STORE_DZ=store_dz, STORE_DB=need_b,
             IEEE=ieee, INTERP_BF16=interp_bf16, EVEN_D=D % zc.BLOCK_D == 0,
@@ -474,7 +488,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
             )
 
     dh, dw, db32 = slab_backward(h, w, need_h, need_w, need_b, accum_fp32, active, zc, cfg.gemm, products,
-                                 ieee, interp_bf16, fill_slab)
+                                 ieee, interp_bf16, fill_slab, order=order)
     db = None
     if need_b:
         if sparse:
@@ -498,12 +512,13 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None):
         tail_slots = min(int(tail_slots or 0), index.shape[1])
         # rows that count first, so that the rows that do not form whole tiles the
-        # kernels skip (device-side: no host sync)
+        # kernels skip (device-side: no host sync); h stays where it is: the kernels get
+        # its rows in that order one bounded block at a time
         order, active = active_first(index, w.shape[0])
         w = tile_operand(w)
-        h = h.index_select(0, order)
         index = index.index_select(0, order).contiguous()
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config, active)
+        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config, active,
+                                                  order)
         ctx.save_for_backward(h, w, b, index, lse, gathered, order, active)
         ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
         ctx.config = config
@@ -516,7 +531,5 @@ class LinearLSEGatherTriton(torch.autograd.Function):
         dh, dw, db = linear_lse_gather_backward(
             h, w, b, index, ctx.scales, ctx.softcap, lse, gathered,
             g_lse.index_select(0, order), g_gathered.index_select(0, order),
-            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active)
-        if dh is not None:
-            dh = unpermute(dh, order)
+            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active, order)
         return dh, dw, db, None, None, None, None, None, None

@@ -19,12 +19,12 @@ import os
 import torch
 import triton
 
+from ._common import block_rows
 from ._gemm import _dh_gemm_kernel, _dw_gemm_kernel
 
-#: Byte budget of the backward dz slab buffer ([Nc, Vs] in the input dtype).
-SLAB_BYTES = 64 << 20
-#: Byte budget of the fp32 dH accumulator ([Nc, D]) before rows are chunked.
-ACC_BYTES = 128 << 20
+# Byte budgets of the dz slab buffer ([Nc, Vs] in the input dtype) and of the fp32 dH
+# accumulator ([Nc, D]) before rows are chunked: the memory model's (memory.py)
+from ..memory import ACC_BYTES, SLAB_BYTES, backward_chunking
 #: Slab widths and chunk heights are rounded to multiples of this (efficiency only).
 ALIGN = 256
 #: the values of ``FusedConfig.backward_gemm``
@@ -120,35 +120,29 @@ def dh_product(backend: str, gemm, dz: torch.Tensor, w_slab: torch.Tensor, out_h
 
 
 def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tuple[int, int]:
-    """Rows per backward chunk and columns per slab (docs/fused_path.md, memory model)."""
-    if sep_h:
-        budget_rows = ACC_BYTES // (4 * D)
-    else:
-        budget_rows = SLAB_BYTES // (elt * 4 * ALIGN)
-    budget_rows = max(ALIGN, budget_rows // ALIGN * ALIGN)
-    if N <= budget_rows or (sep_w and N <= V):
-        n_chunk = N
-    else:
-        n_chunk = budget_rows
-    v_round = triton.cdiv(V, ALIGN) * ALIGN
-    n_slab = SLAB_BYTES // (elt * max(n_chunk, 1)) // ALIGN * ALIGN
-    n_slab = min(max(n_slab, ALIGN), v_round)
-    return n_chunk, n_slab
+    """Rows per backward chunk and columns per slab: ``memory.backward_chunking`` with this
+    module's budgets (which tests shrink)."""
+    return backward_chunking(N, V, D, elt, sep_h, sep_w, slab_bytes=SLAB_BYTES, acc_bytes=ACC_BYTES, align=ALIGN)
 
 
 def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool,
-                  active: torch.Tensor, dz_tile, gemm, products: str, ieee: bool, interp_bf16: bool, fill_slab):
+                  active: torch.Tensor, dz_tile, gemm, products: str, ieee: bool, interp_bf16: bool, fill_slab,
+                  order: torch.Tensor | None = None):
     """The backward's slab loop (docs/fused_path.md), shared by every loss whose gradient
     w.r.t. the logits ``h @ w.T + b`` is recomputed tile by tile.
 
-    Per (row chunk, vocab slab), ``fill_slab(dz, dbp, r0, n_rows, v0, n_cols)`` writes the
-    slab's dz (rows ``r0:r0 + n_rows`` x columns ``v0:v0 + n_cols`` at slab coordinates)
-    and, with ``need_b``, per ``dz_tile.BLOCK_N`` row block the column sums into ``dbp``;
+    Per (row chunk, vocab slab), ``fill_slab(dz, dbp, r0, n_rows, v0, n_cols, h_rows)`` writes
+    the slab's dz (rows ``r0:r0 + n_rows`` x columns ``v0:v0 + n_cols`` at slab coordinates;
+    ``h_rows`` [n_rows, D]: those rows of h) and, with ``need_b``, per ``dz_tile.BLOCK_N``
+    row block the column sums into ``dbp``;
     then ``dW[slab] += dz.T @ h`` and ``dH += dz @ W[slab]`` (``products``: "triton" or
     "torch"), fp32 accumulation for 16-bit inputs with ``accum_fp32``, no atomics;
     ``ieee`` / ``interp_bf16``: the products' dot flags (ops/_triton_common.py).
     ``active``: int32 [N] rows with upstream gradient (their token blocks; the others skip
-    their matmul work). Returns ``dh``, ``dw`` (input dtypes) and ``db`` fp32 [V], None
+    their matmul work). ``order``: int64 [N] or None: row i of the problem (of ``active``
+    and of what ``fill_slab`` reads) is row ``order[i]`` of ``h``; each chunk's rows of h
+    are gathered in that order and its dH rows written back to ``order`` (no [N, D] copy).
+    Returns ``dh`` (in ``h``'s row order), ``dw`` (input dtypes) and ``db`` fp32 [V], None
     where not needed."""
     N, D = h.shape
     V = w.shape[0]
@@ -168,7 +162,11 @@ def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, 
     if need_w:
         dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (accum_fp32 and low and n_chunks > 1) \
             else dw
-    dh_acc = torch.empty((n_chunk, D), dtype=torch.float32, device=dev) if sep_h else None
+    # dH of a chunk before it reaches dh: fp32 for 16-bit inputs, or in the input dtype when
+    # it goes back through ``order``
+    dh_acc = None
+    if sep_h or (need_h and order is not None):
+        dh_acc = torch.empty((n_chunk, D), dtype=torch.float32 if sep_h else h.dtype, device=dev)
     # unused buffers are passed as a placeholder pointer (their stores are compiled out)
     dz = torch.empty((n_chunk, n_slab), dtype=h.dtype, device=dev) if (need_h or need_w) else active
     dbp = torch.empty((triton.cdiv(n_chunk, dz_tile.BLOCK_N), n_slab), dtype=torch.float32, device=dev) \
@@ -185,18 +183,23 @@ def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, 
             pad[:n_rows] = active[r0:r0 + n_rows]
             blk_on = pad.view(nb, bk).amax(1)
             count = (blk_on * torch.arange(1, nb + 1, dtype=torch.int32, device=dev)).amax().reshape(1)
-        out_h = (dh_acc if sep_h else dh[r0:]) if need_h else None
+        h_rows = block_rows(h, order, r0, n_rows)
+        out_h = (dh[r0:] if dh_acc is None else dh_acc) if need_h else None
         for s, v0 in enumerate(range(0, V, n_slab)):
             n_cols = min(n_slab, V - v0)
-            fill_slab(dz, dbp, r0, n_rows, v0, n_cols)
+            fill_slab(dz, dbp, r0, n_rows, v0, n_cols, h_rows)
             if need_b:
                 db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, dz_tile.BLOCK_N), :n_cols].sum(0)
             if need_w:
-                dw_product(products, gemm, dz, h[r0:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
+                dw_product(products, gemm, dz, h_rows, dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
             if need_h:
                 dh_product(products, gemm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
-        if sep_h:
-            dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
+        del h_rows
+        if need_h and dh_acc is not None:
+            if order is None:
+                dh[r0:r0 + n_rows].copy_(dh_acc[:n_rows])
+            else:
+                dh.index_copy_(0, order[r0:r0 + n_rows], dh_acc[:n_rows].to(dh.dtype))
     if need_w and dw_acc is not dw:
         dw.copy_(dw_acc)
     return dh, dw, db32

@@ -348,7 +348,8 @@ def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: st
     aux = aux.float().contiguous()
     active = g_div.ne(0).to(torch.int32)
 
-    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols):
+    def fill_slab(dz, dbp, r0, n_rows, v0, n_cols, h_rows):
+        del h_rows      # the kernel reads the student's rows from r0 on itself (no row order here)
         grid = (triton.cdiv(n_rows, zc.BLOCK_N) * triton.cdiv(n_cols, zc.BLOCK_V),)
         _two_head_dz_kernel[grid](
             *sargs, *targs, lse, lse.stride(0), aux, g_div, active, dz, dz.stride(0), dbp, dbp.stride(0),

@@ -4,7 +4,8 @@ building from a teacher over a dataset, the on-disk store and its summary.
 - ``container``: :class:`SparseTargets` (validate, pad / truncate, retemper,
   from_logits, from_vllm_prompt_logprobs, save / load)
 - ``blending``: :func:`blend`, the per-position mixture of several teachers
-- ``store``: atomic shard files, their headers and hashes, the manifest
+- ``store``: atomic shard files, their headers and hashes, the manifest, the one
+  resumable shard-directory writer (``ShardDirWriter``) of ``build`` and ``blend_dirs``
 - ``building``: :func:`build`, a teacher's targets over a dataset, resumable
 - ``inspection``: :func:`inspect`, a summary of a build directory
 """

@@ -1,7 +1,6 @@
 """Blend several teachers' sparse targets into one mixture per position."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,7 @@ import torch
 from ..ops._common import SLOT_SENTINEL, merge_duplicate_ids
 from ..validation import compute_dtype
 from .container import SparseTargets, _check_k, _dtype_name
-from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, previous_manifest, read_manifest,
-                    read_shard, shard_name, write_shard)
+from .store import SHARD_FORMAT, ShardDirWriter, read_manifest, read_shard
 
 # --------------------------------------------------------------------------- blend
 
@@ -193,6 +191,35 @@ def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, descri
         ``out_dir`` raises ValueError.
     """
     dirs = [Path(d) for d in targets_dirs]
+    mans, w = _read_sources(dirs, weights)
+    params = _blend_params(dirs, mans, w, k)
+    out = Path(out_dir)
+    if out.resolve() in {d.resolve() for d in dirs}:
+        raise ValueError(f"out_dir {str(out)!r} is one of the inputs: write the blend to a new directory")
+    info = {key: val for key, val in (("name", name), ("description", description)) if val is not None}
+    writer = ShardDirWriter(out, params, info=info, noun="blend")
+    dtype = getattr(torch, params["dtype"])
+
+    from tqdm.auto import tqdm
+    for s in tqdm(range(len(mans[0]["shards"])), desc="blend", unit="shard", disable=not progress):
+        files = [d / m["shards"][s]["file"] for d, m in zip(dirs, mans)]
+
+        def compute(files=files):
+            parts = [read_shard(f) for f in files]
+            mix = blend([SparseTargets(t["index"], t["logprobs"], meta) for t, meta in parts], w, params["k"])
+            t0, m0 = parts[0]
+            seqs = list(torch.split(t0["input_ids"], t0["lengths"].tolist()))
+            extra = {key: m0[key] for key in ("first_sequence", "n_sequences", "n_positions", "input_ids_sha256")}
+            return mix.index, mix.logprobs.to(dtype), seqs, extra
+
+        writer.shard({"shard": s, "sources_data_sha256": [m["shards"][s]["data_sha256"] for m in mans]}, compute)
+    return writer.finish()
+
+
+def _read_sources(dirs: list[Path], weights) -> tuple[list[dict], list[float]]:
+    """The manifests of the blend's sources and the checked weights; ValueError (naming both
+    sides) unless every source is complete, all cover the same examples in the same shard
+    layout and none holds sampled / hybrid targets."""
     if len(dirs) < 2:
         raise ValueError(f"targets_dirs has {len(dirs)} directory; blend needs two or more")
     mans = [read_manifest(d) for d in dirs]
@@ -217,6 +244,13 @@ def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, descri
                              "a 'blend' kind, which would drop sampled slots and lose that (docs/design.md sec. "
                              "12); blend them in memory with blend(), which keeps every slot, or build top-k "
                              "targets to blend on disk")
+    return mans, w
+
+
+def _blend_params(dirs: list[Path], mans: list[dict], w: list[float], k) -> dict:
+    """What every output shard and the manifest record, and a resume must match: the K
+    (default: the largest input K), the widest storage dtype, the weighted sources and the
+    metadata they share."""
     kout = max(int(m["k"]) for m in mans) if k is None else _check_k(k)
     vocab = mans[0].get("vocab_size")
     if isinstance(vocab, int) and kout > vocab:
@@ -226,56 +260,8 @@ def blend_dirs(targets_dirs, weights=None, *, out_dir, k=None, name=None, descri
         dtype = _dtype_name(torch.promote_types(getattr(torch, dtype), getattr(torch, m["dtype"])))
     sources = [{"dir": str(d), "name": m.get("name"), "teacher": m.get("teacher"), "weight": float(wi)}
                for d, m, wi in zip(dirs, mans, w)]
-    params = {"format": SHARD_FORMAT, "kind": "blend", "teacher": " + ".join(
-              f"{s['weight']:g} * {s['name'] or s['teacher']}" for s in sources),
-              "vocab_size": vocab, "k": kout, "dtype": dtype, "shard_size": mans[0].get("shard_size"),
-              "temperature": mans[0].get("temperature") if len({m.get("temperature") for m in mans}) == 1 else None,
-              "sources": sources, **_shared_metadata(mans)}
-    out = Path(out_dir)
-    if out.resolve() in {d.resolve() for d in dirs}:
-        raise ValueError(f"out_dir {str(out)!r} is one of the inputs: write the blend to a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(_TMP_PREFIX + "*"):
-        stale.unlink(missing_ok=True)
-    mpath = out / MANIFEST
-    old = previous_manifest(out)
-    for key, val in params.items():
-        if key in old and old[key] != val:
-            raise ValueError(f"out_dir {str(out)!r} holds another blend ({key}={old[key]!r}, this one has "
-                             f"{val!r}): use a new out_dir (or delete the old one)")
-    info = {key: val for key, val in (("name", name), ("description", description)) if val is not None}
-    entries: list[dict] = []
-
-    def write_manifest(complete: bool) -> dict:
-        man = dict(params, **info, complete=complete, shards=entries,
-                   n_sequences=sum(e["n_sequences"] for e in entries),
-                   n_positions=sum(e["n_positions"] for e in entries))
-        atomic_write(mpath, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
-        return man
-
-    from tqdm.auto import tqdm
-    for s in tqdm(range(len(mans[0]["shards"])), desc="blend", unit="shard", disable=not progress):
-        files = [d / m["shards"][s]["file"] for d, m in zip(dirs, mans)]
-        want = {"shard": s, "sources_data_sha256": [m["shards"][s]["data_sha256"] for m in mans]}
-        path = out / shard_name(s)
-        done = None
-        if path.exists():
-            try:
-                _, old_meta = read_shard(path)
-                if all(old_meta.get(key) == val for key, val in {**params, **want}.items()):
-                    done = old_meta
-            except (ValueError, FileNotFoundError):
-                done = None
-        if done is None:
-            parts = [read_shard(f) for f in files]
-            mix = blend([SparseTargets(t["index"], t["logprobs"], meta) for t, meta in parts], w, kout)
-            t0, m0 = parts[0]
-            seqs = list(torch.split(t0["input_ids"], t0["lengths"].tolist()))
-            meta = dict(params, **want, first_sequence=m0["first_sequence"], n_sequences=m0["n_sequences"],
-                        n_positions=m0["n_positions"], input_ids_sha256=m0["input_ids_sha256"])
-            done = write_shard(path, index=mix.index, logprobs=mix.logprobs.to(getattr(torch, dtype)),
-                               seqs=seqs, meta=meta)
-        entries.append({key: done[key] for key in ("first_sequence", "n_sequences", "n_positions",
-                                                   "input_ids_sha256", "data_sha256")} | {"file": path.name})
-        write_manifest(complete=False)
-    return write_manifest(complete=True)
+    return {"format": SHARD_FORMAT, "kind": "blend", "teacher": " + ".join(
+            f"{s['weight']:g} * {s['name'] or s['teacher']}" for s in sources),
+            "vocab_size": vocab, "k": kout, "dtype": dtype, "shard_size": mans[0].get("shard_size"),
+            "temperature": mans[0].get("temperature") if len({m.get("temperature") for m in mans}) == 1 else None,
+            "sources": sources, **_shared_metadata(mans)}

@@ -2,18 +2,18 @@
 its [N, V] logits: chunked top-K per shard, resumable, atomic shards + manifest."""
 from __future__ import annotations
 
-import json
 import os
 import sys
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from ..lm_head import logit_transforms, run_capturing_hidden
 from .container import _check_k, _check_positive, _dtype_name, resolve_dtype
-from .store import (MANIFEST, SHARD_FORMAT, _TMP_PREFIX, atomic_write, fingerprint_tokenizer, input_ids_sha256,
-                    model_fingerprints, previous_manifest, read_shard, shard_name, write_shard)
+from .store import SHARD_FORMAT, ShardDirWriter, fingerprint_tokenizer, input_ids_sha256, model_fingerprints
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -92,7 +92,7 @@ def _iter_sequences(batches):
 
 
 class _Teacher:
-    """The pieces of a HF causal LM the build needs: decoder, lm_head, logit transforms."""
+    """The pieces of a HF causal LM the build needs: the model, its lm_head, logit transforms."""
 
     def __init__(self, model, name=None):
         if isinstance(model, (str, os.PathLike)):
@@ -104,24 +104,11 @@ class _Teacher:
             raise TypeError(f"teacher must be a Hugging Face causal LM (torch module) or a model path, "
                             f"got {type(model).__name__}")
         self.model = model
-        decoder = None
-        if hasattr(model, "get_decoder"):
-            try:
-                decoder = model.get_decoder()
-            except (AttributeError, NotImplementedError):
-                decoder = None
-        if decoder is None or decoder is model:
-            decoder = getattr(model, "model", None)
-            if decoder is None:
-                decoder = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if decoder is None or head is None or getattr(head, "weight", None) is None:
-            raise TypeError("teacher must be a Hugging Face causal LM with a decoder (model.model / "
-                            "get_decoder()) and an lm_head (get_output_embeddings())")
-        self.decoder = decoder
-        self.weight = head.weight
+        if head is None or getattr(head, "weight", None) is None:
+            raise TypeError("teacher must be a Hugging Face causal LM with an lm_head (get_output_embeddings())")
+        self.head, self.weight = head, head.weight
         # what the model's own forward does to lm_head's output, read as the student's patch reads it
-        from ..hf.transforms import logit_transforms
         self.softcap, scale, self.bias = logit_transforms(model)
         self.scale = float(scale)
         cfg = getattr(model, "config", None)
@@ -131,6 +118,21 @@ class _Teacher:
         self.device = emb.weight.device if emb is not None else self.weight.device
         self.name = name or getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) \
             or type(model).__name__
+
+    def hidden(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        """The lm_head's input [n, D] at every position of the non-empty ``seqs`` (concatenated,
+        in order), run as one right-padded batch and captured as the online teacher captures it."""
+        live = [s for s in seqs if len(s)]
+        T = max(len(s) for s in live)
+        ids = torch.zeros(len(live), T, dtype=torch.long)
+        mask = torch.zeros(len(live), T, dtype=torch.long)
+        for j, s in enumerate(live):
+            ids[j, :len(s)] = s
+            mask[j, :len(s)] = 1
+        kw = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        _, hidden = run_capturing_hidden(lambda: self.model(**kw), self.head, who=type(self.model).__name__,
+                                         fix="targets build needs a causal LM that applies its lm_head once")
+        return hidden[mask.to(hidden.device).bool()].to(self.weight.device)
 
     @torch.inference_mode()
     def topk(self, seqs: list[torch.Tensor], k: int, temperature: float, chunk_vocab: int,
@@ -143,17 +145,7 @@ class _Teacher:
             k = k + sampling[0]
         if n == 0:
             return torch.empty(0, k, dtype=torch.int32), torch.empty(0, k)
-        live = [s for s in seqs if len(s)]
-        T = max(len(s) for s in live)
-        ids = torch.zeros(len(live), T, dtype=torch.long)
-        mask = torch.zeros(len(live), T, dtype=torch.long)
-        for j, s in enumerate(live):
-            ids[j, :len(s)] = s
-            mask[j, :len(s)] = 1
-        out = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        h = hidden[mask.to(hidden.device).bool()].to(self.weight.device)  # [n, D], sequences in order
-        del out, hidden
+        h = self.hidden(seqs)
         if sampling is not None:
             return _sampled_targets(self, h, k - sampling[0], temperature, lengths, *sampling)
         index = torch.empty(n, k, dtype=torch.int32)
@@ -199,11 +191,14 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
           description: str | None = None, samples: int = 0, seed: int = 0) -> dict:
     """Run ``teacher`` over ``batches`` and store its top-``k`` log-probs as shards.
 
-    ``teacher``: a Hugging Face causal LM (or a local model path). Its decoder gives
-    the last hidden state; the logits are formed one [rows, chunk_vocab] tile at a
-    time from ``get_output_embeddings()`` (the model's Gemma-2
-    ``final_logit_softcapping``, Cohere ``logit_scale`` and Granite
-    ``logits_scaling`` honoured, read by ``dft_kernels.hf.transforms`` as for the
+    ``teacher``: a Hugging Face causal LM (or a local model path). Its own forward runs
+    with its lm_head (``get_output_embeddings()``) fed one row only, and the head's input
+    -- the final hidden states, after whatever the forward does between the decoder and
+    the head -- is captured by the same hook as the online teacher's and the student's
+    (``dft_kernels.lm_head``), so offline and online targets are the same. The logits are
+    formed one [rows, chunk_vocab] tile at a time from the head's weight (the model's
+    Gemma-2 ``final_logit_softcapping``, Cohere ``logit_scale`` and Granite
+    ``logits_scaling`` honoured, read by ``dft_kernels.lm_head`` as for the
     student, then divided by ``temperature``; matmul in the
     teacher's dtype, as its own forward does, the rest in fp32) with a running top-k and a running
     log-sum-exp, so the log-probs are normalised over the full vocab and the
@@ -241,7 +236,53 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
 
     Returns:
         the manifest dict. ValueError when ``batches`` hold no sequence."""
-    from .sampling import check_sampling, sampling_metadata
+    run = _settings(k, temperature, shard_size, chunk_vocab, chunk_rows, dtype, samples, seed)
+    if out_dir is None:
+        raise ValueError("out_dir is required: the directory the shards and manifest.json go to")
+    tm = _Teacher(teacher, teacher_name)
+    if run.k > tm.vocab_size:
+        raise ValueError(f"k={run.k} is larger than the teacher's vocab size {tm.vocab_size}")
+    fingerprints = _fingerprints(tm, teacher, tokenizer)
+    writer = ShardDirWriter(
+        out_dir, _manifest_params(tm, run, fingerprints),
+        info={"name": name, "description": description, "teacher_weights_sha256": fingerprints["weights"],
+              "teacher_config_sha256": fingerprints["config"]},
+        hints={"teacher": "; pass teacher_name= to keep the old name"},
+        check=lambda old: _check_same_teacher(old, fingerprints, Path(out_dir)))
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="seq", desc="teacher top-k", disable=not progress, dynamic_ncols=True)
+    was_training = tm.model.training
+    tm.model.eval()
+    try:
+        for s, buf in enumerate(_shards(batches, run.shard_size, tm.input_vocab)):
+            _build_shard(writer, tm, run, s, buf, bar)
+    finally:
+        tm.model.train(was_training)
+        bar.close()
+    man = writer.finish()
+    if progress:
+        print(f"targets: {writer.written} shard(s) computed, {writer.kept} already on disk verified and "
+              f"kept (resumed) in {str(writer.out)!r}", file=sys.stderr)
+    return man
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of :func:`build` that decide what a shard holds."""
+    k: int                 # exact top-k slots
+    samples: int           # sampled slots on top (0: plain top-k)
+    seed: int
+    temperature: float
+    shard_size: int
+    chunk_vocab: int
+    chunk_rows: int
+    dtype: torch.dtype     # storage dtype of the log-probs
+
+
+def _settings(k, temperature, shard_size, chunk_vocab, chunk_rows, dtype, samples, seed) -> _Settings:
+    """:func:`build`'s arguments checked (ValueError / TypeError naming the bad one)."""
+    from .sampling import check_sampling
     k, samples = check_sampling(k, samples)
     k = _check_k(k) if not samples else k
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
@@ -253,114 +294,66 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
     dtype = resolve_dtype(dtype)
     if dtype == torch.float64:
         raise TypeError("dtype=torch.float64 is not a storage dtype; use float16, bfloat16 or float32")
-    if out_dir is None:
-        raise ValueError("out_dir is required: the directory the shards and manifest.json go to")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(_TMP_PREFIX + "*"):  # leftovers of a crash mid-write
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    tm = _Teacher(teacher, teacher_name)
-    if k > tm.vocab_size:
-        raise ValueError(f"k={k} is larger than the teacher's vocab size {tm.vocab_size}")
+    return _Settings(k, samples, int(seed), temperature, shard_size, chunk_vocab, chunk_rows, dtype)
 
-    params = {"format": SHARD_FORMAT, "teacher": str(tm.name), "vocab_size": tm.vocab_size, "k": k,
-              "temperature": temperature, "dtype": _dtype_name(dtype), "shard_size": shard_size}
-    if samples:  # K = k + samples slots; "topk" = the exact ones
-        params.update(sampling_metadata(k, samples, int(seed), temperature), k=k + samples)
-    fingerprints = _fingerprints(tm, teacher, tokenizer)
+
+def _manifest_params(tm: _Teacher, run: _Settings, fingerprints: dict) -> dict:
+    """What every shard and the manifest record, and a resume must match."""
+    from .sampling import sampling_metadata
+    params = {"format": SHARD_FORMAT, "teacher": str(tm.name), "vocab_size": tm.vocab_size, "k": run.k,
+              "temperature": run.temperature, "dtype": _dtype_name(run.dtype), "shard_size": run.shard_size}
+    if run.samples:  # K = k + samples slots; "topk" = the exact ones
+        params.update(sampling_metadata(run.k, run.samples, run.seed, run.temperature), k=run.k + run.samples)
     params.update(teacher_fingerprint=fingerprints["teacher_fingerprint"],
                   tokenizer_fingerprint=fingerprints["tokenizer_fingerprint"])
-    described = {"name": name, "description": description, "teacher_weights_sha256": fingerprints["weights"],
-                 "teacher_config_sha256": fingerprints["config"]}
-    mpath = out / MANIFEST
-    old = previous_manifest(out)
-    _check_same_teacher(old, fingerprints, out)
-    for key, val in params.items():
-        if key in old and old[key] != val:
-            raise ValueError(f"out_dir {str(out)!r} holds targets built with {key}={old[key]!r}, this build "
-                             f"has {key}={val!r}: use a new out_dir (or delete the old one)"
-                             + ("; pass teacher_name= to keep the old name" if key == "teacher" else ""))
+    return params
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, unit="seq", desc="teacher top-k", disable=not progress, dynamic_ncols=True)
 
-    entries: list[dict] = []
-    stats = {"n_sequences": 0, "n_positions": 0, "written": 0, "kept": 0}
+def _shards(batches, shard_size: int, input_vocab: int):
+    """``batches`` as lists of ``shard_size`` ``(batch number, sequence)`` pairs (the last one
+    shorter), each yielded as soon as it is full; ValueError on an id outside the teacher's
+    input vocab or when there is no sequence at all."""
+    buf: list[tuple[int, torch.Tensor]] = []
+    yielded = False
+    for b, s in _iter_sequences(batches):
+        if int(s.numel()) and (int(s.min()) < 0 or int(s.max()) >= input_vocab):
+            raise ValueError(f"batches[{b}] holds token id {int(s.max()) if int(s.min()) >= 0 else int(s.min())}"
+                             f" outside the teacher's vocab [0, {input_vocab}): wrong tokenizer?")
+        buf.append((b, s))
+        if len(buf) == shard_size:
+            yield buf
+            buf, yielded = [], True
+    if not buf and not yielded:
+        raise ValueError("batches held no sequences (an empty dataset?): nothing to build targets for")
+    if buf:
+        yield buf
 
-    def write_manifest(complete: bool):
-        man = dict(params, **described)
-        man.update(complete=complete, n_sequences=stats["n_sequences"], n_positions=stats["n_positions"],
-                   shards=entries)
-        atomic_write(mpath, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
-        return man
 
-    def finish_shard(buf: list[tuple[int, torch.Tensor]]):
-        s = len(entries)
-        seqs = [x for _, x in buf]
-        path = out / shard_name(s)
-        meta = dict(params, shard=s, first_sequence=s * shard_size, n_sequences=len(seqs),
-                    n_positions=sum(len(x) for x in seqs), input_ids_sha256=input_ids_sha256(seqs))
-        done = None
-        if path.exists():
-            try:
-                _, old_meta = read_shard(path)
-                if all(old_meta.get(key) == val for key, val in meta.items()):
-                    done = old_meta
-            except (ValueError, FileNotFoundError):
-                done = None
-        if done is None:
-            idx_parts, lp_parts = [], []
-            j = 0
-            while j < len(buf):  # the part of each user batch that falls in this shard
-                e = j
-                while e < len(buf) and buf[e][0] == buf[j][0]:
-                    e += 1
-                i, lp = tm.topk(seqs[j:e], k, temperature, chunk_vocab, chunk_rows,
-                                (samples, int(seed), s * shard_size + j) if samples else None)
-                idx_parts.append(i)
-                lp_parts.append(lp.to(dtype))
-                bar.update(e - j)
-                j = e
-            done = write_shard(path, index=torch.cat(idx_parts), logprobs=torch.cat(lp_parts), seqs=seqs,
-                                meta=meta)
-            stats["written"] += 1
-        else:
-            bar.update(len(seqs))
-            stats["kept"] += 1
-        entries.append({"file": path.name, "first_sequence": done["first_sequence"],
-                        "n_sequences": done["n_sequences"], "n_positions": done["n_positions"],
-                        "input_ids_sha256": done["input_ids_sha256"], "data_sha256": done["data_sha256"]})
-        stats["n_sequences"] += done["n_sequences"]
-        stats["n_positions"] += done["n_positions"]
-        write_manifest(complete=False)
+def _build_shard(writer: ShardDirWriter, tm: _Teacher, run: _Settings, s: int, buf: list, bar) -> None:
+    """Shard ``s`` (sequences ``buf``): kept when on disk and verified, else computed with the
+    teacher one user batch at a time (the part of each that falls in this shard) and written."""
+    seqs = [x for _, x in buf]
+    first = s * run.shard_size
+    expect = dict(shard=s, first_sequence=first, n_sequences=len(seqs), n_positions=sum(len(x) for x in seqs),
+                  input_ids_sha256=input_ids_sha256(seqs))
 
-    was_training = tm.model.training
-    tm.model.eval()
-    try:
-        buf: list[tuple[int, torch.Tensor]] = []
-        for b, s in _iter_sequences(batches):
-            if int(s.numel()) and (int(s.min()) < 0 or int(s.max()) >= tm.input_vocab):
-                raise ValueError(f"batches[{b}] holds token id {int(s.max()) if int(s.min()) >= 0 else int(s.min())}"
-                                 f" outside the teacher's vocab [0, {tm.input_vocab}): wrong tokenizer?")
-            buf.append((b, s))
-            if len(buf) == shard_size:
-                finish_shard(buf)
-                buf = []
-        if not buf and not entries:
-            raise ValueError("batches held no sequences (an empty dataset?): nothing to build targets for")
-        if buf:
-            finish_shard(buf)
-    finally:
-        tm.model.train(was_training)
-        bar.close()
-    man = write_manifest(complete=True)
-    if progress:
-        print(f"targets: {stats['written']} shard(s) computed, {stats['kept']} already on disk verified and "
-              f"kept (resumed) in {str(out)!r}", file=sys.stderr)
-    return man
+    def compute():
+        idx_parts, lp_parts = [], []
+        j = 0
+        while j < len(buf):
+            e = j
+            while e < len(buf) and buf[e][0] == buf[j][0]:
+                e += 1
+            i, lp = tm.topk(seqs[j:e], run.k, run.temperature, run.chunk_vocab, run.chunk_rows,
+                            (run.samples, run.seed, first + j) if run.samples else None)
+            idx_parts.append(i)
+            lp_parts.append(lp.to(run.dtype))
+            bar.update(e - j)
+            j = e
+        return torch.cat(idx_parts), torch.cat(lp_parts), seqs, {}
+
+    if not writer.shard(expect, compute):
+        bar.update(len(seqs))
 
 
 def _fingerprints(tm: _Teacher, teacher, tokenizer) -> dict:

@@ -8,6 +8,7 @@ import torch
 from .container import SparseTargets
 from .store import check_shard_k, read_header, read_manifest, read_shard
 
+
 def inspect(targets_dir, *, bins: int = 10000) -> dict:
     """Summary of a build: positions, sequences, K, vocab, temperature, teacher, the
     target ``kind`` with ``topk`` / ``samples`` / ``seed`` (docs/design.md sec. 12; a
@@ -39,6 +40,7 @@ def inspect(targets_dir, *, bins: int = 10000) -> dict:
         p5 = min(b + 1, bins) / bins  # upper edge of the bin holding the 5th percentile
     return {"teacher": man.get("teacher"), "vocab_size": man.get("vocab_size"), "k": man.get("k"),
             "kind": man.get("kind", "topk"), "topk": man.get("topk", man.get("k")),
-            "samples": man.get("samples", 0), "seed": man.get("seed"), "temperature": man.get("temperature"), "dtype": man.get("dtype"), "complete": man.get("complete"),
+            "samples": man.get("samples", 0), "seed": man.get("seed"), "temperature": man.get("temperature"),
+            "dtype": man.get("dtype"), "complete": man.get("complete"),
             "n_shards": len(man["shards"]), "n_sequences": man.get("n_sequences"), "n_positions": count,
             "mass_mean": total / count if count else float("nan"), "mass_p5": p5}

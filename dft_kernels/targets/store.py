@@ -1,4 +1,5 @@
-"""Target files on disk: atomic writes, shard headers and hashes, the manifest.
+"""Target files on disk: atomic writes, shard headers and hashes, the manifest, and the
+one resumable shard-directory writer that ``build`` and ``blend_dirs`` share.
 
 Shard format (``shard-00000.safetensors`` ...), one JSON metadata key
 ``"dft_kernels"`` (a single key keeps the file bytes deterministic):
@@ -146,11 +147,9 @@ def input_ids_sha256(sequences: Iterable) -> str:
     return h.hexdigest()
 
 
-
-
-
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
+
 
 def write_shard(path: Path, *, index, logprobs, seqs, meta) -> dict:
     from safetensors.torch import save
@@ -196,6 +195,94 @@ def _check_shard(path: Path, meta: dict, tensors: dict, *, check_data: bool) -> 
     if check_data and _sha256_tensors(idx, lp) != meta.get("data_sha256"):
         raise shard_error(path, "index/logprobs do not match their sha256")
 
+
+# --------------------------------------------------------------------------- writing a build
+
+
+class ShardDirWriter:
+    """The one resumable writer of a shard directory, shared by ``build`` and ``blend_dirs``.
+
+    Opening it creates ``out_dir``, removes the temp files a crash mid-write left there and
+    refuses (ValueError naming the key) an earlier run's manifest recorded with other
+    ``params``. Then :meth:`shard` is called once per shard, in order: a shard already on
+    disk that verifies (every stored sha256) and was written with the same metadata is kept,
+    any other is computed and written atomically; the manifest is rewritten, atomically,
+    after every shard (``complete=False``) and by :meth:`finish` (``complete=True``).
+
+    Args:
+        out_dir: the output directory.
+        params: the settings every shard and the manifest record; a resume needs them equal.
+        info: free manifest fields (name, description, ...) that a resume may change.
+        noun: "build" or "blend", for the conflict message.
+        hints: per params key, a sentence added to its conflict message.
+        check: called with the earlier run's manifest (``{}`` if none) before ``params`` are
+            compared, to refuse it with a message of the caller's own.
+    """
+
+    def __init__(self, out_dir, params: dict, *, info: dict | None = None, noun: str = "build",
+                 hints: dict | None = None, check=None):
+        self.out = Path(out_dir)
+        self.params, self.info = dict(params), dict(info or {})
+        self.entries: list[dict] = []
+        self.written = self.kept = 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(_TMP_PREFIX + "*"):  # leftovers of a crash mid-write
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+        old = previous_manifest(self.out)
+        if check is not None:
+            check(old)
+        for key, val in self.params.items():
+            if key in old and old[key] != val:
+                held = "targets" if noun == "build" else f"another {noun}"
+                raise ValueError(f"out_dir {str(self.out)!r} holds {held} built with {key}={old[key]!r}, "
+                                 f"this {noun} has {key}={val!r}: use a new out_dir (or delete the old one)"
+                                 + (hints or {}).get(key, ""))
+
+    def _verified(self, path: Path, expect: dict) -> dict | None:
+        """The metadata of the shard at ``path`` if it verifies and records ``expect``, else None."""
+        if not path.exists():
+            return None
+        try:
+            _, meta = read_shard(path)
+        except (ValueError, FileNotFoundError):
+            return None
+        return meta if all(meta.get(key) == val for key, val in expect.items()) else None
+
+    def shard(self, expect: dict, compute) -> bool:
+        """Keep or write the next shard; returns whether it was written.
+
+        Args:
+            expect: the shard's metadata (``params`` are added) that a kept shard must record.
+            compute: ``() -> (index, logprobs, seqs, extra)``, called only when the shard is
+                written; ``extra`` adds to its metadata.
+        """
+        path = self.out / shard_name(len(self.entries))
+        expect = {**self.params, **expect}
+        done = self._verified(path, expect)
+        written = done is None
+        if written:
+            index, logprobs, seqs, extra = compute()
+            done = write_shard(path, index=index, logprobs=logprobs, seqs=seqs, meta={**expect, **extra})
+        self.written += written
+        self.kept += not written
+        self.entries.append({key: done[key] for key in ("first_sequence", "n_sequences", "n_positions",
+                                                        "input_ids_sha256", "data_sha256")} | {"file": path.name})
+        self._write_manifest(complete=False)
+        return written
+
+    def finish(self) -> dict:
+        """Write the complete manifest and return it."""
+        return self._write_manifest(complete=True)
+
+    def _write_manifest(self, complete: bool) -> dict:
+        man = dict(self.params, **self.info, complete=complete, shards=self.entries,
+                   n_sequences=sum(e["n_sequences"] for e in self.entries),
+                   n_positions=sum(e["n_positions"] for e in self.entries))
+        atomic_write(self.out / MANIFEST, (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
+        return man
 
 
 # --------------------------------------------------------------------------- reading a build

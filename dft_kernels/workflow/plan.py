@@ -58,7 +58,7 @@ def load_config(model: str) -> dict:
 
 def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None, optimizer: str = "adamw",
                 grad_ckpt: bool = False, gpu: str = "a100-80gb", dtype: str = "bf16",
-                master_weights: bool = False) -> dict:
+                master_weights: bool = False, kernels: str = "triton") -> dict:
     """Bytes of one training step.
 
     Args:
@@ -69,6 +69,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
         gpu: a key of :data:`GPUS`. dtype: weights / activations dtype, "bf16", "fp16" or "fp32".
         master_weights: an fp32 master copy of the trained weights next to the optimizer
             state (mixed precision); nothing extra with ``dtype="fp32"``.
+        kernels: the loss path's kernels, "triton" (a GPU) or "torch" (the chunked PyTorch
+            path: the CPU, ``impl="torch"``); see ``memory.loss_extra_bytes``.
     Returns:
         dict: parameter counts, bytes per part (weights, gradients, optimizer, activations with
         and without checkpointing, the loss path naive / lean / fast), totals per loss path,
@@ -98,8 +100,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     act_full = tokens * L * act_layer + tokens * D * e
     act_ckpt = tokens * L * D * e + tokens * act_layer + tokens * D * e
     act = act_ckpt if grad_ckpt else act_full
-    loss = {s: loss_extra_bytes(s, n_rows=tokens, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=not lora)
-            for s in ("naive", "lean", "fast")}
+    loss = {s: loss_extra_bytes(s, n_rows=tokens, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=not lora,
+                                kernels=kernels) for s in ("naive", "lean", "fast")}
     base = weights + grads + optim + act
     total = {s: base + b for s, b in loss.items()}
     cap = GPUS[gpu]
@@ -118,6 +120,7 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     elif not fits["naive"]:
         advice.append("fits with dft_kernels' fused loss (lean / fast) but not with materialised logits")
     return {"model": cfg.get("name"), "tokens": tokens, "k": k, "lora": lora, "optimizer": optimizer,
+            "kernels": kernels,
             "master_weights": bool(master), "optimizer_bytes_per_param": OPTIMIZER_BYTES[optimizer] + master,
             "grad_ckpt": grad_ckpt, "dtype": dtype, "gpu": gpu, "gpu_bytes": cap, "params": params,
             "trained_params": trained,
@@ -160,6 +163,7 @@ def plan_text(p: dict) -> str:
              f"  optimizer state  {g(b['optimizer'])}   ({optimizer_layout(p)})",
              f"  activations      {g(b['activations'])}   (without checkpointing {g(b['activations_no_ckpt'])}, "
              f"with {g(b['activations_ckpt'])})"]
+    lines.append(f"  (loss path: bytes beyond its inputs and returned gradients, {p.get('kernels', 'triton')} kernels)")
     for s in ("naive", "lean", "fast"):
         lines.append(f"  loss path {s:<6} {g(p['loss_path'][s])}   total {g(p['total'][s])}  -> "
                      f"{'fits' if p['fits'][s] else 'does not fit'} on {p['gpu']} ({p['gpu_bytes'] / GiB:.1f} GiB)")

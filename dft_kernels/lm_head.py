@@ -1,8 +1,14 @@
-"""What a Hugging Face causal LM does to its lm_head output, read in one place for
-the student (:func:`dft_kernels.hf.patch`) and the teacher (``dk.targets.build``).
+"""A causal LM's output embeddings (the lm_head), read in one place for the student
+(:func:`dft_kernels.hf.patch`), the online teacher (``dft_kernels.hf.online``) and the
+offline one (``dk.targets.build``), so that all three see the same thing.
 
-The model's logits are ``softcap(scale * (h @ W.T + bias))`` with
-``softcap(z) = c * tanh(z / c)``:
+The head's input: :func:`run_capturing_hidden` runs the model's own forward with a
+pre-hook on the head that records its input -- the final hidden states, after whatever
+the forward does between the decoder and the head -- and feeds the head one row only,
+so the ``[B, T, V]`` logits are never formed.
+
+The head's output: the model's logits are ``softcap(scale * (h @ W.T + bias))`` with
+``softcap(z) = c * tanh(z / c)`` (:func:`logit_transforms`):
 
 - Gemma-2 style ``final_logit_softcapping`` -> ``softcap`` (``c``; None: no softcap)
 - Cohere style ``logit_scale`` (multiply; the model attribute, else the config) and
@@ -16,6 +22,46 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+
+# --------------------------------------------------------------------------- the head's input
+
+
+def run_capturing_hidden(call, head, *, who: str, fix: str):
+    """Run ``call()`` with the output embeddings ``head`` fed one row only.
+
+    Args:
+        call: runs the model's forward; head: its output embeddings (lm_head).
+        who / fix: the model's name and the way out, for the error messages.
+    Returns:
+        ``(output, hidden)``: what ``call()`` returned and the input of ``head``
+        ([B, T, D], the final hidden states); the [B, T, V] logits are never formed.
+    """
+    captured = []
+
+    def take_hidden(module, h_args, h_kwargs):
+        if captured:
+            raise RuntimeError(f"{who}.forward calls its output embeddings more than once; the fused path "
+                               f"cannot tell which call gives the logits: {fix}")
+        h = h_args[0] if h_args else h_kwargs["input"]
+        captured.append(h)
+        one = h[(slice(0, 1),) * (h.dim() - 1)].detach()     # one row: the model finishes its forward cheaply
+        if h_args:
+            return (one,) + tuple(h_args[1:]), h_kwargs
+        return h_args, {**h_kwargs, "input": one}
+
+    handle = head.register_forward_pre_hook(take_hidden, with_kwargs=True)
+    try:
+        out = call()
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"{who}.forward never called its output embeddings ({type(head).__name__}), so the "
+                         f"final hidden states could not be captured; {fix}")
+    return out, captured[0]
+
+
+# --------------------------------------------------------------------------- the head's output
 
 
 class LogitTransforms(NamedTuple):
