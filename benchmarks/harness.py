@@ -89,7 +89,8 @@ class Stopwatch:
 
 
 def time_phases(phases: Sequence[Callable], device="cpu", *, warmup: int = 1, repeats: int = 5,
-                budget_s: float | None = None, min_repeats: int = 3, setup: Callable | None = None) -> list[list[float]]:
+                budget_s: float | None = None, min_repeats: int = 3,
+                setup: Callable | None = None) -> list[list[float]]:
     """Seconds of each phase of repeated runs, one list per phase.
 
     A run calls ``setup()`` (not timed), then ``out = phases[0]()``, ``out = phases[1](out)``, ...

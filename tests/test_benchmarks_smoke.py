@@ -152,3 +152,66 @@ def test_memory_model_plans_with_the_library():
     assert mm._plan(8, 0.0, 2.0, 1000) == ([0.5], 8, 1)          # no CE term
     pred = mm.predict_logits_torch(4096, 32000, 32, 4, lam=0.2)
     assert pred["peak_bytes"] > 0 and pred["rss_expected_bytes"] > 0
+
+
+def test_harness_times_phases_and_rounds():
+    """The shared harness: one list per phase, warm-up untimed, the budget cuts repeats after
+    the minimum, round-robin interleaves (alternating order when asked)."""
+    _importable()
+    from benchmarks import harness
+    calls = []
+    fwd, bwd = harness.time_phases([lambda: calls.append("f") or 2, lambda x: calls.append(("b", x))], warmup=2,
+                                   repeats=4, setup=lambda: calls.append("s"))
+    assert len(fwd) == len(bwd) == 4 and min(fwd + bwd) >= 0
+    assert calls[:3] == ["s", "f", ("b", 2)] and len(calls) == 3 * 6
+    assert len(harness.time_calls(lambda: None, repeats=50, budget_s=0.0, min_repeats=3)) == 3
+    order = []
+    t = harness.round_robin({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, warmup=0,
+                            alternate=True)
+    assert order == ["a", "b", "b", "a", "a", "b"] and [len(v) for v in t.values()] == [3, 3]
+    s = harness.summary([3.0, 1.0, 2.0])
+    assert s == {"median": 2.0, "best": 1.0, "runs": 3}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RSS from /proc (Linux)")
+def test_harness_peak_memory_cpu():
+    """The CPU peak (RSS) of a block sees a 64 MiB buffer written inside it."""
+    _importable()
+    from benchmarks import harness
+    with harness.PeakMemory("cpu") as pm:
+        buf = torch.ones(16 * harness.MiB)      # 64 MiB, written
+        del buf
+    assert pm.extra >= 60 * harness.MiB
+
+
+def test_harness_cuda_path(monkeypatch):
+    """The GPU path of the harness (CUDA events, synchronize, max_memory_allocated beyond the
+    baseline) against a fake torch.cuda: runs anywhere."""
+    _importable()
+    from benchmarks import harness
+    clock, log = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            clock[0] += 1.0
+            self.t = clock[0]
+
+        def synchronize(self):
+            log.append("event sync")
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3            # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: log.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 350)
+    with harness.PeakMemory("cuda") as pm:
+        times = harness.time_calls(lambda: None, "cuda", warmup=1, repeats=2)
+    assert times == [1.0, 1.0] and (pm.base, pm.peak, pm.extra) == (100, 350, 250)
+    assert log[:2] == ["sync", "reset"] and log[-1] == "sync" and log.count("event sync") == 2

@@ -40,10 +40,14 @@ def _teacher_topk_kernel(H, stride_hn, W, stride_wv, B, IDX, stride_in, VAL, str
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     cols = tl.arange(0, BLOCK_V)
+    # the vocab tile's first row of W as a 64-bit pointer advanced tile by tile (never a
+    # 32-bit col_start * stride, which wraps once V * D passes 2**31)
+    w_tile = W
     for col_start in range(0, V, BLOCK_V):
         cmask = cols < V - col_start
-        z = _logits_tile(H, stride_hn, 1, W, stride_wv, 1, row_start, rmask, col_start, cmask, D,
+        z = _logits_tile(H, stride_hn, 1, w_tile, stride_wv, 1, row_start, rmask, 0, cmask, D,
                          IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+        w_tile += BLOCK_V * stride_wv
         if HAS_BIAS:
             z += tl.load(B + col_start + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z = z * scale
