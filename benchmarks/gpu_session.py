@@ -3,7 +3,7 @@ installs the carried peer wheels and runs ``python -m benchmarks.gpu_session``.
 
 Before these steps ``gpu_session.sh`` runs the doctor (``python -m dft_kernels --json``:
 versions, every kernel natively against float64, timings; ``<date>_doctor.json`` under
-``benchmarks/results/``, capped at 150 s). Steps, each under its own time cap so that the
+``benchmarks/results/``, capped at 180 s). Steps, each under its own time cap so that the
 whole session fits in about 8 minutes:
 
 1. the kernel tests natively (no interpreter): ``pytest`` on the Triton test files;

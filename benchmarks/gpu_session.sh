@@ -26,5 +26,5 @@ DOCTOR=(--json --vocab 128256 --hidden 4096 --tokens 4096)
 case " $* " in *" --dry-run "*) DOCTOR=(--json --cpu --skip-timing) ;; esac
 mkdir -p benchmarks/results
 doctor_json="benchmarks/results/$(date +%Y%m%d-%H%M%S)_doctor.json"
-timeout 150 "$PY" -m dft_kernels "${DOCTOR[@]}" > "$doctor_json" || echo "doctor: exit $? (see $doctor_json)" >&2
+timeout 180 "$PY" -m dft_kernels "${DOCTOR[@]}" > "$doctor_json" || echo "doctor: exit $? (see $doctor_json)" >&2
 exec "$PY" -m benchmarks.gpu_session "$@"

@@ -345,3 +345,16 @@ def test_dot_patterns_on_compiled_kernels(tmp_path):
     assert [f.split(":")[0] for f in got["nested"]] == ["nested dot"], got
     assert [f.split(":")[0] for f in got["branchy"]] == ["data-dependent if"], got
     assert got["clean"] == [], got
+
+
+def test_positional_arguments_are_named_for_older_triton():
+    """Triton 3.2 prints %arg0, %arg1...: the gate names them from the kernel's parameters,
+    so the i32 rule sees the stride there too."""
+    ttgir = ("  tt.func public @k(%arg0: !tt.ptr<f32> loc(#loc), %arg1: i32 loc(#loc), %arg2: i32 loc(#loc)) {\n"
+             "    %c64_i32 = arith.constant 64 : i32 loc(#loc1)\n"
+             "    scf.for %arg3 = %c0_i32 to %arg2 step %c64_i32  : i32 {\n"
+             "      %0 = arith.muli %arg3, %arg1 : i32 loc(#loc2)\n")
+    named = cc.name_arguments(ttgir, ["X", "stride_xn", "V"])
+    assert "%stride_xn: i32" in named and "%arg3" in named
+    assert cc.i32_stride_products(named) == ["%0 = arith.muli %arg3, %stride_xn : i32"]
+    assert cc.name_arguments(ttgir, ["X", "stride_xn"]) == ttgir      # counts differ: unchanged

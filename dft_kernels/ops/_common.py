@@ -9,6 +9,20 @@ from ..memory import PARTIAL_BYTES
 from ..validation import compute_dtype
 
 
+#: The error of a second backward through a graph of the fast strategy (docs/design.md sec. 10).
+DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
+                         "again (create_graph=True / double backward); use strategy='lean'")
+
+
+def split_scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
+    """The kernels' view of one or two log-sum-exp scales: ``(scale_a, scale_b, two)``."""
+    if len(scales) == 1:
+        return float(scales[0]), 1.0, False
+    if len(scales) == 2:
+        return float(scales[0]), float(scales[1]), True
+    raise ValueError(f"scales must hold 1 or 2 values, got {len(scales)}")
+
+
 def row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Describe the rows of ``x`` [..., V] without copying when possible.
 

@@ -10,8 +10,11 @@ arch: registers, spill bytes, shared memory, operand pipeline depth and the
 tensor-core instructions found in the PTX. It exits 1 on a compile failure, a spill,
 shared memory over the architecture's per-block limit, a ``tl.dot`` kernel without the
 architecture's tensor-core instruction for a dtype that has one there (``mma.sync``,
-``wgmma``, ``tcgen05.mma``), or an i32 product of an index with a stride in the TTGIR
-(:func:`i32_stride_products`: such an offset wraps past 2**31 elements).
+``wgmma``, ``tcgen05.mma``), an i32 product of an index with a stride in the TTGIR
+(:func:`i32_stride_products`: such an offset wraps past 2**31 elements), or a ``tl.dot``
+pattern Triton / ptxas mishandle (:func:`dot_patterns`: two dots into one accumulator, a
+dot of a dot, a data-dependent branch in a dot kernel); the rules live in
+``ops/compile_rules.py``.
 
 ``--json FILE`` also writes the reports and the summary; ``--matrix OUT FILE...`` merges
 such files from several Triton releases into one table (tools/compile_matrix.sh).
@@ -40,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .compile_rules import (_PTXAS_REGS, _PTXAS_SPILL, dot_patterns, i32_stride_products,  # noqa: F401
-                            pipeline_depth, ptxas_usage)
+                            name_arguments, pipeline_depth, ptxas_usage)
 from .linear_config import ARCHS as ARCH_LIMITS
 
 #: Architectures checked: name -> compute capability (limits: ``linear_config.ARCHS``).
@@ -386,7 +389,8 @@ def compile_legacy(job: LegacyJob) -> Report:
     regs, spills, err = ptxas_usage(ptx, _cc(job.arch))
     if err:
         return Report(**base, error=f"ptxas: {err}")
-    ttgir = compiled.asm["ttgir"]
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    ttgir = name_arguments(compiled.asm["ttgir"], names)
     tc = [name for name, marker in TC_MARKERS.items() if marker in ptx]
     return Report(**base, regs=regs, spill_bytes=spills, smem=int(compiled.metadata.shared),
                   depth=pipeline_depth(ttgir), tensor_cores="+".join(tc) or "-",
@@ -549,8 +553,8 @@ def write_matrix(out: str, paths: list[str]) -> None:
     text = ["# Compile gate x Triton release", "",
             "`tools/compile_matrix.sh`: `python -m dft_kernels.ops.compile_check` under each Triton release; per "
             "release x architecture x dtype the kernels pooled: compiles, failing compiles (spill, shared memory, "
-            "missing tensor cores, i32 index*stride product, compile error), worst spill bytes, registers and "
-            "shared memory, i32 products found, tensor-core instructions in the PTX.", "",
+            "missing tensor cores, i32 index*stride product, tl.dot pattern, compile error), worst spill bytes, "
+            "registers and shared memory, i32 products found, tensor-core instructions in the PTX.", "",
             format_table(matrix_rows(results), MATRIX_COLUMNS), ""]
     runs = sorted({(r.get("triton", "?"), _coverage(r.get("args", []))) for r in results if r.get("summary")})
     text += ["Gate arguments per release (beyond one `--arch` per run; none: the default set, every op, "

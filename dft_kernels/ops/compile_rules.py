@@ -30,6 +30,20 @@ def pipeline_depth(ttgir: str) -> int:
 _INDEX_SOURCES = ("tt.get_program_id", "tt.get_num_programs", "tt.load", "tt.atomic_rmw", "tt.atomic_cas")
 
 
+_POS_ARG = re.compile(r"%arg(\d+)\b")
+
+
+def name_arguments(ttgir: str, names: list[str]) -> str:
+    """Older Triton releases print kernel arguments as ``%arg0, %arg1, ...``: rename them to
+    the kernel's (non-constexpr) parameter ``names`` when the counts agree, so that the
+    rules below can see which argument is a stride. Unchanged otherwise."""
+    header = next((ln for ln in ttgir.splitlines() if "tt.func" in ln), "")
+    n_args = len(set(_POS_ARG.findall(header)))
+    if not n_args or n_args != len(names):
+        return ttgir
+    return _POS_ARG.sub(lambda m: f"%{names[int(m.group(1))]}" if int(m.group(1)) < len(names) else m.group(0), ttgir)
+
+
 def i32_stride_products(ttgir: str) -> list[str]:
     """The ``arith.muli`` on i32 (scalar or tensor) of a stride with a runtime index: one
     operand derived from a kernel argument named ``stride*``, the other from a program

@@ -30,12 +30,11 @@ from __future__ import annotations
 import torch
 
 from ..validation import compute_dtype
+from ._common import DOUBLE_BACKWARD_ERROR
 
 from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, linear_fp32, lse_and_gather,
                             logits_grad, row_chunks)
 
-DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
-                         "again (create_graph=True / double backward); use strategy='lean'")
 
 
 def _upstream(chunk_loss, lse: torch.Tensor, gathered: torch.Tensor, r):

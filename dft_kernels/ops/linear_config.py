@@ -87,12 +87,11 @@ def register_cap(capability: tuple[int, int]) -> int | None:
     (ptxas's own choice) on Hopper.
 
     Left to itself ptxas aims some variants at 128 registers (two programs per SM) and
-    spills: sm_80 16-32 bytes, sm_120a tf32 ``_dz_tile_kernel`` 8 bytes; with the cap they
-    allocate freely and fit without a spill. On sm_90a the cap itself makes the dz tile
-    spill (64 bytes in the four fp32 variants with a bias), so Hopper is the one without it.
-    The teacher top-k kernel is the exception the other way: it needs the cap on every
-    architecture, Hopper included (without it: sm_90a fp32 88 bytes, sm_100a tf32 16 bytes,
-    and issue 25 saw sm_120a fp32 48 bytes; with it none)."""
+    spills: sm_80 16-32 bytes, sm_120a tf32 ``_dz_tile_kernel`` 8 bytes, sm_100a tf32
+    ``_teacher_topk_kernel`` 16 bytes; with the cap they allocate freely and fit without a
+    spill. On sm_90a the cap itself makes the dz tile spill (64 bytes in the four fp32
+    variants with a bias), so Hopper is the one without it. Every config function of a
+    logits-tile kernel (fused, two-head, teacher top-k) takes its cap from here."""
     return None if capability[0] == 9 else 255
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (active_first, block_rows, merge_duplicate_ids, partial_rows, row_activity, sorted_slots,
-                      tile_operand, unpermute)
+                      split_scales, tile_operand, unpermute)
 from .linear_config import FusedConfig, fused_config
 from ..memory import GATHER_BYTES
 from .linear_lse_gather_products import check_backward_gemm, slab_backward
@@ -272,14 +272,6 @@ def _interp_bf16(h: torch.Tensor) -> bool:
     return target_capability(h.device) is None and h.dtype == torch.bfloat16
 
 
-def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
-    if len(scales) == 1:
-        return float(scales[0]), 1.0, False
-    if len(scales) == 2:
-        return float(scales[0]), float(scales[1]), True
-    raise ValueError(f"scales must hold 1 or 2 values, got {len(scales)}")
-
-
 def _slot_list(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
     """Each row's first ``tail_slots`` ids sorted (a 1 x 1 placeholder when there are none)."""
     if tail_slots:
@@ -321,7 +313,7 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     if active is None:
         active = row_activity(index, V)
     M = index.shape[1]
-    sa, sb, two = _scales(scales)
+    sa, sb, two = split_scales(scales)
     n_lse = (2 if two else 1) + (1 if tail_slots else 0)
     dev = h.device
     lse = torch.empty((N, n_lse), dtype=torch.float32, device=dev)
@@ -440,7 +432,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     need_b = need_b and b is not None
     if not (need_h or need_w or need_b):
         return None, None, None
-    sa, sb, two = _scales(scales)
+    sa, sb, two = split_scales(scales)
     cfg = config or fused_config(target_capability(dev), h.dtype, M)
     products = check_backward_gemm(cfg.backward_gemm)
     interp_bf16 = _interp_bf16(h)

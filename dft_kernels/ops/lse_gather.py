@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import merge_sparse_grad, row_view, sorted_slots
+from ._common import merge_sparse_grad, row_view, sorted_slots, split_scales
 from ._triton_common import _no_term_lse, _online_lse, _tanh, target_capability
 
 
@@ -245,12 +245,6 @@ def lse_gather_config(capability: tuple[int, int] | None, dtype: torch.dtype, V:
                         BWD_BLOCK_V=min(block_v, 2048))
 
 
-def _scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:
-    if len(scales) == 1:
-        return float(scales[0]), 1.0, False
-    return float(scales[0]), float(scales[1]), True
-
-
 def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
                        softcap: float | None, tail_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. ``x`` is [..., V]; its rows are read in place."""
@@ -258,7 +252,7 @@ def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float
     V = x.shape[-1]
     N = index.shape[0]
     M = index.shape[1]
-    sa, sbb, two = _scales(scales)
+    sa, sbb, two = split_scales(scales)
     lse = torch.empty((N, (2 if two else 1) + (1 if tail_slots else 0)), dtype=torch.float32, device=x.device)
     gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
     if N == 0:
@@ -282,7 +276,7 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
     xv, seq_len, sb, st = row_view(x)
     V = x.shape[-1]
     N, M = index.shape
-    sa, sbb, two = _scales(scales)
+    sa, sbb, two = split_scales(scales)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if N == 0:
         return dx

@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..validation import compute_dtype
+from ._common import DOUBLE_BACKWARD_ERROR
 from .torch_chunked import linear_fp32
 
 #: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`
@@ -43,8 +44,6 @@ LEAN_TILE_VOCAB = 8192
 #: fp32 elements of one fast [C, V] chunk, per head.
 FAST_CHUNK_ELEMS = 1 << 23
 
-DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
-                         "again (create_graph=True / double backward); use strategy='lean'")
 
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import tile_operand
+from .linear_config import register_cap
 from ._triton_common import _tanh, target_capability
 from .linear_lse_gather import _interp_bf16, _ieee, _logits_tile
 from .teacher_chunked import MAX_TRITON_K, sort_slots  # noqa: F401 (MAX_TRITON_K: the kernel's limit)
@@ -107,14 +108,17 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
 
     The [64, k] buffer (k <= MAX_TRITON_K = 64) sits next to the logits tile: 16-bit
     operands take 64 x 128 x 32 tiles, fp32 ones 64 x 64 x 16 (a 128-wide fp32 tile spills);
-    64 rows keep wgmma on sm_90a. On sm_80 ptxas aims some variants at 128 registers and
-    spills; the explicit cap of 255 lets it allocate freely (no spill). Checked for every
-    dtype on sm_80 and sm_90a by ``python -m dft_kernels.ops.compile_check``.
+    64 rows keep wgmma on sm_90a. The register cap is ``linear_config.register_cap`` (255 but
+    on Hopper: left to itself ptxas aims some variants at 128 registers and spills) for fp32
+    operands and below sm_90; 16-bit operands on sm_90 and newer go without it. Checked for
+    every architecture and dtype by ``python -m dft_kernels.ops.compile_check``.
     """
     del k   # one config up to MAX_TRITON_K
     if capability is None:
         return TopkConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-    maxnreg = 255 if capability < (9, 0) else None
+    # 16-bit operands on sm_90 and newer allocate freely without the cap (with it, sm_100a's
+    # tcgen05 variants with bias and softcap reach 255 registers and spill 8 bytes)
+    maxnreg = register_cap(capability) if (dtype == torch.float32 or capability < (9, 0)) else None
     if dtype == torch.float32:
         return TopkConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=4, maxnreg=maxnreg)
     return TopkConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4, maxnreg=maxnreg)

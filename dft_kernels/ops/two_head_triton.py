@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import partial_rows, tile_operand
-from .linear_config import GemmConfig, TileConfig
+from .linear_config import GemmConfig, TileConfig, register_cap
 from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
 from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, slab_backward
 from ._triton_common import _cast, _tanh, _tile_coords, _tile_ids, target_capability
@@ -228,7 +228,7 @@ def two_head_config(capability: tuple[int, int] | None, dtype: torch.dtype,
                              gemm=GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1),
                              backward_gemm=products)
     bd = 16 if dtype == torch.float32 else 32
-    maxnreg = 255 if capability < (9, 0) else None
+    maxnreg = register_cap(capability)
     tile = TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4, maxnreg=maxnreg)
     return TwoHeadConfig(fwd=tile, dz=tile,
                          gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
