@@ -76,6 +76,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     k, samples = check_sampling(k, samples, V)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(temperature, (int, float)) and not temperature >= 0.01:
+        raise ValueError(f"temperature={temperature!r} must be >= 0.01: below it the teacher's softmax is one-hot in "
+                         "float32 (log-probs 0 and -inf), which leaves the student no distribution to learn")
     check_options(lam=0.0, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
                   temperature=temperature, softcap=softcap, reduction="mean", impl=impl)
     scale = _check_scale("logit_scale", logit_scale)

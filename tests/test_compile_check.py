@@ -39,9 +39,10 @@ def _summary(stdout: str) -> dict[tuple[str, str, str], dict]:
     return rows
 
 
-#: the CI fixture's architectures (the full set: `python -m dft_kernels.ops.compile_check`,
-#: and tools/compile_matrix.sh): the datacenter pair, datacenter and consumer (~100 KB) Blackwell
-CI_ARCHS = ("sm_80", "sm_90a", "sm_100a", "sm_120a")
+#: the CI fixture's architectures: the datacenter pair (about 3 minutes on two cores; the other
+#: five, `--arch sm_75 --arch sm_86 --arch sm_89 --arch sm_100a --arch sm_120a`, double that and
+#: run before a kernel or config change, as does tools/compile_matrix.sh)
+CI_ARCHS = ("sm_80", "sm_90a")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,7 @@ def test_default_gate_passes(default_gate):
 
 
 @pytest.mark.parametrize("arch, marker", [pytest.param("sm_80", "mma.sync", id="sm80-mma"),
-                                          pytest.param("sm_90a", "wgmma", id="sm90a-wgmma"),
-                                          pytest.param("sm_120a", "mma.sync", id="sm120a-mma"),
-                                          pytest.param("sm_100a", "tcgen05", id="sm100a-tcgen05")])
+                                          pytest.param("sm_90a", "wgmma", id="sm90a-wgmma")])
 def test_16bit_dots_use_tensor_cores(default_gate, arch, marker):
     rows = _summary(default_gate.stdout)
     for kernel in DOT_KERNELS:
@@ -358,3 +357,17 @@ def test_positional_arguments_are_named_for_older_triton():
     assert "%stride_xn: i32" in named and "%arg3" in named
     assert cc.i32_stride_products(named) == ["%0 = arith.muli %arg3, %stride_xn : i32"]
     assert cc.name_arguments(ttgir, ["X", "stride_xn"]) == ttgir      # counts differ: unchanged
+
+
+def test_serialized_wgmma_fails_the_gate():
+    """ptxas's "wgmma serialized" performance warning (a slow path on Hopper) is a gate failure."""
+    from dft_kernels.ops.compile_rules import serialized_wgmma
+    log = ("ptxas info    : Used 168 registers\n"
+           "ptxas /tmp/k.ptx, line 5; warning : Potential Performance Loss: wgmma.mma_async instructions are "
+           "serialized due to the presence of Extern calls in the function '_dz_tile_kernel'.\n")
+    found = serialized_wgmma(log)
+    assert len(found) == 1 and "serialized" in found[0]
+    assert serialized_wgmma("ptxas info    : Used 168 registers") == ()
+    report = cc.Report("k", "bf16", "sm_90a", "v", regs=168, spill_bytes=0, tensor_cores="wgmma", uses_dot=True,
+                       wgmma_serialized=found)
+    assert report.problems and report.problems[0].startswith("wgmma serialized")

@@ -119,3 +119,9 @@ def test_teacher_topk_with_samples_is_hybrid_and_reproducible():
     assert pure.metadata["kind"] == "sampled"
     with pytest.raises(ValueError, match="keeps nothing"):
         dk.teacher_topk(h, w, 0, samples=0)
+
+
+def test_tiny_temperature_names_the_teacher():
+    """A temperature below 0.01 is refused in the teacher's terms, not the student's."""
+    with pytest.raises(ValueError, match="teacher's softmax is one-hot"):
+        dk.teacher_topk(torch.randn(3, 4), torch.randn(9, 4), 2, temperature=1e-6)

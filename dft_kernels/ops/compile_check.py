@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .compile_rules import (_PTXAS_REGS, _PTXAS_SPILL, dot_patterns, i32_stride_products,  # noqa: F401
-                            name_arguments, pipeline_depth, ptxas_usage)
+                            name_arguments, pipeline_depth, ptxas_usage, serialized_wgmma)
 from .linear_config import ARCHS as ARCH_LIMITS
 
 #: Architectures checked: name -> compute capability (limits: ``linear_config.ARCHS``).
@@ -260,6 +260,8 @@ class Report:
     i32_products: tuple = ()
     #: TTIR findings of :func:`dot_patterns` (chained / nested dots, data-dependent if)
     dot_patterns: tuple = ()
+    #: ptxas's "wgmma ... serialized" warnings (:func:`serialized_wgmma`)
+    wgmma_serialized: tuple = ()
 
     @property
     def problems(self) -> list[str]:
@@ -278,6 +280,7 @@ class Report:
         for line in self.i32_products:
             out.append(f"i32 index * stride product: {line}")
         out += list(self.dot_patterns)
+        out += [f"wgmma serialized: {line}" for line in self.wgmma_serialized]
         return out
 
 
@@ -309,7 +312,7 @@ def compile_job(job) -> Report:
                   depth=pipeline_depth(compiled.asm["ttgir"]), tensor_cores="+".join(tc) or "-",
                   uses_dot="tt.dot" in compiled.asm["ttir"],
                   i32_products=tuple(i32_stride_products(compiled.asm["ttgir"])),
-                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])))
+                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])), wgmma_serialized=serialized_wgmma(text))
 
 
 # --------------------------------------------------------------------------- older Triton releases
@@ -386,7 +389,7 @@ def compile_legacy(job: LegacyJob) -> Report:
     finally:
         driver.reset_active()
     ptx = compiled.asm["ptx"]
-    regs, spills, err = ptxas_usage(ptx, _cc(job.arch))
+    regs, spills, err, ptxas_log = ptxas_usage(ptx, _cc(job.arch))
     if err:
         return Report(**base, error=f"ptxas: {err}")
     names = [p.name for p in fn.params if not p.is_constexpr]
@@ -395,7 +398,7 @@ def compile_legacy(job: LegacyJob) -> Report:
     return Report(**base, regs=regs, spill_bytes=spills, smem=int(compiled.metadata.shared),
                   depth=pipeline_depth(ttgir), tensor_cores="+".join(tc) or "-",
                   uses_dot="tt.dot" in compiled.asm["ttir"], i32_products=tuple(i32_stride_products(ttgir)),
-                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])))
+                  dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])), wgmma_serialized=serialized_wgmma(ptxas_log))
 
 
 # --------------------------------------------------------------------------- the gate

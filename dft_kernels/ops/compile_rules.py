@@ -138,10 +138,18 @@ def dot_patterns(ttir: str) -> list[str]:
     return found
 
 
-def ptxas_usage(ptx: str, cc: int) -> tuple[int, int, str]:
+def serialized_wgmma(ptxas_log: str) -> tuple[str, ...]:
+    """ptxas's "wgmma.mma_async instructions are serialized" performance warnings in its
+    log (a slow path on Hopper: the warpgroup MMAs no longer overlap), one line each."""
+    lines = {line.strip()[:200] for line in ptxas_log.splitlines()
+             if "wgmma" in line.lower() and "serializ" in line.lower()}
+    return tuple(sorted(lines))
+
+
+def ptxas_usage(ptx: str, cc: int) -> tuple[int, int, str, str]:
     """Registers and spill bytes from the ptxas Triton ships (ptxas-blackwell from sm_90 on,
-    where present), run on ``ptx`` for compute capability ``cc`` (e.g. 90); and its error
-    text ("" on success)."""
+    where present), run on ``ptx`` for compute capability ``cc`` (e.g. 90); its error text
+    ("" on success) and its whole log."""
     import subprocess
     import tempfile
     from pathlib import Path
@@ -156,7 +164,7 @@ def ptxas_usage(ptx: str, cc: int) -> tuple[int, int, str]:
                               "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
     text = out.stdout + out.stderr
     if out.returncode:
-        return -1, -1, text.strip().splitlines()[-1][:200] if text.strip() else f"ptxas exit {out.returncode}"
+        return -1, -1, text.strip().splitlines()[-1][:200] if text.strip() else f"ptxas exit {out.returncode}", text
     regs = max((int(r) for r in _PTXAS_REGS.findall(text)), default=-1)
     spills = max((int(a) + int(b) for a, b in _PTXAS_SPILL.findall(text)), default=-1)
-    return regs, spills, ""
+    return regs, spills, "", text
