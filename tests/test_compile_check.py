@@ -363,7 +363,7 @@ def test_serialized_wgmma_fails_the_gate():
     """ptxas's "wgmma serialized" performance warning (a slow path on Hopper) is a gate failure."""
     from dft_kernels.ops.compile_rules import serialized_wgmma
     log = ("ptxas info    : Used 168 registers\n"
-           "ptxas /tmp/k.ptx, line 5; warning : Potential Performance Loss: wgmma.mma_async instructions are "
+           "ptxas k.ptx, line 5; warning : Potential Performance Loss: wgmma.mma_async instructions are "
            "serialized due to the presence of Extern calls in the function '_dz_tile_kernel'.\n")
     found = serialized_wgmma(log)
     assert len(found) == 1 and "serialized" in found[0]

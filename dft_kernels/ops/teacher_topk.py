@@ -108,17 +108,21 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
 
     The [64, k] buffer (k <= MAX_TRITON_K = 64) sits next to the logits tile: 16-bit
     operands take 64 x 128 x 32 tiles, fp32 ones 64 x 64 x 16 (a 128-wide fp32 tile spills);
-    64 rows keep wgmma on sm_90a. The register cap is ``linear_config.register_cap`` (255 but
-    on Hopper: left to itself ptxas aims some variants at 128 registers and spills) for fp32
-    operands and below sm_90; 16-bit operands on sm_90 and newer go without it. Checked for
-    every architecture and dtype by ``python -m dft_kernels.ops.compile_check``.
+    64 rows keep wgmma on sm_90a. Register cap: 255 for fp32 operands everywhere, for 16-bit
+    ones ``linear_config.register_cap`` below sm_90 and none from sm_90 on (left to itself
+    ptxas aims some variants at 128 registers and spills). Checked for every architecture
+    and dtype by ``python -m dft_kernels.ops.compile_check``.
     """
     del k   # one config up to MAX_TRITON_K
     if capability is None:
         return TopkConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-    # 16-bit operands on sm_90 and newer allocate freely without the cap (with it, sm_100a's
-    # tcgen05 variants with bias and softcap reach 255 registers and spill 8 bytes)
-    maxnreg = register_cap(capability) if (dtype == torch.float32 or capability < (9, 0)) else None
+    # fp32 operands take the cap of 255 on every architecture (left to itself ptxas aims the
+    # softcap variant at 128 registers and spills 88 bytes, Hopper included); 16-bit ones only
+    # below sm_90 (with it, sm_100a's tcgen05 variants with bias and softcap spill 8 bytes)
+    if dtype == torch.float32:
+        maxnreg = 255
+    else:
+        maxnreg = register_cap(capability) if capability < (9, 0) else None
     if dtype == torch.float32:
         return TopkConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=4, maxnreg=maxnreg)
     return TopkConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4, maxnreg=maxnreg)

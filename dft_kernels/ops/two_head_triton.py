@@ -180,9 +180,10 @@ def _two_head_dz_kernel(
     if HAS_CAP:
         th = s / (cap * inv_temp)   # = tanh(raw / cap); recomputed rather than kept live
         g = g * (1.0 - th * th)
-    # a row without upstream gradient contributes exactly 0, whatever its logits (the
-    # tile of a skipped row block holds the bias alone, and 0 * inf would be NaN)
-    g = tl.where((rmask & (g_row != 0))[:, None] & cmask[None, :], g, 0.0)
+    # a skipped row block (no row with upstream gradient) contributes exactly 0: its tiles hold
+    # the bias alone, and 0 * exp(bias - lse) can be 0 * inf = NaN; in a live block every row's
+    # logits and lse are real, so g is finite and g_row = 0 gives 0
+    g = tl.where(rmask[:, None] & cmask[None, :] & (active > 0), g, 0.0)
     if STORE_DB:
         tl.store(DBP + pid_n * stride_bp + lcols, tl.sum(g, axis=0), mask=cmask)
     if STORE_DZ:
