@@ -160,8 +160,6 @@ def sorted_slots(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
 MAX_TILE_ROWS = 256
 
 
-
-
 def partial_rows(n_rows: int, cols: int, block_rows: int) -> int:
     """Rows per launch so that ``rows * cols`` fp32 partials (e.g. one log-sum-exp per row
     and vocab tile) fit ``memory.PARTIAL_BYTES``: the buffer does not grow with N (long
