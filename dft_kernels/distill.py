@@ -14,6 +14,7 @@ import torch
 
 from . import ops
 from .losses import mean_denominator, resolve_impl
+from .low_rank import check_low_rank
 from .options import DFTLossOutput, check_options, check_strategy, effective_divergence
 from .targets.container import SparseTargets
 from .validation import compute_dtype
@@ -45,7 +46,7 @@ def _check_scale(name: str, x) -> float:
 
 
 def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, samples=0,
-                 generator=None, impl="auto") -> SparseTargets:
+                 generator=None, impl="auto", lora_A=None, lora_B=None, lora_scaling=1.0) -> SparseTargets:
     """A teacher's top-k targets from its last hidden states and lm_head, never
     materialising the [N, V] logits (docs/design.md sec. 11).
 
@@ -66,6 +67,8 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
             a pure sampled target); 0 = plain top-k.
         generator (torch.Generator): the sampler's generator (with ``samples``).
         impl (str): "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
+        lora_A, lora_B, lora_scaling: a low-rank correction of the teacher's head (PEFT's
+            names; docs/design.md sec. 17), or None.
     Returns:
         :class:`SparseTargets` with ``index`` `[..., k]` int32 and ``logprobs`` `[..., k]`
         fp32 (value descending), metadata ``kind="topk"``, ``k``, ``temperature``, ``vocab_size``.
@@ -82,6 +85,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     check_options(lam=0.0, divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce",
                   temperature=temperature, softcap=softcap, reduction="mean", impl=impl)
     scale = _check_scale("logit_scale", logit_scale)
+    lora = check_low_rank(weight, lora_A, lora_B, lora_scaling, None)
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference":
         impl = "torch"
@@ -91,6 +95,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     lead = tuple(hidden.shape[:-1])
     h = hidden.detach().reshape(-1, weight.shape[1])
     b = None if bias is None else bias.detach()
+    if lora is not None:      # the teacher's [h | u] and [W | B]: one contraction, no gradients
+        with torch.no_grad():
+            h, weight = lora.joined(h, weight.detach())
     if scale != 1.0:
         h, b = h * scale, None if b is None else b * scale
     if samples:   # hybrid / sampled (docs/design.md sec. 12): row blocks of logits, never [N, V]
@@ -120,7 +127,9 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
                               accuracy="ce", softcap=None, teacher_softcap=None, logit_scale=1.0,
                               teacher_logit_scale=1.0, ignore_index=-100, reduction="mean",
                               num_items_in_batch=None, impl="auto", strategy="auto", memory_budget=1 << 30,
-                              return_components=False):
+                              return_components=False, lora_A=None, lora_B=None, lora_scaling=1.0,
+                              lora_dropout=None, teacher_lora_A=None, teacher_lora_B=None,
+                              teacher_lora_scaling=1.0):
     """Dense distillation loss between two heads (docs/design.md sec. 11):
     ``tau**2 * D(P_teacher || P_student) + lam * L_accuracy`` per position, over the full
     vocab (K = V), from both models' last hidden states and lm_heads.
@@ -148,6 +157,9 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
             the fast one is chunked PyTorch whatever ``impl``.
         strategy (str), memory_budget (int): "auto" | "lean" | "fast" (sec. 10).
         return_components (bool): return a :class:`DFTLossOutput` (teacher / student mass 1).
+        lora_A, lora_B, lora_scaling, lora_dropout: a low-rank correction of the student's
+            head, as in :func:`dft_kernels.fused_linear_dft_loss` (docs/design.md sec. 17).
+        teacher_lora_A, teacher_lora_B, teacher_lora_scaling: the teacher's, or None.
     Returns:
         The loss: a scalar, or `[...]` with ``reduction="none"`` (0 where a row does not count).
     """
@@ -170,6 +182,9 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
         raise ValueError(f"teacher_softcap={teacher_softcap!r} must be None or a number > 0")
     s_scale = _check_scale("logit_scale", logit_scale)
     t_scale = _check_scale("teacher_logit_scale", teacher_logit_scale)
+    lora = check_low_rank(weight, lora_A, lora_B, lora_scaling, lora_dropout)
+    t_lora = check_low_rank(teacher_weight, teacher_lora_A, teacher_lora_B, teacher_lora_scaling, None,
+                            prefix="teacher_")
     check_strategy(strategy, memory_budget)
     lead = tuple(hidden.shape[:-1])
     N, V = math.prod(lead), weight.shape[0]
@@ -191,11 +206,18 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
     h = hidden.reshape(N, -1)
     ht = teacher_hidden.detach().reshape(N, -1)
     rows = counted.nonzero().squeeze(1)      # host sync: uncounted rows are never projected
-    h_c, ht_c = h.index_select(0, rows) * s_scale, ht.index_select(0, rows) * t_scale
+    h_c, ht_c = h.index_select(0, rows), ht.index_select(0, rows)
+    w_s, w_t = weight, teacher_weight.detach()
+    if lora is not None:      # [h | u] @ [W | B].T: the low-rank segment joined (docs/design.md sec. 17)
+        h_c, w_s = lora.joined(h_c, w_s)
+    if t_lora is not None:
+        with torch.no_grad():
+            ht_c, w_t = t_lora.joined(ht_c, w_t)
+    h_c, ht_c = h_c * s_scale, ht_c * t_scale
     b = None if bias is None else bias * s_scale
     bt = None if teacher_bias is None else teacher_bias.detach() * t_scale
-    student = (h_c, weight, b, None if softcap is None else float(softcap))
-    teacher = (ht_c, teacher_weight.detach(), bt, None if teacher_softcap is None else float(teacher_softcap))
+    student = (h_c, w_s, b, None if softcap is None else float(softcap))
+    teacher = (ht_c, w_t, bt, None if teacher_softcap is None else float(teacher_softcap))
     n_tokens = counted.sum()
     cdt = compute_dtype(hidden.dtype)
     denom = mean_denominator(num_items_in_batch, n_tokens, cdt) if reduction == "mean" else 1.0
@@ -205,10 +227,10 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
         div_c = _reference_divergence(student, teacher, 1.0 / tau, kind, float(beta))
         fast_loss = None
     else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_c, w_s, bias))
         fast = reduction != "none" and needs_grad and strategy != "lean" and (
             strategy == "fast" or _distill_fast_fits(memory_budget, n_rows=int(rows.numel()), vocab=V,
-                                                     hidden=h.shape[1], head_trains=weight.requires_grad))
+                                                     hidden=h_c.shape[1], head_trains=w_s.requires_grad))
         if fast:
             row_weight = torch.full_like(rows, tau * tau, dtype=cdt) / denom
             fast_loss, div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta),
@@ -221,10 +243,12 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
     acc = torch.zeros_like(div)
     if has_acc:
         from .losses import fused_linear_dft_loss
+        low_rank = {} if lora is None else dict(lora_A=lora.lora_A, lora_B=lora.lora_B, lora_scaling=lora.scaling,
+                                                lora_dropout=lora.dropout)
         acc = fused_linear_dft_loss(hidden.reshape(N, -1) * s_scale, weight, labels=labels.reshape(N).to(h.device),
                                     bias=b, lam=1.0, accuracy=accuracy, softcap=softcap, ignore_index=ignore_index,
-                                    reduction="none", impl="reference" if impl == "reference" else "auto"
-                                    ).to(div.dtype)
+                                    reduction="none", impl="reference" if impl == "reference" else "auto",
+                                    **low_rank).to(div.dtype)
     per_row = div + lam * acc
     if reduction == "none":
         loss, red_div, red_acc = per_row.reshape(lead), div.detach().reshape(lead), acc.detach().reshape(lead)

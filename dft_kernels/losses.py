@@ -13,6 +13,7 @@ import os
 import torch
 
 from . import ops
+from .low_rank import LORA_ARGS_DOC, check_low_rank
 from .memory import chunk_rows_for, loss_extra_bytes
 from .options import (IMPLS, LOG_TINY, TINY, DFTLossOutput, check_options, check_strategy,
                       effective_divergence, needs_student_tail)
@@ -406,7 +407,8 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                           accuracy="ce", temperature=1.0, softcap=None, ignore_index=-100,
                           reduction="mean", num_items_in_batch=None, impl="auto", validate=False,
                           return_components=False, chunk_elems=None, accum_fp32=True, vocab_parallel=None,
-                          strategy="auto", memory_budget=1 << 30):
+                          strategy="auto", memory_budget=1 << 30, lora_A=None, lora_B=None, lora_scaling=1.0,
+                          lora_dropout=None):
     """DFT loss from the last hidden states and the lm_head, never materialising the
     `[N, V]` logits. With ``target_index=None`` it is a fused linear cross-entropy (or
     DFT-CE): a drop-in for ``F.cross_entropy(hidden @ weight.T + bias, labels)``.
@@ -440,6 +442,7 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
     check_strategy(strategy, memory_budget)
+    lora = check_low_rank(weight, lora_A, lora_B, lora_scaling, lora_dropout)
     V, D = weight.shape
     if vocab_parallel is None and type(weight).__name__ == "DTensor":
         raise TypeError("weight is a DTensor: pass vocab_parallel=dft_kernels.distributed.VocabParallel."
@@ -451,13 +454,24 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                             f"{type(vocab_parallel).__name__}")
         vocab_parallel.check_weight(weight)
         V = vocab_parallel.vocab_size
+        if lora is not None:
+            raise ValueError("lora_A / lora_B with vocab_parallel is not supported: merge the adapter into the "
+                             "sharded lm_head (dft_kernels.hf.merge_style_head) or run without vocab_parallel")
 
     def reference_call(**kw):
         if vocab_parallel is not None:
             raise ValueError("impl='reference' does not support vocab_parallel; use impl='torch' or 'triton'")
         from . import reference
-        return reference.fused_linear_dft_loss(hidden, weight, target_index, target_logprobs, labels,
-                                               bias=bias, **kw)
+        h, w = (hidden, weight) if lora is None else lora.joined(hidden, weight)
+        return reference.fused_linear_dft_loss(h, w, target_index, target_logprobs, labels, bias=bias, **kw)
+
+    segment = None      # (u, lora_B), formed once per call
+
+    def low_rank(h):
+        nonlocal segment
+        if lora is not None and segment is None:
+            segment = lora.segment(h)
+        return segment
 
     def primitive(index, scales, impl, tail_slots):
         h = hidden.reshape(-1, D)
@@ -467,18 +481,21 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
                                              chunk_elems=chunk_elems, accum_fp32=accum_fp32,
                                              tail_slots=tail_slots)
         return ops.linear_lse_gather_apply(h, weight, bias, index, scales, softcap, impl,
-                                           chunk_elems=chunk_elems, accum_fp32=accum_fp32, tail_slots=tail_slots)
+                                           chunk_elems=chunk_elems, accum_fp32=accum_fp32, tail_slots=tail_slots,
+                                           lora=low_rank(h))
 
     N = math.prod(hidden.shape[:-1])
     fast_rows = chunk_rows_for("fast", V, N, chunk_elems)
     fast_primitive = None
     if choose_strategy(strategy, memory_budget, reduction=reduction, vocab_parallel=vocab_parallel,
-                       tensors=(hidden, weight, bias), n_rows=N, hidden=D, vocab=V,
+                       tensors=(hidden, weight, bias) + (() if lora is None else (lora.lora_A, lora.lora_B)),
+                       n_rows=N, hidden=D, vocab=V,
                        k=0 if target_index is None else target_index.shape[-1], chunk_rows=fast_rows) == "fast":
         def fast_primitive(index, scales, impl, tail_slots, chunk_loss):
-            return ops.linear_fast_loss_apply(hidden.reshape(-1, D), weight, bias, index, scales, softcap, chunk_loss,
+            h = hidden.reshape(-1, D)
+            return ops.linear_fast_loss_apply(h, weight, bias, index, scales, softcap, chunk_loss,
                                               impl, chunk_rows=fast_rows, accum_fp32=accum_fp32,
-                                              tail_slots=tail_slots)
+                                              tail_slots=tail_slots, lora=low_rank(h))
 
     return _loss_from_student(
         "hidden", tuple(hidden.shape[:-1]), V, hidden.device, primitive, reference_call,
@@ -544,4 +561,4 @@ fused_linear_dft_loss.__doc__ += _TARGET_ARGS_DOC + """\
             (docs/design.md sec. 10). ``reduction="none"`` and calls without grad run lean.
         memory_budget (int):
             bytes the fast strategy may use beyond the inputs (default 1 GiB).
-""" + _RETURNS_DOC
+""" + LORA_ARGS_DOC + _RETURNS_DOC

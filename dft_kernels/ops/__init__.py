@@ -76,60 +76,67 @@ def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, 
 
 def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
                             scales: tuple[float, ...], softcap: float | None, impl: str, *,
-                            chunk_elems: int | None = None, accum_fp32: bool = True, tail_slots: int = 0):
+                            chunk_elems: int | None = None, accum_fp32: bool = True, tail_slots: int = 0,
+                            lora: tuple | None = None):
     """The same primitive for logits ``h @ w.T + b`` that are never materialised.
 
     Args:
         h: [N, D] hidden states; w: [V, D] lm_head weight; b: [V] bias or None.
         index, scales, softcap, impl, chunk_elems, tail_slots: as in :func:`lse_gather_apply`.
         accum_fp32: accumulate dW (and dH) in fp32 for bf16 / fp16 inputs.
+        lora: ``(u [N, r], B [V, r])`` or None: a second segment of the contraction, logits
+            ``h @ w.T + b + u @ B.T`` (docs/design.md sec. 17); gradients reach u and B.
     Returns:
         ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32.
         Gradients are bitwise reproducible run to run (no atomics).
     """
     from .torch_chunked import LinearLSEGatherTorch
+    u, lb = (None, None) if lora is None else lora
 
-    def run_torch(h, w, b):
-        return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots)
+    def run_torch(h, w, b, u, lb):
+        return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots,
+                                          u, lb)
 
     if impl == "triton":
         _check_triton(h.device)
 
-        def run_triton(h, w, b):
+        def run_triton(h, w, b, u, lb):
             from .linear_lse_gather import LinearLSEGatherTriton
-            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots)
-        return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b))
-    return run_torch(h, w, b)
+            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots, None,
+                                               u, lb)
+        return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b, u, lb))
+    return run_torch(h, w, b, u, lb)
 
 
 def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, index: torch.Tensor,
                            scales: tuple[float, ...], softcap: float | None, chunk_loss, impl: str, *,
-                           chunk_rows: int, accum_fp32: bool = True, tail_slots: int = 0):
+                           chunk_rows: int, accum_fp32: bool = True, tail_slots: int = 0, lora: tuple | None = None):
     """Strategy "fast" (docs/design.md sec. 10): a scalar loss whose gradients are formed
     in the forward, chunk by chunk of rows, each chunk's logits computed once.
 
     Args:
-        h, w, b, index, scales, softcap, impl, accum_fp32, tail_slots: as in
+        h, w, b, index, scales, softcap, impl, accum_fp32, tail_slots, lora: as in
             :func:`linear_lse_gather_apply`.
         chunk_loss: ``chunk_loss(lse [C, T], gathered [C, M], rows) -> scalar``, the chunk's
             share of the loss (``rows``: a slice or int64 row numbers into [0, N)).
         chunk_rows: C, rows per chunk.
     Returns:
-        ``loss`` (0-dim, differentiable w.r.t. h, w, b; no double backward), ``lse``
-        [N, T] and ``gathered`` [N, M] (detached).
+        ``loss`` (0-dim, differentiable w.r.t. h, w, b and the lora pair; no double
+        backward), ``lse`` [N, T] and ``gathered`` [N, M] (detached).
     """
     from .fast_chunked import FastLinearLoss
+    u, lb = (None, None) if lora is None else lora
 
     def run(path):
-        return lambda h, w, b: FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, path,
-                                                    chunk_rows, accum_fp32, tail_slots)
+        return lambda h, w, b, u, lb: FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, path,
+                                                           chunk_rows, accum_fp32, tail_slots, u, lb)
 
     if impl == "triton":
         _check_triton(h.device)
         # the gradients are formed in the forward: guarding the forward covers every kernel
-        return guarded("linear_fast_loss", impl, h.device, h.dtype, run("triton"), run("torch"), (h, w, b),
+        return guarded("linear_fast_loss", impl, h.device, h.dtype, run("triton"), run("torch"), (h, w, b, u, lb),
                        differentiable=False)
-    return run(impl)(h, w, b)
+    return run(impl)(h, w, b, u, lb)
 
 
 def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, inv_temp: float,

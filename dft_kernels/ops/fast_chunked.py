@@ -32,7 +32,7 @@ import torch
 from ..validation import compute_dtype
 from ._common import DOUBLE_BACKWARD_ERROR
 
-from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, linear_fp32, lse_and_gather,
+from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, head_logits, lse_and_gather,
                             logits_grad, row_chunks)
 
 
@@ -103,8 +103,9 @@ class FastLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, index, scales, softcap, chunk_loss, impl, chunk_rows, accum_fp32=True,
-                tail_slots=0):
+                tail_slots=0, u=None, lora_b=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_u, need_lb = (ctx.needs_input_grad + (False, False))[11:13]
         if impl == "triton":
             from .linear_lse_gather import _check
             _check(h, w, b, index)
@@ -117,18 +118,24 @@ class FastLinearLoss(torch.autograd.Function):
         dh = torch.zeros_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=cdt if accum_fp32 else w.dtype, device=w.device) if need_w else None
         db = torch.zeros((V,), dtype=cdt, device=w.device) if (need_b and b is not None) else None
+        du = torch.zeros_like(u) if need_u else None
+        dlb = torch.zeros(lora_b.shape, dtype=cdt if accum_fp32 else w.dtype, device=w.device) if need_lb else None
         loss = torch.zeros((), dtype=cdt, device=h.device)
         run_chunk = _chunk_triton if impl == "triton" else _chunk_torch
         for r in row_chunks(N, max(1, int(chunk_rows)), rows):
-            logits = linear_fp32(h[r], w, b)      # fp32 from 16-bit operands, never rounded to 16 bits
+            # fp32 from 16-bit operands, never rounded to 16 bits
+            logits = head_logits(h[r], w, b, None if u is None else u[r], lora_b)
             share, lse[r], gathered[r], dz = run_chunk(logits, index[r], scales, softcap, tail_slots, chunk_loss,
                                                        r, cdt)
             del logits
             loss += share
             accumulate_chunk_grads(dz, r, h, w, dh, dw, db)
+            if u is not None:
+                accumulate_chunk_grads(dz, r, u, lora_b, du, dlb, None)
             del dz
-        ctx.grads = (dh, dw, db)
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        ctx.grads = (dh, dw, db, du, dlb)
+        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype, None if u is None else u.dtype,
+                      None if lora_b is None else lora_b.dtype)
         ctx.mark_non_differentiable(lse, gathered)
         return loss, lse, gathered
 
@@ -147,4 +154,5 @@ class FastLinearLoss(torch.autograd.Function):
                 continue
             g = g.mul_(g_loss.to(g.dtype))   # the held gradient is ours: scaled in place, no copy
             out.append(g if g.dtype == dtype else g.to(dtype))
-        return (*out, None, None, None, None, None, None, None, None)
+        dh, dw, db, du, dlb = out
+        return (dh, dw, db, None, None, None, None, None, None, None, None, du, dlb)

@@ -418,8 +418,9 @@ def _sum_by_id(ids: torch.Tensor, vals: torch.Tensor, V: int) -> torch.Tensor:
 def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g_lse, g_gathered,
                                need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool, tail_slots: int = 0,
                                config: FusedConfig | None = None, active: torch.Tensor | None = None,
-                               order: torch.Tensor | None = None):
-    """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed.
+                               order: torch.Tensor | None = None, dw_from: int = 0):
+    """Gradients (dh, dw, db) of ``lse`` / ``gathered``; None where not needed (``dw``: the
+    columns ``dw_from:`` of w only, see ``slab_backward``).
     ``config``: the launch config (None: ``fused_config`` for the device); ``active``,
     ``order``: as in :func:`linear_lse_gather_forward` (``index``, ``lse``, ... and the
     upstream gradients in the problem's row order; ``dh`` comes back in ``h``'s). Rows that
@@ -480,7 +481,7 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
             )
 
     dh, dw, db32 = slab_backward(h, w, need_h, need_w, need_b, accum_fp32, active, zc, cfg.gemm, products,
-                                 ieee, interp_bf16, fill_slab, order=order)
+                                 ieee, interp_bf16, fill_slab, order=order, dw_from=dw_from)
     db = None
     if need_b:
         if sparse:
@@ -493,35 +494,57 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T (+1)], gathered [N, M])``.
 
     Gradients only for the inputs that need them (a frozen ``w`` allocates no dW); the
-    backward has no atomics and is bitwise reproducible. The last argument, ``config``
-    (a :class:`FusedConfig`, None: ``fused_config`` for the device), forces a launch
+    backward has no atomics and is bitwise reproducible. ``config`` (a
+    :class:`FusedConfig`, None: ``fused_config`` for the device) forces a launch
     config, e.g. a GPU architecture's under the interpreter or ``backward_gemm="torch"``.
+    ``u`` [N, r] / ``lora_b`` [V, r]: a low-rank segment of the contraction (logits
+    ``[h | u] @ [w | lora_b].T``, docs/design.md sec. 17; the joined operands are
+    transient copies, rebuilt in the backward, and a frozen ``w`` gets no dW columns).
     Rows whose index holds no id in [0, V) do not count: the rows are reordered
     active-first on the device (no host sync) so that those rows form whole tiles the
     kernels skip, and the outputs come back in the caller's order."""
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None):
+    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None, u=None,
+                lora_b=None):
         tail_slots = min(int(tail_slots or 0), index.shape[1])
         # rows that count first, so that the rows that do not form whole tiles the
         # kernels skip (device-side: no host sync); h stays where it is: the kernels get
         # its rows in that order one bounded block at a time
         order, active = active_first(index, w.shape[0])
-        w = tile_operand(w)
         index = index.index_select(0, order).contiguous()
-        lse, gathered = linear_lse_gather_forward(h, w, b, index, scales, softcap, tail_slots, config, active,
+        h2, w2 = _joined(h, w, u, lora_b)
+        lse, gathered = linear_lse_gather_forward(h2, w2, b, index, scales, softcap, tail_slots, config, active,
                                                   order)
-        ctx.save_for_backward(h, w, b, index, lse, gathered, order, active)
+        del h2, w2
+        ctx.save_for_backward(h, w, b, index, lse, gathered, order, active, u, lora_b)
         ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
         ctx.config = config
         return unpermute(lse, order), unpermute(gathered, order)
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
-        h, w, b, index, lse, gathered, order, active = ctx.saved_tensors
+        h, w, b, index, lse, gathered, order, active, u, lora_b = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_u, need_lb = (ctx.needs_input_grad + (False, False))[9:11]
+        D = h.shape[1]
+        h2, w2 = _joined(h, w, u, lora_b)
         dh, dw, db = linear_lse_gather_backward(
-            h, w, b, index, ctx.scales, ctx.softcap, lse, gathered,
+            h2, w2, b, index, ctx.scales, ctx.softcap, lse, gathered,
             g_lse.index_select(0, order), g_gathered.index_select(0, order),
-            need_h, need_w, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active, order)
-        return dh, dw, db, None, None, None, None, None, None
+            need_h or need_u, need_w or need_lb, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active, order,
+            dw_from=0 if need_w else D)
+        if u is None:
+            return dh, dw, db, None, None, None, None, None, None, None, None
+        du = dh[:, D:] if need_u else None
+        dlb = (dw[:, D:] if need_w else dw) if need_lb else None
+        return (dh[:, :D] if need_h else None, dw[:, :D] if need_w else None, db,
+                None, None, None, None, None, None, du, dlb)
+
+
+def _joined(h, w, u, lora_b):
+    """``(h, w)`` as the kernels read them: ``([h | u], [w | lora_b])`` with a low-rank
+    segment, and ``w`` through ``tile_operand``."""
+    if u is None:
+        return h, tile_operand(w)
+    return torch.cat([h, u], 1), torch.cat([w, lora_b], 1)

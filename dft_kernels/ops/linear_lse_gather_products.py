@@ -127,7 +127,7 @@ def _chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool) -> tup
 
 def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, accum_fp32: bool,
                   active: torch.Tensor, dz_tile, gemm, products: str, ieee: bool, interp_bf16: bool, fill_slab,
-                  order: torch.Tensor | None = None):
+                  order: torch.Tensor | None = None, dw_from: int = 0):
     """The backward's slab loop (docs/fused_path.md), shared by every loss whose gradient
     w.r.t. the logits ``h @ w.T + b`` is recomputed tile by tile.
 
@@ -142,13 +142,15 @@ def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, 
     their matmul work). ``order``: int64 [N] or None: row i of the problem (of ``active``
     and of what ``fill_slab`` reads) is row ``order[i]`` of ``h``; each chunk's rows of h
     are gathered in that order and its dH rows written back to ``order`` (no [N, D] copy).
+    ``dw_from``: with ``need_w``, dW only for the columns ``dw_from:`` of ``w`` (a frozen
+    weight beside a trained low-rank segment, docs/design.md sec. 17).
     Returns ``dh`` (in ``h``'s row order), ``dw`` (input dtypes) and ``db`` fp32 [V], None
     where not needed."""
     N, D = h.shape
     V = w.shape[0]
     dev = h.device
     dh = torch.empty((N, D), dtype=h.dtype, device=dev) if need_h else None
-    dw = torch.empty((V, D), dtype=w.dtype, device=dev) if need_w else None
+    dw = torch.empty((V, D - dw_from), dtype=w.dtype, device=dev) if need_w else None
     db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     if N == 0:
         if need_w:
@@ -160,7 +162,7 @@ def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, 
     n_chunks = triton.cdiv(N, n_chunk)
     dw_acc = None
     if need_w:
-        dw_acc = torch.empty((V, D), dtype=torch.float32, device=dev) if (accum_fp32 and low and n_chunks > 1) \
+        dw_acc = torch.empty((V, D - dw_from), dtype=torch.float32, device=dev) if (accum_fp32 and low and n_chunks > 1) \
             else dw
     # dH of a chunk before it reaches dh: fp32 for 16-bit inputs, or in the input dtype when
     # it goes back through ``order``
@@ -191,7 +193,8 @@ def slab_backward(h: torch.Tensor, w: torch.Tensor, need_h: bool, need_w: bool, 
             if need_b:
                 db32[v0:v0 + n_cols] += dbp[:triton.cdiv(n_rows, dz_tile.BLOCK_N), :n_cols].sum(0)
             if need_w:
-                dw_product(products, gemm, dz, h_rows, dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee, interp_bf16)
+                dw_product(products, gemm, dz, h_rows[:, dw_from:], dw_acc[v0:], count, n_rows, n_cols, c > 0, ieee,
+                           interp_bf16)
             if need_h:
                 dh_product(products, gemm, dz, w[v0:], out_h, active, r0, n_rows, n_cols, s > 0, ieee, interp_bf16)
         del h_rows

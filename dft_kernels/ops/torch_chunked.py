@@ -68,6 +68,16 @@ def linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return z
 
 
+def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor | None = None,
+                lora_b: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_fp32` of the chunk's rows, plus the low-rank segment ``u @ lora_b.T``
+    when given (docs/design.md sec. 17): [C, Vc] in the compute dtype."""
+    z = linear_fp32(h, w, b)
+    if u is not None:
+        z.addmm_(u.to(z.dtype), lora_b.to(z.dtype).t())
+    return z
+
+
 def active_rows(index: torch.Tensor, V: int) -> torch.Tensor | None:
     """Rows whose ``index`` row holds an id in [0, V) (docs/design.md sec. 10: the
     others do not count and are never projected).
@@ -242,15 +252,17 @@ class LSEGatherTorch(torch.autograd.Function):
 
 
 class LinearLSEGatherTorch(torch.autograd.Function):
-    """Fused path (strategy "lean"): logits ``h @ W.T (+ b)`` recomputed chunk by chunk,
-    never stored. Rows whose index holds no id in [0, V) are never projected.
+    """Fused path (strategy "lean"): logits ``h @ W.T (+ b) (+ u @ B.T)`` recomputed chunk
+    by chunk, never stored. Rows whose index holds no id in [0, V) are never projected.
 
-    Gradients are returned only for inputs that require them; dW / db accumulate
-    in fp32 across chunks when ``accum_fp32`` (cast to the weight dtype at the end).
+    Gradients are returned only for inputs that require them; dW / db (and dB of the
+    low-rank segment ``u`` [N, r], ``lora_b`` [V, r]) accumulate in fp32 across chunks
+    when ``accum_fp32`` (cast to the weight dtype at the end).
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True, tail_slots=0):
+    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True, tail_slots=0, u=None,
+                lora_b=None):
         N, M = index.shape
         V = w.shape[0]
         step = chunk_rows(V, chunk_elems)
@@ -259,38 +271,42 @@ class LinearLSEGatherTorch(torch.autograd.Function):
         lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
         for r in row_chunks(N, step, rows):
-            z, _ = _softcap(linear_fp32(h[r], w, b), softcap)
+            z, _ = _softcap(head_logits(h[r], w, b, None if u is None else u[r], lora_b), softcap)
             lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
-        ctx.save_for_backward(h, w, b, index, lse, rows)
+        ctx.save_for_backward(h, w, b, index, lse, rows, u, lora_b)
         ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
         ctx.tail_slots = tail_slots
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
-        h, w, b, index, lse, rows = ctx.saved_tensors
+        h, w, b, index, lse, rows, u, lora_b = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_u, need_lb = (ctx.needs_input_grad + (False, False))[9:11]
         N = index.shape[0]
         V = w.shape[0]
         step = chunk_rows(V, ctx.chunk_elems)
         cdt = compute_dtype(h.dtype)
         acc_dtype = cdt if ctx.accum_fp32 else w.dtype
-        dh = None
-        if need_h:
-            dh = torch.empty_like(h) if rows is None else torch.zeros_like(h)
+
+        def zeros_or_empty(t, need):
+            return None if not need else (torch.empty_like(t) if rows is None else torch.zeros_like(t))
+        dh, du = zeros_or_empty(h, need_h), zeros_or_empty(u, need_u)
         dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
+        dlb = torch.zeros(lora_b.shape, dtype=acc_dtype, device=w.device) if need_lb else None
         db = torch.zeros((V,), dtype=cdt, device=w.device) if (need_b and b is not None) else None
         g_lse = g_lse.to(cdt)
         g_gathered = g_gathered.to(cdt)
         for r in row_chunks(N, step, rows):
-            z, t = _softcap(linear_fp32(h[r], w, b), ctx.softcap)
+            z, t = _softcap(head_logits(h[r], w, b, None if u is None else u[r], lora_b), ctx.softcap)
             dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
                              overwrite_z=True)
             del z, t
             accumulate_chunk_grads(dz, r, h, w, dh, dw, db)
+            if u is not None:
+                accumulate_chunk_grads(dz, r, u, lora_b, du, dlb, None)
             del dz
-        if dw is not None and dw.dtype != w.dtype:
-            dw = dw.to(w.dtype)
+        dw, dlb = (g if g is None or g.dtype == w.dtype else g.to(w.dtype) for g in (dw, dlb))
         if db is not None:
             db = db.to(b.dtype)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, du, dlb
