@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk, as in dft_kernels.ops.torch_chunked
+CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk, as in dft_kernels.ops._torch_common
 
 
 def chunk_loss(h, w, idx, lp, lab, lam: float):

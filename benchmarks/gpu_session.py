@@ -43,8 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-#: the environment variable that sets ``FusedConfig.backward_gemm`` (ops/linear_lse_gather.py)
-GEMM_ENV = "DFT_KERNELS_BACKWARD_GEMM"   # = ops.linear_lse_gather_products.BACKWARD_GEMM_ENV
+#: the environment variable that sets ``FusedConfig.backward_gemm`` (ops/linear/triton.py)
+GEMM_ENV = "DFT_KERNELS_BACKWARD_GEMM"   # = ops.linear.backward.BACKWARD_GEMM_ENV
 
 KERNEL_TESTS = ["tests/test_gpu_configs.py", "tests/test_fused_linear.py", "tests/test_dft_loss.py",
                 "tests/test_teacher_topk.py", "tests/test_two_head_triton.py"]

@@ -1,4 +1,4 @@
-"""Predicted peak memory of the chunked PyTorch path (dft_kernels/ops/torch_chunked.py).
+"""Predicted peak memory of the chunked PyTorch path (dft_kernels/ops/_torch_common.py).
 
 Derived by reading ``LSEGatherTorch`` (logits path) and ``LinearLSEGatherTorch``
 (fused path) tensor by tensor, and checked against peak-RSS measurements of
@@ -6,7 +6,7 @@ single chunks. The check presets of the sweep put each prediction next to the
 measurement (``measured_over_predicted``), and results JSONs record the hashes of
 the sources they ran with. Which columns are gathered and at which temperatures
 comes from the library itself (``dft_kernels.losses.gather_plan``), the chunk size from
-``dft_kernels.ops.torch_chunked.chunk_rows``. Every number is bytes *beyond the
+``dft_kernels.ops._torch_common.chunk_rows``. Every number is bytes *beyond the
 inputs and the returned gradients*.
 
 Notation: C = chunk rows = ``chunk_elems // V`` (``chunk_elems`` = 2**22 fp32
@@ -74,7 +74,7 @@ import math
 import torch
 from dft_kernels.losses import gather_plan
 from dft_kernels.memory import UPCAST_SLAB_ELEMS
-from dft_kernels.ops.torch_chunked import chunk_rows
+from dft_kernels.ops._torch_common import chunk_rows
 from dft_kernels.options import LOSS_DEFAULTS, needs_student_tail
 
 from .harness import MiB
@@ -180,11 +180,11 @@ def predict_fused_torch(N: int, D: int, V: int, K: int, itemsize: int, *, lam: f
 
 
 def triton_fused_model_doc() -> str | None:
-    """The memory model written in dft_kernels/ops/linear_lse_gather.py's docstring, if any."""
+    """The memory model written in dft_kernels/ops/linear/triton.py's docstring, if any."""
     try:
         import ast
         import importlib.util
-        spec = importlib.util.find_spec("dft_kernels.ops.linear_lse_gather")
+        spec = importlib.util.find_spec("dft_kernels.ops.linear.triton")
         if spec is None or not spec.origin:
             return None
         with open(spec.origin) as f:

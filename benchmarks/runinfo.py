@@ -40,7 +40,7 @@ def source_hashes() -> dict:
     import dft_kernels
     root = Path(dft_kernels.__file__).parent
     out = {}
-    for rel in ("losses.py", "reference.py", "ops/torch_chunked.py", "ops/lse_gather.py", "ops/linear_lse_gather.py"):
+    for rel in ("losses.py", "reference.py", "ops/_torch_common.py", "ops/lse_gather/triton.py", "ops/linear/triton.py"):
         p = root / rel
         out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "absent"
     return out

@@ -14,6 +14,7 @@ import torch
 
 from . import ops
 from .losses import mean_denominator, resolve_impl
+from .lm_head import fold_logit_scale
 from .low_rank import check_low_rank
 from .options import DFTLossOutput, check_options, check_strategy, effective_divergence
 from .targets.container import SparseTargets
@@ -89,7 +90,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference":
         impl = "torch"
-    from .ops.teacher_chunked import MAX_TRITON_K
+    from .ops.teacher_topk.torch import MAX_TRITON_K
     if impl == "triton" and k > MAX_TRITON_K:
         impl = "torch"          # the register buffer holds at most MAX_TRITON_K slots
     lead = tuple(hidden.shape[:-1])
@@ -98,10 +99,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
     if lora is not None:      # the teacher's [h | u] and [W | B]: one contraction, no gradients
         with torch.no_grad():
             h, weight = lora.joined(h, weight.detach())
-    if scale != 1.0:
-        h, b = h * scale, None if b is None else b * scale
+    h, b = fold_logit_scale(h, b, scale)
     if samples:   # hybrid / sampled (docs/design.md sec. 12): row blocks of logits, never [N, V]
-        from .ops.vocab_sampling import sorted_uniforms
+        from .ops.sampling import sorted_uniforms
         uniforms = sorted_uniforms(h.shape[0], samples, generator, device=h.device)
         index, logprobs = targets_from_hidden(h, weight.detach(), b, k, samples, 1.0 / float(temperature),
                                               None if softcap is None else float(softcap), uniforms)
@@ -116,7 +116,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
 def _distill_fast_fits(memory_budget, *, n_rows: int, vocab: int, hidden: int, head_trains: bool) -> bool:
     """The fast strategy's extra bytes: two fp32 [C, V] chunks and ~3 temporaries of
     them (C = ``FAST_CHUNK_ELEMS // V``), fp32 dH, and fp32 dW held to the backward."""
-    from .ops.teacher_chunked import FAST_CHUNK_ELEMS
+    from .ops.two_head.torch import FAST_CHUNK_ELEMS
     c = min(n_rows, max(1, FAST_CHUNK_ELEMS // max(vocab, 1)))
     extra = 5 * c * vocab * 4 + n_rows * hidden * 4 + (vocab * hidden * 4 if head_trains else 0)
     return extra <= memory_budget
@@ -163,92 +163,38 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
     Returns:
         The loss: a scalar, or `[...]` with ``reduction="none"`` (0 where a row does not count).
     """
-    _check_head("hidden", hidden, "weight", weight, "bias", bias)
-    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"the teacher's vocab ({teacher_weight.shape[0]} rows of teacher_weight) differs from the "
-                         f"student's ({weight.shape[0]} rows of weight): dense distillation needs one shared vocab")
-    if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and hidden {tuple(hidden.shape)} must have the "
-                         "same leading dims (one teacher row per student row)")
-    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad: the teacher gets no gradient; run the teacher under "
-                             "torch.no_grad() or pass .detach()")
+    s_scale, t_scale, lora, t_lora = _check_distill_args(
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, logit_scale,
+        teacher_logit_scale, (lora_A, lora_B, lora_scaling, lora_dropout),
+        (teacher_lora_A, teacher_lora_B, teacher_lora_scaling))
     check_options(lam=lam, divergence=divergence, beta=beta, tail="bucket", accuracy=accuracy,
                   temperature=temperature, softcap=softcap, reduction=reduction, impl=impl)
-    if teacher_softcap is not None and (not isinstance(teacher_softcap, (int, float)) or not teacher_softcap > 0):
-        raise ValueError(f"teacher_softcap={teacher_softcap!r} must be None or a number > 0")
-    s_scale = _check_scale("logit_scale", logit_scale)
-    t_scale = _check_scale("teacher_logit_scale", teacher_logit_scale)
-    lora = check_low_rank(weight, lora_A, lora_B, lora_scaling, lora_dropout)
-    t_lora = check_low_rank(teacher_weight, teacher_lora_A, teacher_lora_B, teacher_lora_scaling, None,
-                            prefix="teacher_")
     check_strategy(strategy, memory_budget)
     lead = tuple(hidden.shape[:-1])
-    N, V = math.prod(lead), weight.shape[0]
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != lead:
-            raise ValueError(f"labels must be an integer tensor of shape {lead} (the leading dims of hidden), got "
-                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
-        counted = labels.reshape(N).to(hidden.device) != ignore_index
-    else:
-        counted = torch.ones(N, dtype=torch.bool, device=hidden.device)
-    if impl == "triton":
-        ops._check_triton(hidden.device)
-    elif impl == "auto" and resolve_impl(impl, hidden.device) == "triton" and not all(
-            t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (hidden, teacher_hidden)):
-        impl = "torch"        # the kernel's dtypes; float64 runs the chunked PyTorch path
-    impl = resolve_impl(impl, hidden.device)
+    N = math.prod(lead)
+    counted = _counted_rows(labels, lead, ignore_index, hidden.device)
+    impl = _distill_impl(impl, hidden, teacher_hidden)
     tau = float(temperature)
     kind = effective_divergence(divergence, beta)
-    h = hidden.reshape(N, -1)
-    ht = teacher_hidden.detach().reshape(N, -1)
     rows = counted.nonzero().squeeze(1)      # host sync: uncounted rows are never projected
-    h_c, ht_c = h.index_select(0, rows), ht.index_select(0, rows)
-    w_s, w_t = weight, teacher_weight.detach()
-    if lora is not None:      # [h | u] @ [W | B].T: the low-rank segment joined (docs/design.md sec. 17)
-        h_c, w_s = lora.joined(h_c, w_s)
-    if t_lora is not None:
-        with torch.no_grad():
-            ht_c, w_t = t_lora.joined(ht_c, w_t)
-    h_c, ht_c = h_c * s_scale, ht_c * t_scale
-    b = None if bias is None else bias * s_scale
-    bt = None if teacher_bias is None else teacher_bias.detach() * t_scale
-    student = (h_c, w_s, b, None if softcap is None else float(softcap))
-    teacher = (ht_c, w_t, bt, None if teacher_softcap is None else float(teacher_softcap))
+    student, teacher = _heads(hidden.reshape(N, -1), weight, bias, softcap, s_scale, lora, teacher_hidden.reshape(N, -1),
+                              teacher_weight, teacher_bias, teacher_softcap, t_scale, t_lora, rows)
     n_tokens = counted.sum()
     cdt = compute_dtype(hidden.dtype)
     denom = mean_denominator(num_items_in_batch, n_tokens, cdt) if reduction == "mean" else 1.0
+    div_c, fast_loss = _divergence(student, teacher, bias, rows, tau, kind, float(beta), impl, reduction, strategy,
+                                   memory_budget, denom, cdt)
+    div = torch.zeros(N, dtype=div_c.dtype, device=hidden.device).index_copy(0, rows, div_c) * (tau * tau)
     has_acc = labels is not None and lam > 0
-
-    if impl == "reference":
-        div_c = _reference_divergence(student, teacher, 1.0 / tau, kind, float(beta))
-        fast_loss = None
-    else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_c, w_s, bias))
-        fast = reduction != "none" and needs_grad and strategy != "lean" and (
-            strategy == "fast" or _distill_fast_fits(memory_budget, n_rows=int(rows.numel()), vocab=V,
-                                                     hidden=h_c.shape[1], head_trains=w_s.requires_grad))
-        if fast:
-            row_weight = torch.full_like(rows, tau * tau, dtype=cdt) / denom
-            fast_loss, div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta),
-                                                             row_weight=row_weight)
-        else:
-            fast_loss = None
-            div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, float(beta), impl=impl)
-    div = torch.zeros(N, dtype=div_c.dtype, device=h.device).index_copy(0, rows, div_c) * (tau * tau)
-
     acc = torch.zeros_like(div)
     if has_acc:
         from .losses import fused_linear_dft_loss
         low_rank = {} if lora is None else dict(lora_A=lora.lora_A, lora_B=lora.lora_B, lora_scaling=lora.scaling,
                                                 lora_dropout=lora.dropout)
-        acc = fused_linear_dft_loss(hidden.reshape(N, -1) * s_scale, weight, labels=labels.reshape(N).to(h.device),
-                                    bias=b, lam=1.0, accuracy=accuracy, softcap=softcap, ignore_index=ignore_index,
-                                    reduction="none", impl="reference" if impl == "reference" else "auto",
-                                    **low_rank).to(div.dtype)
+        acc = fused_linear_dft_loss(hidden.reshape(N, -1) * s_scale, weight, labels=labels.reshape(N).to(hidden.device),
+                                    bias=student[2], lam=1.0, accuracy=accuracy, softcap=softcap,
+                                    ignore_index=ignore_index, reduction="none",
+                                    impl="reference" if impl == "reference" else "auto", **low_rank).to(div.dtype)
     per_row = div + lam * acc
     if reduction == "none":
         loss, red_div, red_acc = per_row.reshape(lead), div.detach().reshape(lead), acc.detach().reshape(lead)
@@ -263,21 +209,89 @@ def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, la
             loss = loss + hidden.sum() * 0.0      # nothing counted: zero gradients, not None
     if not return_components:
         return loss
-    one = torch.ones((), dtype=torch.float32, device=h.device)
+    one = torch.ones((), dtype=torch.float32, device=hidden.device)
     return DFTLossOutput(loss, red_div, red_acc, n_tokens, one, one)
 
 
-def _reference_divergence(student, teacher, inv_temp: float, kind: str, beta: float) -> torch.Tensor:
-    """Naive: both heads' full logits materialised, autograd through ``log_softmax``."""
-    def logp(h, w, b, cap):
-        z = torch.nn.functional.linear(h, w, b).to(compute_dtype(h.dtype))
-        if cap is not None:
-            z = cap * torch.tanh(z / cap)
-        return torch.log_softmax(z * inv_temp, dim=-1)
-    lq, lp = logp(*student), logp(*teacher)
-    if kind == "forward_kl":
-        return (lp.exp() * (lp - lq)).sum(-1)
-    if kind == "reverse_kl":
-        return (lq.exp() * (lq - lp)).sum(-1)
-    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-    return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+def _check_distill_args(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
+                        logit_scale, teacher_logit_scale, student_lora: tuple, teacher_lora: tuple):
+    """The distillation loss's tensor checks; returns the two logit scales and the two heads'
+    low-rank corrections (:class:`LowRankHead` or None)."""
+    _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the teacher's vocab ({teacher_weight.shape[0]} rows of teacher_weight) differs from the "
+                         f"student's ({weight.shape[0]} rows of weight): dense distillation needs one shared vocab")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and hidden {tuple(hidden.shape)} must have the "
+                         "same leading dims (one teacher row per student row)")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad: the teacher gets no gradient; run the teacher under "
+                             "torch.no_grad() or pass .detach()")
+    if teacher_softcap is not None and (not isinstance(teacher_softcap, (int, float)) or not teacher_softcap > 0):
+        raise ValueError(f"teacher_softcap={teacher_softcap!r} must be None or a number > 0")
+    s_scale = _check_scale("logit_scale", logit_scale)
+    t_scale = _check_scale("teacher_logit_scale", teacher_logit_scale)
+    lora = check_low_rank(weight, *student_lora)
+    t_lora = check_low_rank(teacher_weight, *teacher_lora, None, prefix="teacher_")
+    return s_scale, t_scale, lora, t_lora
+
+
+def _counted_rows(labels, lead: tuple, ignore_index: int, device) -> torch.Tensor:
+    """[N] bool: the rows whose label is not ``ignore_index`` (every row without labels)."""
+    N = math.prod(lead)
+    if labels is None:
+        return torch.ones(N, dtype=torch.bool, device=device)
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != lead:
+        raise ValueError(f"labels must be an integer tensor of shape {lead} (the leading dims of hidden), got "
+                         f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+    return labels.reshape(N).to(device) != ignore_index
+
+
+def _distill_impl(impl: str, hidden, teacher_hidden) -> str:
+    """The resolved impl: "auto" takes the chunked PyTorch path for dtypes the kernel lacks."""
+    if impl == "triton":
+        ops._check_triton(hidden.device)
+    elif impl == "auto" and resolve_impl(impl, hidden.device) == "triton" and not all(
+            t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (hidden, teacher_hidden)):
+        impl = "torch"        # the kernel's dtypes; float64 runs the chunked PyTorch path
+    return resolve_impl(impl, hidden.device)
+
+
+def _heads(h, weight, bias, softcap, s_scale, lora, ht, teacher_weight, teacher_bias, teacher_softcap, t_scale,
+           t_lora, rows):
+    """``(student, teacher)``: each ``(h, w, b, softcap)`` on the counted ``rows``, the
+    low-rank segment joined (``[h | u] @ [W | B].T``, docs/design.md sec. 17) and the logit
+    scale folded into h and b; the teacher detached."""
+    h_c, ht_c = h.index_select(0, rows), ht.detach().index_select(0, rows)
+    w_s, w_t = weight, teacher_weight.detach()
+    if lora is not None:
+        h_c, w_s = lora.joined(h_c, w_s)
+    if t_lora is not None:
+        with torch.no_grad():
+            ht_c, w_t = t_lora.joined(ht_c, w_t)
+    h_c, b = fold_logit_scale(h_c, bias, s_scale)
+    ht_c, bt = fold_logit_scale(ht_c, None if teacher_bias is None else teacher_bias.detach(), t_scale)
+    return ((h_c, w_s, b, None if softcap is None else float(softcap)),
+            (ht_c, w_t, bt, None if teacher_softcap is None else float(teacher_softcap)))
+
+
+def _divergence(student, teacher, bias, rows, tau: float, kind: str, beta: float, impl: str, reduction: str,
+                strategy: str, memory_budget, denom, cdt):
+    """``(div_c [rows], fast_loss | None)``: the per-row divergence of the counted rows, by
+    the reference, the lean strategy or the fast one (then also its scalar loss share)."""
+    if impl == "reference":
+        from .ops.two_head.naive import two_head_divergence
+        return two_head_divergence(student, teacher, 1.0 / tau, kind, beta), None
+    h_c, w_s = student[0], student[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_c, w_s, bias))
+    fast = reduction != "none" and needs_grad and strategy != "lean" and (
+        strategy == "fast" or _distill_fast_fits(memory_budget, n_rows=int(rows.numel()), vocab=w_s.shape[0],
+                                                 hidden=h_c.shape[1], head_trains=w_s.requires_grad))
+    if not fast:
+        return ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, beta, impl=impl), None
+    row_weight = torch.full_like(rows, tau * tau, dtype=cdt) / denom
+    fast_loss, div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, beta, row_weight=row_weight)
+    return div_c, fast_loss

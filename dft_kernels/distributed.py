@@ -399,7 +399,7 @@ def _local_primitive(h, w, b, index, scales, softcap, impl, tail_slots, **kw):
     cdt = compute_dtype(h.dtype)
     if w.shape[0] == 0:
         return _EmptyShard.apply(h, w, b, index.shape[0], index.shape[1] - 1,
-                                 len(scales) + (tail_slots > 0), cdt)
+                                 ops.lse_columns(scales, tail_slots), cdt)
     lse, gathered = ops.linear_lse_gather_apply(h, w, b, index, scales, softcap, impl, tail_slots=tail_slots, **kw)
     return lse.to(cdt), gathered[:, :-1].to(cdt)    # drop _localize's keep-alive column
 

@@ -83,7 +83,7 @@ def _divergence(q, lq, p, lp, kind: str, beta: float) -> torch.Tensor:
 def dft_loss(logits, target_index=None, target_logprobs=None, labels=None, *, lam=0.2,
              divergence="forward_kl", beta=0.5, tail="bucket", accuracy="ce", temperature=1.0,
              softcap=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-             return_components=False, **_ignored):
+             return_components=False):
     """Reference DFT loss: materialises the `[N, V]` log-softmax at each temperature.
 
     Computes in ``validation.compute_dtype`` of the logits; runs no input checks.

@@ -178,7 +178,7 @@ def test_teacher_topk_torch_is_the_true_topk(dtype, temperature, samples):
 def test_linear_fp32_is_the_exact_product(monkeypatch, dtype):
     """The helper every chunked path forms its logits with: fp32 from 16-bit operands, on
     the CPU one upcast W slab at a time (several slabs here, the last one partial)."""
-    from dft_kernels.ops import torch_chunked
+    from dft_kernels.ops import _torch_common as torch_chunked
     monkeypatch.setattr(torch_chunked, "UPCAST_SLAB_ELEMS", 300 * D)
     h, w, b, *_ = make_inputs(dtype)
     z = torch_chunked.linear_fp32(h, w, b)

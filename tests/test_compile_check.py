@@ -6,6 +6,7 @@ The gate compiles real kernels, so it runs in a fresh process without
 TRITON_INTERPRET (this test session imports the kernels under the interpreter)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from dft_kernels.ops import compile_check as cc
+from dft_kernels.tools import compile_check as cc
 
 
 def _fresh_env() -> dict:
@@ -23,7 +24,7 @@ def _fresh_env() -> dict:
 
 
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dft_kernels.ops.compile_check", *args],
+    return subprocess.run([sys.executable, "-m", "dft_kernels.tools.compile_check", *args],
                           capture_output=True, text=True, env=_fresh_env(), timeout=timeout)
 
 
@@ -89,8 +90,9 @@ def test_dw_gemm_has_the_pipeline_depth_of_the_other_gemm(default_gate):
 
 
 _SPECIALISE = """
+import dataclasses
 import json
-from dft_kernels.ops import compile_check as cc
+from dft_kernels.tools import compile_check as cc
 jobs = cc.collect_jobs([cc.COMMON], ("bf16",), ("sm_90a",), ops=("fused",))
 tile = next(j for j in jobs if j.kernel == "_lse_tile_kernel")
 names = list(tile.signature)
@@ -178,7 +180,7 @@ import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dft_kernels.ops import compile_check as cc
+from dft_kernels.tools import compile_check as cc
 
 @triton.jit
 def bad_kernel(X, Y, stride_xn, stride_yn, N, BLOCK: tl.constexpr):
@@ -223,7 +225,7 @@ def test_i32_rule_on_compiled_kernels(tmp_path):
 
 
 def test_every_architecture_has_limits():
-    from dft_kernels.ops.linear_config import ARCHS, arch_for, register_cap
+    from dft_kernels.ops.linear.config import ARCHS, arch_for, register_cap
     assert {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120a"} <= set(cc.ARCHS)
     assert ARCHS["sm_75"].tensor_core_dtypes == frozenset() and ARCHS["sm_75"].triton_dtypes == ("fp32",)
     assert ARCHS["sm_86"].smem_per_block < 110 * 1024 and ARCHS["sm_90a"].tensor_core == "wgmma"
@@ -264,11 +266,12 @@ def test_matrix_table(tmp_path):
 # --------------------------------------------------------------------------- tl.dot patterns
 
 _DOT_KERNELS = '''
+import dataclasses
 import json
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dft_kernels.ops import compile_check as cc
+from dft_kernels.tools import compile_check as cc
 
 
 @triton.jit
@@ -361,7 +364,7 @@ def test_positional_arguments_are_named_for_older_triton():
 
 def test_serialized_wgmma_fails_the_gate():
     """ptxas's "wgmma serialized" performance warning (a slow path on Hopper) is a gate failure."""
-    from dft_kernels.ops.compile_rules import serialized_wgmma
+    from dft_kernels.tools.compile_rules import serialized_wgmma
     log = ("ptxas info    : Used 168 registers\n"
            "ptxas k.ptx, line 5; warning : Potential Performance Loss: wgmma.mma_async instructions are "
            "serialized due to the presence of Extern calls in the function '_dz_tile_kernel'.\n")
@@ -371,3 +374,89 @@ def test_serialized_wgmma_fails_the_gate():
     report = cc.Report("k", "bf16", "sm_90a", "v", regs=168, spill_bytes=0, tensor_cores="wgmma", uses_dot=True,
                        wgmma_serialized=found)
     assert report.problems and report.problems[0].startswith("wgmma serialized")
+
+
+# the log lines of the measured releases (ptxas 12.4 under Triton 3.2 via compile_rules.ptxas_usage,
+# 12.8 under 3.6, ptxas-blackwell 13.x under 3.9: the last one prefixes its own name)
+@pytest.mark.parametrize("line", [
+    pytest.param("ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+                 "due to insufficient register resources for the wgmma pipeline in the function '_k'", id="3.2-3.6"),
+    pytest.param("ptxas-blackwell info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are "
+                 "serialized due to insufficient register resources for the wgmma pipeline in the function '_k' in ",
+                 id="3.9"),
+    pytest.param("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+                 "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of "
+                 "the pipeline stage in the function '_k'", id="C7515"),
+])
+def test_serialized_wgmma_reads_every_release_log(line):
+    assert cc.serialized_wgmma("ptxas info    : Used 128 registers\n" + line + "\n") == (line.strip()[:200],)
+
+
+_PROBE = '''
+import dataclasses
+import json
+from dft_kernels.tools import compile_check as cc
+r = cc.wgmma_probe()
+print(json.dumps(dict(serialized=list(r.wgmma_serialized), error=r.error, tc=r.tensor_cores)))
+'''
+
+
+def test_wgmma_probe_serialises_on_hopper():
+    """The probe kernel (tools/wgmma_probe.py) makes ptxas serialise its wgmma, and the gate's
+    rule sees it (tools/compile_matrix.sh runs the same probe under every release)."""
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=_fresh_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["error"] == "" and "wgmma" in got["tc"], got
+    assert got["serialized"] and "serialized" in got["serialized"][0], got
+
+
+def test_cells_auto_sends_to_pytorch_are_not_compiled(monkeypatch):
+    """Under a release whose TRITON_UNSUPPORTED rules send a cell to PyTorch (faked: 3.2 on
+    Blackwell, 3.6's 16-bit teacher top-k on sm_100a) the gate lists it instead of compiling
+    (--include-unsupported compiles it); nothing is launched for those cells."""
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    skipped: list = []
+    jobs = cc.collect_jobs([cc.COMMON], ("bf16", "fp32"), ("sm_100a", "sm_120a"), skipped=skipped)
+    assert jobs == []
+    assert {(s["arch"], s["dtype"], s["op"]) for s in skipped} == {
+        (a, d, op) for a in ("sm_100a", "sm_120a") for d in ("bf16", "fp32") for op in cc.DRIVERS}
+    assert all("cannot target Blackwell" in s["why"] for s in skipped)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert cc.unsupported_reason("sm_100a", "bf16", "teacher_topk") is not None
+    assert cc.unsupported_reason("sm_100a", "fp16", "teacher_topk") is not None
+    assert cc.unsupported_reason("sm_100a", "tf32", "teacher_topk") is not None
+    assert cc.unsupported_reason("sm_100a", "fp32", "teacher_topk") is None
+    assert cc.unsupported_reason("sm_100a", "bf16", "fused") is None
+    assert cc.unsupported_reason("sm_120a", "bf16", "teacher_topk") is None
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert all(cc.unsupported_reason(a, d, op) is None for a in cc.ARCHS for d in cc.ARCH_LIMITS[a].triton_dtypes
+               for op in cc.DRIVERS)
+
+
+def test_matrix_lists_skipped_cells_and_the_probe(tmp_path):
+    rep = cc.Report("_lse_tile_kernel", "bf16", "sm_100a", "1sc", regs=120, spill_bytes=0, smem=65536, depth=4,
+                    tensor_cores="tcgen05", uses_dot=True)
+    probe = cc.Report("_serialising_mm_kernel", "bf16", "sm_90a", "probe", wgmma_serialized=("ptxas info : ... "
+                      "wgmma.mma_async instructions are serialized",))
+    why36 = "Triton 3.6 fails to compile the teacher top-k kernel for sm_100a"
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(dict(triton="3.6.0", args=["--arch", "sm_100a", "--wgmma-probe", "--dtype", "bf16"],
+                                 summary=cc.summarise([rep]), wgmma_probe=dataclasses.asdict(probe),
+                                 skipped=[dict(arch="sm_100a", dtype="bf16", op="teacher_topk",
+                                               why=f"bf16 (teacher_topk) on sm_100a under Triton 3.6: {why36}; "
+                                                   "auto uses the chunked PyTorch path")])))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(dict(triton="3.2.0", args=[], summary=[], skipped=[
+        dict(arch="sm_120a", dtype=d, op="fused", why="Triton before 3.3 cannot target Blackwell") for d in
+        ("bf16", "fp32")])))
+    out = tmp_path / "m.md"
+    assert cc.main(["--matrix", str(out), str(a), str(b)]) == 0
+    text = out.read_text()
+    assert "| 3.6.0 | sm_100a | bf16 | 1 | 1 | 0 | 0 | 120 | 65536 | 0 | tcgen05 |" in text
+    assert "- 3.6.0 sm_100a bf16 `teacher_topk`: " + why36 in text
+    assert "| 3.2.0 | sm_120a | - | 0 | 0 | - |" in text and "auto runs PyTorch: Triton before 3.3" in text
+    assert "3.6.0: fires" in text
+    assert "- 3.6.0: `--dtype bf16`" in text      # --wgmma-probe is not coverage

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dft_kernels as dk
 from dft_kernels import reference
-from dft_kernels.ops import lse_gather as triton_lse_gather
+from dft_kernels.ops.lse_gather import triton as triton_lse_gather
 
 from ._problems import loss_and_grad, make_problem
 

@@ -135,9 +135,9 @@ def test_bad_input_is_named():
 
 def test_auto_takes_the_triton_kernel_where_triton_is_picked(monkeypatch):
     """"auto" on CUDA resolves to Triton: the lean strategy runs the two-head kernel
-    (ops/two_head_triton.py; the interpreter here), float64 inputs the chunked PyTorch path."""
+    (ops/two_head/triton.py; the interpreter here), float64 inputs the chunked PyTorch path."""
     from dft_kernels import distill
-    from dft_kernels.ops import two_head_triton
+    from dft_kernels.ops.two_head import triton as two_head_triton
     h, w, b, ht, wt, bt, labels = _inputs(torch.float32)
     expected = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="torch", strategy="lean")
     calls = []

@@ -444,8 +444,8 @@ def check_ddp_data_x_vocab_parallel(rank, world):
 def check_triton_interpreter(rank, world):
     """The Triton kernels under the interpreter (only when they are installed)."""
     if importlib.util.find_spec("triton") is None or \
-            importlib.util.find_spec("dft_kernels.ops.linear_lse_gather") is None:
-        raise _Skip("the fused Triton kernel (dft_kernels.ops.linear_lse_gather) or triton is not available")
+            importlib.util.find_spec("dft_kernels.ops.linear.triton") is None:
+        raise _Skip("the fused Triton kernel (dft_kernels.ops.linear.triton) or triton is not available")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise _Skip("TRITON_INTERPRET=1 is not set")
     h, w, b, idx, lp, labels, _ = _problem(7)

@@ -83,7 +83,7 @@ def test_cached_choice_on_a_cuda_key(xdg, monkeypatch):
     assert cache.cached_choice("backward_gemm") == "torch"
     assert cache.cached_choice("strategy", cuda) == "fast"
     # the fused path's backward products read it (an explicit environment variable wins)
-    from dft_kernels.ops.linear_config import fused_config
+    from dft_kernels.ops.linear.config import fused_config
     monkeypatch.delenv("DFT_KERNELS_BACKWARD_GEMM", raising=False)
     assert fused_config((8, 9), torch.bfloat16, 8).backward_gemm == "torch"
     monkeypatch.setenv("DFT_KERNELS_BACKWARD_GEMM", "triton")

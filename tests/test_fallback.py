@@ -14,7 +14,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels.ops import fallback
-from dft_kernels.ops.linear_config import triton_unsupported
+from dft_kernels.ops.linear.config import triton_unsupported
 
 triton = pytest.importorskip("triton")
 from triton.compiler.errors import CompilationError  # noqa: E402
@@ -198,7 +198,7 @@ def test_resolve_impl_tags_auto_and_reads_the_doctor_cache(monkeypatch):
 
 
 def test_broken_triton_import_falls_back(monkeypatch):
-    def broken(device, dtype):
+    def broken(device, dtype, op=None):
         raise ImportError("libcuda.so.1: cannot open shared object file")
     monkeypatch.setattr(fallback, "preflight", broken)
     with pytest.warns(fallback.TritonFallbackWarning, match="ImportError: libcuda.so.1"):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import dft_kernels as dk
 from dft_kernels import reference
-from dft_kernels.ops import linear_lse_gather as fused
-from dft_kernels.ops import linear_lse_gather_products as products
+from dft_kernels.ops.linear import triton as fused
+from dft_kernels.ops.linear import backward as products
 
 # --------------------------------------------------------------------------- problems
 

@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from dft_kernels.ops import linear_lse_gather as fused
-from dft_kernels.ops import linear_lse_gather_products as products
-from dft_kernels.ops.linear_lse_gather_products import check_backward_gemm
+from dft_kernels.ops import PrimitiveArgs
+from dft_kernels.ops.linear import triton as fused
+from dft_kernels.ops.linear import backward as products
+from dft_kernels.ops.linear.backward import check_backward_gemm
 
 
 def _problem(N, V, D, M, seed=0):
@@ -53,8 +54,8 @@ def _check(config, dtype, N, V, D, M, *, scales=(1.0,), softcap=None, tail_slots
     g_lse[3] = 0.0                       # a row without upstream gradient
     g_gat[3] = 0.0
     leaves = [t.to(dtype).requires_grad_(True) for t in (h64, w64, b64)]
-    lse, gat = fused.LinearLSEGatherTriton.apply(*leaves, index, tuple(scales), softcap, accum_fp32,
-                                                 tail_slots, config)
+    lse, gat = fused.LinearLSEGatherTriton.apply(*leaves, index, PrimitiveArgs(tuple(scales), softcap, tail_slots,
+                                                                               accum_fp32, config=config))
     torch.autograd.backward((lse, gat), (g_lse.float(), g_gat.float()))
     refs = [t.detach().double().requires_grad_(True) for t in leaves]   # the same rounded inputs
     lse_r, gat_r = _reference(*refs, index, scales, softcap, tail_slots)
@@ -113,7 +114,7 @@ def test_config_per_architecture():
     """Every architecture of the compile gate gets its config from the one function: the
     register cap everywhere but Hopper, operand stages that fit the block's shared memory
     (4 on the ~100 KB consumer cards, fewer on sm_75's 64 KB)."""
-    from dft_kernels.ops.linear_config import ARCHS
+    from dft_kernels.ops.linear.config import ARCHS
     for arch in ARCHS.values():
         for dtype in (torch.bfloat16, torch.float32):
             cfg = fused.fused_config(arch.capability, dtype, 8)
@@ -129,3 +130,144 @@ def test_consumer_config_under_interpreter(capability, dtype):
     """A consumer card's and Turing's configs (fewer stages, the register cap) at odd shapes."""
     config = fused.fused_config(capability, dtype, 3)
     _check(config, dtype, 67, 259, 40, 3, softcap=None, tail_slots=1)
+
+
+# --------------------------------------------------------------------------- Triton releases
+# The config functions read triton.__version__ at each call (linear.config.RELEASE_CONFIG);
+# these tests fake it and compile nothing (the compiles: tools/compile_matrix.sh,
+# benchmarks/results/compile_matrix.md).
+
+ALL_CAPS = [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
+
+
+def _configs(monkeypatch, version, capability, dtype):
+    """(fused, two-head, teacher top-k) configs under Triton ``version``."""
+    import triton
+
+    from dft_kernels.ops.teacher_topk.triton import topk_config
+    from dft_kernels.ops.two_head.triton import two_head_config
+    monkeypatch.setattr(triton, "__version__", version)
+    return (fused.fused_config(capability, dtype, 8, backward_gemm="triton"),
+            two_head_config(capability, dtype, backward_gemm="triton"), topk_config(capability, dtype, 32))
+
+
+def test_triton_version_parses_releases():
+    from dft_kernels.ops.linear.config import triton_version
+    assert triton_version("3.2.0") == (3, 2)
+    assert triton_version("3.6.0+git1234abcd") == (3, 6)
+    assert triton_version("3.10.1") == (3, 10)
+    assert triton_version("3.5.0rc1") == (3, 5)
+    assert triton_version("garbage") == (0, 0)
+
+
+def test_triton_39_config_has_no_release_override(monkeypatch):
+    """Triton 3.9 (and later) runs the one config: no release rule touches it, so its gate
+    results (benchmarks/results/compile_matrix_gate-3.9.md) stand."""
+    from dft_kernels.ops.linear.config import release_overrides
+    kernels = ("_lse_tile_kernel", "_dz_tile_kernel", "_teacher_topk_kernel", "_two_head_stats_kernel",
+               "_two_head_jsd_kernel", "_two_head_dz_kernel")
+    for version in ("3.9.0", "3.10.0"):
+        for cap in ALL_CAPS:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                assert all(release_overrides(k, cap, dtype, version) == {} for k in kernels), (version, cap, dtype)
+    for cap in ALL_CAPS:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            fc, th, tk = _configs(monkeypatch, "3.9.0", cap, dtype)
+            assert fc.fwd.maxnreg is None and fc.fwd.BLOCK_V == 128 and fc.dz.BLOCK_V == 128, (cap, dtype)
+            assert fc.dz.maxnreg == (None if cap[0] == 9 else 255), (cap, dtype)
+            assert th.fwd == th.dz and th.dz.BLOCK_V == 128 and th.dz.maxnreg == fc.dz.maxnreg, (cap, dtype)
+            assert (tk.BLOCK_N, tk.BLOCK_V) == ((64, 64) if dtype == torch.float32 else (64, 128)), (cap, dtype)
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.3.0", "3.8.1"])
+def test_triton_36_caps_the_forward_tile_on_ampere_and_ada(monkeypatch, version):
+    """Triton 3.6: the forward tile's common variant spilled 24 B at 128 registers on sm_80 /
+    sm_86 / sm_89 in bf16, fp16 and tf32; the cap of 255 there, nowhere else, not for fp32."""
+    for cap in ALL_CAPS:
+        for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
+                            (torch.float32, True)):
+            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+            fc, _, _ = _configs(monkeypatch, version, cap, dtype)
+            want = 255 if cap[0] == 8 and (dtype != torch.float32 or tf32) else None
+            assert fc.fwd.maxnreg == want, (version, cap, dtype, tf32)
+            assert fc.fwd.launch_options().get("maxnreg") == want
+            assert fc.dz.BLOCK_V == 128 and fc.dz.maxnreg == (None if cap[0] == 9 else 255)
+    fc, _, _ = _configs(monkeypatch, "3.2.0", (8, 0), torch.bfloat16)
+    assert fc.fwd.maxnreg is None
+
+
+def test_triton_32_halves_the_fp32_dz_tile_on_hopper(monkeypatch):
+    """Triton 3.2 on sm_90a: the fp32 dz tile (64 x 128) spilled 32 B; 64 x 64 there only."""
+    fc, _, _ = _configs(monkeypatch, "3.2.0", (9, 0), torch.float32)
+    assert (fc.dz.BLOCK_N, fc.dz.BLOCK_V, fc.dz.maxnreg) == (64, 64, None)
+    assert fc.fwd.BLOCK_V == 128
+    for cap, dtype in (((9, 0), torch.bfloat16), ((9, 0), torch.float16), ((8, 0), torch.float32)):
+        fc, _, _ = _configs(monkeypatch, "3.2.0", cap, dtype)
+        assert fc.dz.BLOCK_V == 128, (cap, dtype)
+    for version in ("3.3.0", "3.6.0", "3.9.0"):
+        fc, _, _ = _configs(monkeypatch, version, (9, 0), torch.float32)
+        assert fc.dz.BLOCK_V == 128, version
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)   # TF32 (wgmma) fits 64 x 128
+    fc, _, _ = _configs(monkeypatch, "3.2.0", (9, 0), torch.float32)
+    assert fc.dz.BLOCK_V == 128
+
+
+@pytest.mark.parametrize("version", ["3.2.0", "3.2.1"])
+@pytest.mark.parametrize("capability", [(10, 0), (10, 3), (12, 0)])
+def test_blackwell_needs_triton_33(version, capability):
+    """Triton < 3.3 cannot target Blackwell (3.2 aborts in AccelerateMatmul): every op, every
+    dtype goes to the chunked PyTorch path before anything is compiled."""
+    from dft_kernels.ops.linear.config import triton_unsupported
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for op in (None, "linear_lse_gather", "teacher_topk", "two_head", "lse_gather"):
+            why = triton_unsupported(capability, dtype, op, version)
+            assert why is not None and "Triton before 3.3 cannot target Blackwell" in why, (dtype, op)
+    for later in ("3.3.0", "3.6.0", "3.9.0"):
+        assert triton_unsupported(capability, torch.bfloat16, "linear_lse_gather", later) is None
+    assert triton_unsupported((9, 0), torch.bfloat16, "linear_lse_gather", version) is None
+
+
+def test_triton_36_teacher_topk_on_sm100_runs_pytorch(monkeypatch):
+    """Triton 3.6 cannot compile the tensor-core teacher top-k kernel (bf16, fp16, TF32) for
+    sm_100a (a pass error): that op and those dtypes only, that release only; fp32 on FMA
+    compiles."""
+    from dft_kernels.ops.linear.config import triton_unsupported
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True)):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        why = triton_unsupported((10, 0), dtype, "teacher_topk", "3.6.0")
+        assert why is not None and "teacher_topk" in why and "sm_100a" in why, dtype
+        assert triton_unsupported((10, 0), dtype, "linear_lse_gather", "3.6.0") is None
+        assert triton_unsupported((10, 0), dtype, "teacher_topk", "3.9.0") is None
+        assert triton_unsupported((12, 0), dtype, "teacher_topk", "3.6.0") is None
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert triton_unsupported((10, 0), torch.float32, "teacher_topk", "3.6.0") is None
+
+
+@pytest.mark.parametrize("version, capability, dtype, op, match", [
+    pytest.param("3.2.0", (10, 0), torch.bfloat16, "linear_lse_gather", "cannot target Blackwell", id="3.2-sm100"),
+    pytest.param("3.2.0", (12, 0), torch.float32, "two_head", "cannot target Blackwell", id="3.2-sm120"),
+    pytest.param("3.6.0", (10, 0), torch.bfloat16, "teacher_topk", "TMemLayouts", id="3.6-sm100-topk"),
+    pytest.param("3.6.0", (10, 0), torch.float16, "teacher_topk", "TMemLayouts", id="3.6-sm100-topk-fp16"),
+])
+def test_auto_falls_back_before_compiling(monkeypatch, version, capability, dtype, op, match):
+    """fallback.guarded with the injected Triton version on a (faked) Blackwell device: the
+    Triton side is never called, the op runs on the PyTorch path, one warning."""
+    from dft_kernels.ops import fallback
+    monkeypatch.setattr(fallback, "_triton_version", lambda: version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA faked")
+    fallback.reset()
+    try:
+        def must_not_compile(*_):
+            raise AssertionError("Triton must not be tried")
+        with pytest.warns(fallback.TritonFallbackWarning, match=match):
+            out = fallback.guarded(op, fallback.AUTO_TRITON, torch.device("cuda", 0), dtype, must_not_compile,
+                                   lambda *_: (torch.ones(2),), (), differentiable=False)
+        assert torch.equal(out[0], torch.ones(2))
+        assert fallback._STATE[(op, "cuda:0", str(dtype).removeprefix("torch."))] == "failed"
+        # the same cell under Triton 3.9 is tried
+        fallback.reset()
+        monkeypatch.setattr(fallback, "_triton_version", lambda: "3.9.0")
+        assert fallback.preflight(torch.device("cuda", 0), dtype, op) is None
+    finally:
+        fallback.reset()

@@ -23,8 +23,9 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels import reference
-from dft_kernels.ops import linear_lse_gather as fused
-from dft_kernels.ops.two_head_triton import TwoHeadDivergenceTriton
+from dft_kernels.ops import PrimitiveArgs, TwoHeadArgs
+from dft_kernels.ops.linear import triton as fused
+from dft_kernels.ops.two_head.triton import TwoHeadDivergenceTriton
 
 IMPLS = ["torch", "triton"]
 
@@ -69,7 +70,7 @@ def test_fused_ignored_rows_beside_counted_rows_at_gpu_tiles(capability, scales,
     g_lse = torch.randn(N, T, generator=g, dtype=torch.float64)
     g_gat = torch.randn(N, M, generator=g, dtype=torch.float64)
     leaves = [t.float().requires_grad_(True) for t in (h64, w64, b64)]
-    lse, gat = fused.LinearLSEGatherTriton.apply(*leaves, index, scales, softcap, True, tail, config)
+    lse, gat = fused.LinearLSEGatherTriton.apply(*leaves, index, PrimitiveArgs(scales, softcap, tail, config=config))
     torch.autograd.backward((lse, gat), (g_lse.float(), g_gat.float()))
     refs = [t.detach().double().requires_grad_(True) for t in leaves]
     z = refs[0][:-3] @ refs[1].T + refs[2]
@@ -145,7 +146,7 @@ def test_two_head_rows_without_gradient_huge_logits():
     ht, wt = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 4
     for kind, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
         hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        div = TwoHeadDivergenceTriton.apply(hl, wl, None, ht, wt, None, None, None, 1.0, kind, beta)
+        div = TwoHeadDivergenceTriton.apply(hl, wl, None, ht, wt, None, TwoHeadArgs(None, None, 1.0, kind, beta))
         up = torch.zeros(N)
         up[:16] = 1.0
         div.backward(up)
@@ -237,7 +238,7 @@ def test_two_head_teacher_weight_rows_past_2_31():
     h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
     ht, wt = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
     far = _far_rows(V, D, STRIDE, wt)
-    div = TwoHeadDivergenceTriton.apply(h, w, None, ht, far, None, None, None, 1.0, "forward_kl", 0.5)
+    div = TwoHeadDivergenceTriton.apply(h, w, None, ht, far, None, TwoHeadArgs(None, None, 1.0, "forward_kl", 0.5))
     lq = torch.log_softmax(h.double() @ w.double().T, -1)
     lp = torch.log_softmax(ht.double() @ wt.double().T, -1)
     torch.testing.assert_close(div.double(), (lp.exp() * (lp - lq)).sum(-1), atol=2e-5, rtol=2e-5)
@@ -505,10 +506,10 @@ def test_every_launch_grid_is_one_dimensional_at_1m_tokens(monkeypatch):
     """Every kernel launch at N 1,048,576, V 262144 (the GPU configs, ``meta`` tensors, no
     compute) uses grid axis 0 only, below 2**31 blocks: CUDA caps axes 1 and 2 at 65535.
     The backward's buffers are enlarged 16x (fewer, larger launches: the largest grids)."""
-    from dft_kernels.ops import linear_lse_gather_products as products
+    from dft_kernels.ops.linear import backward as products
     monkeypatch.setattr(products, "SLAB_BYTES", products.SLAB_BYTES * 16)
     monkeypatch.setattr(products, "ACC_BYTES", products.ACC_BYTES * 16)
-    from dft_kernels.ops import compile_check as cc
+    from dft_kernels.tools import compile_check as cc
     from dft_kernels.ops._triton_common import compile_target
 
     shape = cc.HeadShape(N=1 << 20, D=4096, V=262144, K=32)

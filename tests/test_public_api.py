@@ -150,3 +150,85 @@ def test_import_graph_has_no_cycle():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# --------------------------------------------------------------------------- layering
+
+#: what the kernels' package may import from the rest of the library: leaf modules only
+OPS_MAY_IMPORT = {"dft_kernels.memory", "dft_kernels.validation", "dft_kernels.doctor", "dft_kernels.doctor.cache"}
+
+
+def _imported_names(path: Path, package: str):
+    """(module, name) of every ``from X import name`` in the file (relative ones resolved)."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:
+                yield mod, a.name
+
+
+def _op_folder(module: str) -> str | None:
+    """The op folder (``ops/<folder>/``) a module or name lives in; None for the shared modules."""
+    parts = module.split(".")
+    if len(parts) > 3 and parts[:2] == ["dft_kernels", "ops"] and (PACKAGE / "ops" / parts[2]).is_dir():
+        return parts[2]
+    return None
+
+
+def test_layering():
+    """ops imports nothing of losses / hf / targets (only the leaf modules above); targets
+    nothing of hf; no private name crosses an op folder (docs/design.md sec. 8)."""
+    graph = _import_graph()
+    bad = []
+    for mod, edges in graph.items():
+        for t in edges:
+            if mod.startswith("dft_kernels.ops") and not (t.startswith("dft_kernels.ops") or t in OPS_MAY_IMPORT):
+                bad.append(f"{mod} -> {t}")
+            if mod.startswith("dft_kernels.targets") and t.startswith("dft_kernels.hf"):
+                bad.append(f"{mod} -> {t}")
+    for path in sorted((PACKAGE / "ops").rglob("*.py")):
+        mod = _module_name(path)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for src, name in _imported_names(path, package):
+            other = _op_folder(src) or _op_folder(f"{src}.{name}")
+            if name.startswith("_") and other is not None and other != _op_folder(mod):
+                bad.append(f"{mod} imports the private {src}.{name}")
+    assert bad == []
+
+
+def test_layering_check_sees_a_violation(tmp_path):
+    names = list(_imported_names(Path(__file__), "tests"))
+    assert ("dft_kernels.hf.config", "DFTConfig") in names
+    assert _op_folder("dft_kernels.ops.linear.triton") == "linear" and _op_folder("dft_kernels.ops._common") is None
+
+
+# --------------------------------------------------------------------------- docs name every module
+
+def _modules() -> list[Path]:
+    return [p.relative_to(PACKAGE) for p in sorted(PACKAGE.rglob("*.py")) if "__pycache__" not in p.parts]
+
+
+def test_readme_and_design_layout_name_every_module():
+    """README's "Where things live" names every module (its folder for an op folder's
+    files), docs/design.md sec. 8 every file name under its folder."""
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text()
+    where = readme[readme.index("### Where things live"):readme.index("The design -- the math")]
+    design = (root / "docs" / "design.md").read_text()
+    layout = design[design.index("## 8. Layout"):design.index("## 9. Style")]
+    missing = []
+    for rel in _modules():
+        path = f"dft_kernels/{rel.as_posix()}"
+        # named by its path, or a grouped line names its folder and its file name
+        named = path in where or (len(rel.parts) > 1 and f"dft_kernels/{rel.parent.as_posix()}/" in where
+                                  and f"`{rel.name}`" in where)
+        if not named:
+            missing.append(f"README: {path}")
+        if rel.name not in layout or (len(rel.parts) > 1 and f"{rel.parts[-2]}/" not in layout):
+            missing.append(f"design.md sec. 8: {path}")
+    assert missing == [], missing

@@ -9,7 +9,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels import targets as dkt
-from dft_kernels.ops.vocab_sampling import draw_samples
+from dft_kernels.ops.sampling import draw_samples
 from dft_kernels.targets import sampling
 from dft_kernels.targets.container import SparseTargets
 

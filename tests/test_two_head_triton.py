@@ -1,4 +1,4 @@
-"""The dense two-head divergence kernel (ops/two_head_triton.py) under the interpreter:
+"""The dense two-head divergence kernel (ops/two_head/triton.py) under the interpreter:
 the divergence and every student gradient against the float64 chunked PyTorch lean path,
 at small odd shapes (student and teacher hidden sizes differ), for the three kinds."""
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dft_kernels.ops import linear_lse_gather_products as products
-from dft_kernels.ops import two_head_triton as th
-from dft_kernels.ops.teacher_chunked import TwoHeadDivergenceLean
+from dft_kernels.ops import TwoHeadArgs
+from dft_kernels.ops.linear import backward as products
+from dft_kernels.ops.two_head import triton as th
+from dft_kernels.ops.two_head.torch import TwoHeadDivergenceLean
 
 N, D, DT, V = 37, 24, 40, 300
 TAU = 1.7
@@ -28,7 +29,7 @@ def _problem(seed=0):
 
 def _run(fn, student, teacher, g_div, kind, cap, cap_t, beta=0.3):
     leaves = [t.clone().requires_grad_(True) for t in student]
-    div = fn(*leaves, *teacher, cap, cap_t, 1.0 / TAU, kind, beta)
+    div = fn(*leaves, *teacher, TwoHeadArgs(cap, cap_t, 1.0 / TAU, kind, beta))
     (div * g_div.to(div.dtype)).sum().backward()
     return div, [t.grad for t in leaves]
 
@@ -126,4 +127,4 @@ def test_rejects_unsupported_dtype():
     student, teacher, _ = _problem()
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
         th.TwoHeadDivergenceTriton.apply(*[t.double() for t in student], *[t.double() for t in teacher],
-                                         None, None, 1.0, "forward_kl", 0.5)
+                                         TwoHeadArgs(None, None, 1.0, "forward_kl", 0.5))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compile gate (python -m dft_kernels.ops.compile_check) under several Triton
+# The compile gate (python -m dft_kernels.tools.compile_check) under several Triton
 # releases: one small virtual environment per release beside the project's own
 # (its torch, numpy and tqdm are reused through a .pth file; only triton is
 # installed), then one summary table version x arch x dtype x kernel under
@@ -13,6 +13,13 @@
 # (compile processes, default 1), GATE_ARGS (extra arguments of the gate, e.g. --arch,
 # --dtype, --op), OUT (the summary, default benchmarks/results/compile_matrix.md),
 # MATRIX_DIR (where the environments live, default build/compile_matrix).
+# The release PYTHON itself has is run in PYTHON's environment (nothing installed); sm_90a
+# runs add --wgmma-probe (the "wgmma serialized" rule must fire on a serialising kernel);
+# cells impl="auto" sends to PyTorch under a release (linear_config.TRITON_UNSUPPORTED,
+# e.g. Triton 3.2 on Blackwell) are listed, not compiled (GATE_ARGS=--include-unsupported
+# compiles them).
+# The matrix of benchmarks/results/compile_matrix.md:
+#   GATE_ARGS="--dtype bf16 --dtype fp16 --dtype fp32 --dtype tf32" tools/compile_matrix.sh 3.2.0 3.6.0 3.9.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,9 +38,12 @@ versions=("$@")
 sites=$("$PYTHON" -c "import sys; print('\n'.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))")
 mkdir -p "$MATRIX_DIR" "$(dirname "$OUT")"
 logs=()
+own=$("$PYTHON" -c "import triton; print(triton.__version__)")
 for v in "${versions[@]}"; do
     env_dir="$MATRIX_DIR/triton-$v"
-    if [ ! -x "$env_dir/bin/python" ]; then
+    if [ "$v" = "$own" ]; then
+        env_dir=$(dirname "$(dirname "$PYTHON")")     # the project's own environment has that release
+    elif [ ! -x "$env_dir/bin/python" ]; then
         "$PYTHON" -m venv --without-pip "$env_dir"
         env_site=$("$env_dir/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         # the project's packages after this environment's own (its triton wins)
@@ -47,10 +57,13 @@ for v in "${versions[@]}"; do
         echo "== triton $got $arch" >&2
         log="$MATRIX_DIR/gate-$v-$arch.json"
         rm -f "$log"
+        # on Hopper also prove that the "wgmma serialized" rule sees this release's ptxas log
+        probe=""
+        [ "$arch" = sm_90a ] && probe="--wgmma-probe"
         # shellcheck disable=SC2086
         env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$PWD" \
-            "$env_dir/bin/python" -m dft_kernels.ops.compile_check --jobs "$JOBS" --arch "$arch" --json "$log" \
-            $GATE_ARGS > "$MATRIX_DIR/gate-$v-$arch.md" 2> "$MATRIX_DIR/gate-$v-$arch.err" || true
+            "$env_dir/bin/python" -m dft_kernels.tools.compile_check --jobs "$JOBS" --arch "$arch" --json "$log" \
+            $probe $GATE_ARGS > "$MATRIX_DIR/gate-$v-$arch.md" 2> "$MATRIX_DIR/gate-$v-$arch.err" || true
         [ -s "$log" ] || "$PYTHON" - "$got" "$arch" "$MATRIX_DIR/gate-$v-$arch.err" "$log" <<'PY'
 import json, sys
 version, arch, err, out = sys.argv[1:]
@@ -65,5 +78,5 @@ PY
         logs+=("$log")
     done
 done
-"$PYTHON" -m dft_kernels.ops.compile_check --matrix "$OUT" "${logs[@]}"
+"$PYTHON" -m dft_kernels.tools.compile_check --matrix "$OUT" "${logs[@]}"
 echo "wrote $OUT" >&2

@@ -39,7 +39,7 @@ def environment(device: torch.device) -> dict:
                 triton_in_range=bool(got) and lo <= got, triton_tested=bool(got) and lo <= got <= hi,
                 torch_in_range=_ver(torch.__version__) >= MIN_TORCH)
     if device.type == "cuda":
-        from ..ops.linear_config import arch_for
+        from ..ops.linear.config import arch_for
         cap = torch.cuda.get_device_capability(device)
         props = torch.cuda.get_device_properties(device)
         driver = None

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ._common import merge_duplicate_slots  # noqa: F401 (the targets' one-id-per-slot rule, used by the losses)
+from ._common import PrimitiveArgs, TwoHeadArgs, lse_columns, merge_duplicate_slots  # noqa: F401 (public to the losses)
 from .fallback import AUTO_TRITON, guarded  # noqa: F401 (impl="auto"'s first-call fallback, docs/design.md sec. 16)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,17 +59,18 @@ def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, 
         ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32
         (the softcapped logits at ``index``, 0 where an id is -1 or out of range).
     """
-    from .torch_chunked import LSEGatherTorch
+    from .lse_gather.torch import LSEGatherTorch
+    args = PrimitiveArgs(tuple(scales), softcap, tail_slots, chunk_elems=chunk_elems)
 
     def run_torch(x):
-        return LSEGatherTorch.apply(x, index, tuple(scales), softcap, chunk_elems, tail_slots)
+        return LSEGatherTorch.apply(x, index, args)
 
     if impl == "triton":
         _check_triton(x.device)
 
         def run_triton(x):
-            from .lse_gather import LSEGatherTriton
-            return LSEGatherTriton.apply(x, index, tuple(scales), softcap, tail_slots)
+            from .lse_gather.triton import LSEGatherTriton
+            return LSEGatherTriton.apply(x, index, args)
         return guarded("lse_gather", impl, x.device, x.dtype, run_triton, run_torch, (x,))
     return run_torch(x)
 
@@ -90,20 +91,19 @@ def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
         ``lse`` [N, len(scales) + (tail_slots > 0)] fp32 and ``gathered`` [N, M] fp32.
         Gradients are bitwise reproducible run to run (no atomics).
     """
-    from .torch_chunked import LinearLSEGatherTorch
+    from .linear.torch import LinearLSEGatherTorch
     u, lb = (None, None) if lora is None else lora
+    args = PrimitiveArgs(tuple(scales), softcap, tail_slots, accum_fp32, chunk_elems)
 
     def run_torch(h, w, b, u, lb):
-        return LinearLSEGatherTorch.apply(h, w, b, index, tuple(scales), softcap, chunk_elems, accum_fp32, tail_slots,
-                                          u, lb)
+        return LinearLSEGatherTorch.apply(h, w, b, index, args, u, lb)
 
     if impl == "triton":
         _check_triton(h.device)
 
         def run_triton(h, w, b, u, lb):
-            from .linear_lse_gather import LinearLSEGatherTriton
-            return LinearLSEGatherTriton.apply(h, w, b, index, tuple(scales), softcap, accum_fp32, tail_slots, None,
-                                               u, lb)
+            from .linear.triton import LinearLSEGatherTriton
+            return LinearLSEGatherTriton.apply(h, w, b, index, args, u, lb)
         return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b, u, lb))
     return run_torch(h, w, b, u, lb)
 
@@ -124,12 +124,12 @@ def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
         ``loss`` (0-dim, differentiable w.r.t. h, w, b and the lora pair; no double
         backward), ``lse`` [N, T] and ``gathered`` [N, M] (detached).
     """
-    from .fast_chunked import FastLinearLoss
+    from .linear.fast import FastLinearLoss
     u, lb = (None, None) if lora is None else lora
+    args = PrimitiveArgs(tuple(scales), softcap, tail_slots, accum_fp32, chunk_rows=chunk_rows)
 
     def run(path):
-        return lambda h, w, b, u, lb: FastLinearLoss.apply(h, w, b, index, tuple(scales), softcap, chunk_loss, path,
-                                                           chunk_rows, accum_fp32, tail_slots, u, lb)
+        return lambda h, w, b, u, lb: FastLinearLoss.apply(h, w, b, index, args, chunk_loss, path, u, lb)
 
     if impl == "triton":
         _check_triton(h.device)
@@ -151,7 +151,7 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
         ``index`` [N, k] int32, ``logprobs`` [N, k] fp32 normalised over the full vocab
         (value descending, ties by ascending id), ``lse`` [N] fp32. No gradients.
     """
-    from .teacher_chunked import chunked_topk
+    from .teacher_topk.torch import chunked_topk
 
     def run_torch(h, w, b):
         return chunked_topk(h, w, b, k, inv_temp, softcap)
@@ -161,7 +161,7 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             _check_triton(h.device)
 
             def run_triton(h, w, b):
-                from .teacher_topk import teacher_topk_forward
+                from .teacher_topk.triton import teacher_topk_forward
                 return teacher_topk_forward(h, w, b, k, 1.0, inv_temp, softcap)
             return guarded("teacher_topk", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b),
                            differentiable=False)
@@ -170,31 +170,33 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
 
 def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, kind: str, beta: float, *,
                               row_weight: torch.Tensor | None = None, impl: str = "torch"):
-    """Dense per-row divergence between two heads' softmaxes (see ops/teacher_chunked.py).
+    """Dense per-row divergence between two heads' softmaxes (see ops/two_head/torch.py).
 
     Args:
         student, teacher: ``(h [N, D], w [V, D], b [V] | None, softcap | None)``; the
             teacher's hidden size may differ; gradients flow to the student's tensors only.
         inv_temp: 1 / temperature; kind: "forward_kl" | "reverse_kl" | "jsd"; beta: JSD weight.
         row_weight: None for the lean strategy; [N] row weights for the fast one.
-        impl: "triton" (the lean strategy's kernel, ops/two_head_triton.py; fast stays
+        impl: "triton" (the lean strategy's kernel, ops/two_head/triton.py; fast stays
             chunked PyTorch) or "torch".
     Returns:
         lean: ``div`` [N] (differentiable); fast: ``(loss, div)``, ``loss = sum(row_weight * div)``
         (0-dim, differentiable, no double backward) and ``div`` [N] detached.
     """
-    from .teacher_chunked import TwoHeadDivergenceLean, two_head_divergence_fast
+    from .two_head.torch import TwoHeadDivergenceLean, two_head_divergence_fast
     if row_weight is not None:
         return two_head_divergence_fast(student, teacher, row_weight, inv_temp, kind, beta)
+    args = TwoHeadArgs(student[3], teacher[3], inv_temp, kind, beta)
+
     def run_torch(*heads):
-        return TwoHeadDivergenceLean.apply(*heads, student[3], teacher[3], inv_temp, kind, beta)
+        return TwoHeadDivergenceLean.apply(*heads, args)
 
     if impl == "triton":
         _check_triton(student[0].device)
 
         def run_triton(*heads):
-            from .two_head_triton import TwoHeadDivergenceTriton
-            return TwoHeadDivergenceTriton.apply(*heads, student[3], teacher[3], inv_temp, kind, beta)
+            from .two_head.triton import TwoHeadDivergenceTriton
+            return TwoHeadDivergenceTriton.apply(*heads, args)
         return guarded("two_head", impl, student[0].device, student[0].dtype, run_triton, run_torch,
                        (*student[:3], *teacher[:3]))
     return run_torch(*student[:3], *teacher[:3])

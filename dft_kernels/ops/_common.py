@@ -1,7 +1,8 @@
 """Small helpers shared by the op files (no kernels, no loss math)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -12,6 +13,49 @@ from ..validation import compute_dtype
 #: The error of a second backward through a graph of the fast strategy (docs/design.md sec. 10).
 DOUBLE_BACKWARD_ERROR = ("strategy='fast' forms the gradients in the forward and cannot differentiate them "
                          "again (create_graph=True / double backward); use strategy='lean'")
+
+
+@dataclass(frozen=True)
+class PrimitiveArgs:
+    """The options of the primitive's autograd Functions (docs/design.md sec. 6), one frozen
+    object instead of positional arguments.
+
+    Attributes:
+        scales: one or two scales (1 / temperature) of the log-sum-exp.
+        softcap: ``c`` of ``c * tanh(z / c)``, or None.
+        tail_slots: with ``> 0``, the tail's lse column over the vocab outside each row's
+            first ``tail_slots`` ids.
+        accum_fp32: accumulate dW (and dH) in fp32 for 16-bit inputs (fused path).
+        chunk_elems: elements per chunk of the chunked PyTorch paths (None: their default).
+        chunk_rows: rows per chunk of the fast strategy.
+        config: a launch config forcing the Triton kernels' (e.g. a GPU's under the
+            interpreter); None: the device's.
+    """
+    scales: tuple[float, ...]
+    softcap: float | None = None
+    tail_slots: int = 0
+    accum_fp32: bool = True
+    chunk_elems: int | None = None
+    chunk_rows: int = 0
+    config: Any = None
+
+
+@dataclass(frozen=True)
+class TwoHeadArgs:
+    """The options of the two-head divergence's autograd Functions: each head's softcap
+    (``cap`` the student's, ``cap_t`` the teacher's, None for none), ``inv_temp`` = 1 /
+    temperature, ``kind`` ("forward_kl" | "reverse_kl" | "jsd") and the JSD ``beta``."""
+    cap: float | None
+    cap_t: float | None
+    inv_temp: float
+    kind: str
+    beta: float
+
+
+def lse_columns(scales: tuple[float, ...], tail_slots: int) -> int:
+    """Columns of the primitive's ``lse`` (docs/design.md sec. 6): one per scale, then the
+    tail's when ``tail_slots > 0``."""
+    return len(scales) + (1 if tail_slots else 0)
 
 
 def split_scales(scales: tuple[float, ...]) -> tuple[float, float, bool]:

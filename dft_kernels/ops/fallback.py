@@ -3,7 +3,7 @@
 When "auto" picks Triton, the first call of each op on a device (per input dtype) is
 guarded: a failure -- a compile error, an architecture Triton or its ptxas cannot
 target, a missing ptxas, ``OutOfResources``, too old a Triton, a dtype the
-architecture serves on the chunked path (``linear_config.triton_unsupported``) --
+architecture serves on the chunked path (``linear.config.triton_unsupported``) --
 warns once, naming the device, the Triton version, the kernel and the cause, and the
 op runs on the chunked PyTorch path for the rest of the process. A differentiable op
 stays guarded until its first backward has run too (a backward kernel fails in the
@@ -66,17 +66,19 @@ def _triton_version() -> str:
         return f"unimportable ({type(exc).__name__})"
 
 
-def preflight(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why Triton cannot serve ``dtype`` on ``device`` before anything is compiled
-    (None: try it): too old a Triton, or a dtype the architecture runs on the chunked path."""
+def preflight(device: torch.device, dtype: torch.dtype, op: str | None = None) -> str | None:
+    """Why Triton cannot serve ``dtype`` on ``device`` (for ``op``, None: every op) before
+    anything is compiled (None: try it): too old a Triton, a dtype the architecture runs on
+    the chunked path, or a (Triton release, architecture, dtype, op) cell the release cannot
+    compile (``linear.config.TRITON_UNSUPPORTED``: e.g. Triton < 3.3 on Blackwell)."""
     version = _triton_version()
     nums = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if len(nums) < 2 or nums < MIN_TRITON:
         return f"Triton {version} is older than the supported {'.'.join(map(str, MIN_TRITON))}"
     if device.type != "cuda":
         return None
-    from .linear_config import triton_unsupported
-    return triton_unsupported(torch.cuda.get_device_capability(device), dtype)
+    from .linear.config import triton_unsupported
+    return triton_unsupported(torch.cuda.get_device_capability(device), dtype, op, version)
 
 
 def _kernel_name(exc: BaseException, op: str) -> str:
@@ -134,7 +136,7 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
     if state == "failed":
         return run_torch(*inputs)
     try:
-        reason = preflight(device, dtype)
+        reason = preflight(device, dtype, op)
     except Exception as exc:  # noqa: BLE001 - e.g. a triton that does not import
         reason = _cause(exc)
     if reason is not None:

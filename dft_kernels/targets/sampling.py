@@ -26,10 +26,10 @@ from typing import Sequence
 
 import torch
 
-from ..ops.teacher_chunked import head_logits
+from ..ops._torch_common import head_logits
 from ..options import effective_divergence
 from ..validation import compute_dtype
-from ..ops.vocab_sampling import DEFAULT_SAMPLING_CHUNK, draw_samples, per_row_uniforms, sorted_uniforms
+from ..ops.sampling import DEFAULT_SAMPLING_CHUNK, draw_samples, per_row_uniforms, sorted_uniforms
 
 TARGET_KINDS = ("topk", "hybrid", "sampled")
 _WARNED: set[tuple[str, str]] = set()       # (kind, divergence) pairs already warned about

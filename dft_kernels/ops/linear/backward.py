@@ -2,7 +2,7 @@
 buffers and sizes) and its two products on each dz slab, by either backend of
 ``FusedConfig.backward_gemm`` (docs/fused_path.md, docs/design.md sec. 13):
 
-* ``"triton"``: ``_dw_gemm_kernel`` / ``_dh_gemm_kernel`` (ops/_gemm.py), which skip
+* ``"triton"``: ``_dw_gemm_kernel`` / ``_dh_gemm_kernel`` (ops/linear/gemm.py), which skip
   the token blocks after the last row with upstream gradient and the row tiles
   without any;
 * ``"torch"``: ``torch.mm`` / ``torch.addmm`` (cuBLAS on a GPU). bf16 / fp16 products
@@ -19,12 +19,12 @@ import os
 import torch
 import triton
 
-from ._common import block_rows
-from ._gemm import _dh_gemm_kernel, _dw_gemm_kernel
+from .._common import block_rows
+from .gemm import _dh_gemm_kernel, _dw_gemm_kernel
 
 # Byte budgets of the dz slab buffer ([Nc, Vs] in the input dtype) and of the fp32 dH
 # accumulator ([Nc, D]) before rows are chunked: the memory model's (memory.py)
-from ..memory import ACC_BYTES, SLAB_BYTES, backward_chunking
+from ...memory import ACC_BYTES, SLAB_BYTES, backward_chunking
 #: Slab widths and chunk heights are rounded to multiples of this (efficiency only).
 ALIGN = 256
 #: the values of ``FusedConfig.backward_gemm``

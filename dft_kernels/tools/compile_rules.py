@@ -1,4 +1,4 @@
-"""What the compile gate (ops/compile_check.py) reads from a compiled kernel: registers and
+"""What the compile gate (tools/compile_check.py) reads from a compiled kernel: registers and
 spills from ptxas ``-v``, the operand pipeline depth, the i32 index * stride rule and the
 ``tl.dot`` patterns Triton / ptxas mishandle (docs/design.md sec. 13, 16). Text in, findings
 out: no Triton import at module level."""

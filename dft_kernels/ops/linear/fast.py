@@ -1,9 +1,9 @@
 """Strategy "fast" of the fused path (docs/design.md sec. 10): each chunk of logits once.
 
 Rows go in chunks of C. For each chunk the logits ``h[r] @ W.T (+ b)`` [C, V] are formed
-once, in fp32 from 16-bit operands (``torch_chunked.linear_fp32``: never rounded to 16
+once, in fp32 from 16-bit operands (``_torch_common.linear_fp32``: never rounded to 16
 bits); the primitive of docs/design.md sec. 6 (lse, gathered) runs on them -- the Triton
-logits-path kernels (``ops/lse_gather.py``) for ``impl="triton"``, chunked PyTorch
+logits-path kernels (``ops/lse_gather/triton.py``) for ``impl="triton"``, chunked PyTorch
 otherwise; the caller's per-row loss turns the chunk's small [C, T] / [C, M] tensors into
 a scalar and autograd on those small tensors gives the upstream gradients; the logits
 gradient follows, and dH, dW, db are formed right there. The backward only scales them by
@@ -18,8 +18,8 @@ The op knows nothing of losses: the loss is a callable. Calling it::
         # numbers (a slice or int64 tensor into the full [N] rows);
         # return this chunk's scalar share of the loss, e.g. sum(l_t) / n_counted
         ...
-    loss, lse, gathered = FastLinearLoss.apply(h, w, b, index, scales, softcap, chunk_loss,
-                                               "torch", chunk_rows, accum_fp32, tail_slots)
+    args = PrimitiveArgs(scales, softcap, tail_slots, accum_fp32, chunk_rows=chunk_rows)
+    loss, lse, gathered = FastLinearLoss.apply(h, w, b, index, args, chunk_loss, "torch")
 
 ``loss`` is the sum of the chunks' shares (differentiable w.r.t. h, w, b); ``lse`` and
 ``gathered`` [N, ...] are returned detached for logging. Rows whose index holds no id in
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from ..validation import compute_dtype
-from ._common import DOUBLE_BACKWARD_ERROR
+from ...validation import compute_dtype
+from .._common import DOUBLE_BACKWARD_ERROR, PrimitiveArgs, lse_columns
 
-from .torch_chunked import (_softcap, accumulate_chunk_grads, active_rows, head_logits, lse_and_gather,
+from .._torch_common import (apply_softcap, accumulate_chunk_grads, active_rows, chunk_logits, lse_and_gather,
                             logits_grad, row_chunks)
 
 
@@ -53,7 +53,7 @@ def _upstream(chunk_loss, lse: torch.Tensor, gathered: torch.Tensor, r):
 
 def _chunk_torch(logits, idx, scales, softcap, tail_slots, chunk_loss, r, cdt):
     """One chunk in PyTorch: the softmax is formed in the logits' own storage."""
-    z, t = _softcap(logits, softcap)
+    z, t = apply_softcap(logits, softcap)
     if len(scales) == 1 and not tail_slots:
         return _chunk_torch_one_scale(z, t, idx, scales[0], chunk_loss, r)
     lse, gathered = lse_and_gather(z, idx, scales, tail_slots)
@@ -84,10 +84,10 @@ def _chunk_torch_one_scale(z, t, idx, scale: float, chunk_loss, r):
 
 def _chunk_triton(logits, idx, scales, softcap, tail_slots, chunk_loss, r, cdt):
     """One chunk through the Triton logits-path op and its backward."""
-    from .lse_gather import LSEGatherTriton
+    from ..lse_gather.triton import LSEGatherTriton
     x = logits.detach().requires_grad_(True)
     with torch.enable_grad():
-        lse, gathered = LSEGatherTriton.apply(x, idx, tuple(scales), softcap, tail_slots)
+        lse, gathered = LSEGatherTriton.apply(x, idx, PrimitiveArgs(tuple(scales), softcap, tail_slots))
     share, g_lse, g_gathered = _upstream(chunk_loss, lse, gathered, r)
     (dz,) = torch.autograd.grad((lse, gathered), x, (g_lse, g_gathered))
     return share, lse.detach(), gathered.detach(), dz.to(cdt)
@@ -96,24 +96,25 @@ def _chunk_triton(logits, idx, scales, softcap, tail_slots, chunk_loss, r, cdt):
 class FastLinearLoss(torch.autograd.Function):
     """Scalar loss of a fused linear head with its gradients formed in the forward.
 
-    ``forward(h [N, D], w [V, D], b [V] | None, index [N, M], scales, softcap, chunk_loss,
-    impl, chunk_rows, accum_fp32, tail_slots)`` -> ``(loss [], lse [N, T], gathered [N, M])``;
-    only ``loss`` is differentiable. See the module docstring for ``chunk_loss``.
+    ``forward(h [N, D], w [V, D], b [V] | None, index [N, M], args, chunk_loss, impl, u, lora_b)``
+    -> ``(loss [], lse [N, T], gathered [N, M])`` (``args``: a :class:`PrimitiveArgs` with
+    ``chunk_rows``; ``u`` [N, r] / ``lora_b`` [V, r]: a low-rank segment or None); only
+    ``loss`` is differentiable. See the module docstring for ``chunk_loss``.
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, chunk_loss, impl, chunk_rows, accum_fp32=True,
-                tail_slots=0, u=None, lora_b=None):
+    def forward(ctx, h, w, b, index, args: PrimitiveArgs, chunk_loss, impl, u=None, lora_b=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_u, need_lb = (ctx.needs_input_grad + (False, False))[11:13]
+        need_u, need_lb = (ctx.needs_input_grad + (False, False))[7:9]
+        scales, softcap, tail_slots, accum_fp32 = args.scales, args.softcap, args.tail_slots, args.accum_fp32
         if impl == "triton":
-            from .linear_lse_gather import _check
+            from .triton import _check
             _check(h, w, b, index)
         N, M = index.shape
         V = w.shape[0]
         cdt = compute_dtype(h.dtype)
         rows = active_rows(index, V)
-        lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
+        lse = torch.zeros((N, lse_columns(scales, tail_slots)), dtype=cdt, device=h.device)
         gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
         dh = torch.zeros_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=cdt if accum_fp32 else w.dtype, device=w.device) if need_w else None
@@ -122,9 +123,9 @@ class FastLinearLoss(torch.autograd.Function):
         dlb = torch.zeros(lora_b.shape, dtype=cdt if accum_fp32 else w.dtype, device=w.device) if need_lb else None
         loss = torch.zeros((), dtype=cdt, device=h.device)
         run_chunk = _chunk_triton if impl == "triton" else _chunk_torch
-        for r in row_chunks(N, max(1, int(chunk_rows)), rows):
+        for r in row_chunks(N, max(1, int(args.chunk_rows)), rows):
             # fp32 from 16-bit operands, never rounded to 16 bits
-            logits = head_logits(h[r], w, b, None if u is None else u[r], lora_b)
+            logits = chunk_logits(h[r], w, b, None if u is None else u[r], lora_b)
             share, lse[r], gathered[r], dz = run_chunk(logits, index[r], scales, softcap, tail_slots, chunk_loss,
                                                        r, cdt)
             del logits
@@ -155,4 +156,4 @@ class FastLinearLoss(torch.autograd.Function):
             g = g.mul_(g_loss.to(g.dtype))   # the held gradient is ours: scaled in place, no copy
             out.append(g if g.dtype == dtype else g.to(dtype))
         dh, dw, db, du, dlb = out
-        return (dh, dw, db, None, None, None, None, None, None, None, None, du, dlb)
+        return dh, dw, db, None, None, None, None, du, dlb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_common import _cast, _dot, _tile_ids
+from .._triton_common import _cast, _dot, _tile_ids
 
 @triton.jit
 def _dw_gemm_kernel(

@@ -1,4 +1,5 @@
-"""The primitive of docs/design.md sec. 6 in chunked PyTorch (CPU and any non-CUDA device).
+"""PyTorch helpers shared by the op folders' chunked paths (``*/torch.py``): the primitive of
+docs/design.md sec. 6 on one chunk of logits, its gradient, and logits formed in fp32.
 
 Same contract as the Triton ops: per-row fp32 log-sum-exp at one or two scales
 (1/temperature) -- plus, with ``tail_slots``, the log-sum-exp at the last scale over
@@ -16,7 +17,7 @@ import torch
 
 from ..memory import UPCAST_SLAB_ELEMS
 from ..validation import compute_dtype
-from ._common import row_activity, row_view
+from ._common import row_activity
 
 #: fp32 elements per chunk temporary (16 MiB); rows per chunk = this // V.
 DEFAULT_CHUNK_ELEMS = 1 << 22
@@ -68,7 +69,7 @@ def linear_fp32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return z
 
 
-def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor | None = None,
+def chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear_fp32` of the chunk's rows, plus the low-rank segment ``u @ lora_b.T``
     when given (docs/design.md sec. 17): [C, Vc] in the compute dtype."""
@@ -106,17 +107,7 @@ def row_chunks(n_rows: int, step: int, rows: torch.Tensor | None):
             yield rows[i:i + step]
 
 
-def _rows(base: torch.Tensor, seq_len: int, r) -> torch.Tensor:
-    """Rows ``r`` (a slice or int64 row numbers) of a logits tensor described by
-    ``row_view`` as a [len(r), V] tensor."""
-    if base.dim() == 2:
-        return base[r]
-    if isinstance(r, slice):
-        r = torch.arange(r.start, r.stop, device=base.device)
-    return base[r // seq_len, r % seq_len]
-
-
-def _softcap(z: torch.Tensor, softcap: float | None):
+def apply_softcap(z: torch.Tensor, softcap: float | None):
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -210,103 +201,15 @@ def accumulate_chunk_grads(dz: torch.Tensor, r, h: torch.Tensor, w: torch.Tensor
             dw.addmm_(dz.t(), hr.to(dw.dtype))
 
 
-class LSEGatherTorch(torch.autograd.Function):
-    """Logits path: ``x`` [..., V] (any float dtype, any row strides). Rows whose
-    index holds no id in [0, V) are skipped: lse 0, gathered 0, gradient 0."""
-
-    @staticmethod
-    def forward(ctx, x, index, scales, softcap, chunk_elems=None, tail_slots=0):
-        base, seq_len, sb, _ = row_view(x)
-        N, M = index.shape
-        V = x.shape[-1]
-        step = chunk_rows(V, chunk_elems)
-        cdt = compute_dtype(x.dtype)
-        rows = active_rows(index, V)
-        lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=x.device)
-        gathered = torch.zeros((N, M), dtype=cdt, device=x.device)
-        for r in row_chunks(N, step, rows):
-            z, _ = _softcap(_rows(base, seq_len, r).to(cdt), softcap)
-            lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
-        ctx.save_for_backward(x, index, lse, rows)
-        ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.tail_slots = scales, softcap, chunk_elems, tail_slots
-        return lse, gathered
-
-    @staticmethod
-    def backward(ctx, g_lse, g_gathered):
-        x, index, lse, rows = ctx.saved_tensors
-        base, seq_len, sb, _ = row_view(x)
-        N = index.shape[0]
-        V = x.shape[-1]
-        dx = (torch.empty if rows is None else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
-        dx2 = dx.view(-1, V)
-        step = chunk_rows(V, ctx.chunk_elems)
-        cdt = compute_dtype(x.dtype)
-        g_lse = g_lse.to(cdt)
-        g_gathered = g_gathered.to(cdt)
-        for r in row_chunks(N, step, rows):
-            z, t = _softcap(_rows(base, seq_len, r).to(cdt), ctx.softcap)
-            dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
-                             overwrite_z=z.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
-            dx2[r] = dz.to(dx2.dtype)
-        return dx, None, None, None, None, None
-
-
-class LinearLSEGatherTorch(torch.autograd.Function):
-    """Fused path (strategy "lean"): logits ``h @ W.T (+ b) (+ u @ B.T)`` recomputed chunk
-    by chunk, never stored. Rows whose index holds no id in [0, V) are never projected.
-
-    Gradients are returned only for inputs that require them; dW / db (and dB of the
-    low-rank segment ``u`` [N, r], ``lora_b`` [V, r]) accumulate in fp32 across chunks
-    when ``accum_fp32`` (cast to the weight dtype at the end).
-    """
-
-    @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, chunk_elems=None, accum_fp32=True, tail_slots=0, u=None,
-                lora_b=None):
-        N, M = index.shape
-        V = w.shape[0]
-        step = chunk_rows(V, chunk_elems)
-        cdt = compute_dtype(h.dtype)
-        rows = active_rows(index, V)
-        lse = torch.zeros((N, len(scales) + (1 if tail_slots else 0)), dtype=cdt, device=h.device)
-        gathered = torch.zeros((N, M), dtype=cdt, device=h.device)
-        for r in row_chunks(N, step, rows):
-            z, _ = _softcap(head_logits(h[r], w, b, None if u is None else u[r], lora_b), softcap)
-            lse[r], gathered[r] = lse_and_gather(z, index[r], scales, tail_slots)
-        ctx.save_for_backward(h, w, b, index, lse, rows, u, lora_b)
-        ctx.scales, ctx.softcap, ctx.chunk_elems, ctx.accum_fp32 = scales, softcap, chunk_elems, accum_fp32
-        ctx.tail_slots = tail_slots
-        return lse, gathered
-
-    @staticmethod
-    def backward(ctx, g_lse, g_gathered):
-        h, w, b, index, lse, rows, u, lora_b = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_u, need_lb = (ctx.needs_input_grad + (False, False))[9:11]
-        N = index.shape[0]
-        V = w.shape[0]
-        step = chunk_rows(V, ctx.chunk_elems)
-        cdt = compute_dtype(h.dtype)
-        acc_dtype = cdt if ctx.accum_fp32 else w.dtype
-
-        def zeros_or_empty(t, need):
-            return None if not need else (torch.empty_like(t) if rows is None else torch.zeros_like(t))
-        dh, du = zeros_or_empty(h, need_h), zeros_or_empty(u, need_u)
-        dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
-        dlb = torch.zeros(lora_b.shape, dtype=acc_dtype, device=w.device) if need_lb else None
-        db = torch.zeros((V,), dtype=cdt, device=w.device) if (need_b and b is not None) else None
-        g_lse = g_lse.to(cdt)
-        g_gathered = g_gathered.to(cdt)
-        for r in row_chunks(N, step, rows):
-            z, t = _softcap(head_logits(h[r], w, b, None if u is None else u[r], lora_b), ctx.softcap)
-            dz = logits_grad(z, t, index[r], ctx.scales, lse[r], g_lse[r], g_gathered[r], ctx.tail_slots,
-                             overwrite_z=True)
-            del z, t
-            accumulate_chunk_grads(dz, r, h, w, dh, dw, db)
-            if u is not None:
-                accumulate_chunk_grads(dz, r, u, lora_b, du, dlb, None)
-            del dz
-        dw, dlb = (g if g is None or g.dtype == w.dtype else g.to(w.dtype) for g in (dw, dlb))
-        if db is not None:
-            db = db.to(b.dtype)
-        return dh, dw, db, None, None, None, None, None, None, du, dlb
+def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None, inv_temp: float,
+                c0: int = 0, c1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softcap(h @ w[c0:c1].T + b[c0:c1]) * inv_temp`` in the compute dtype, and the
+    softcap's ``tanh`` (None without a softcap) for the chain rule. The product is formed
+    in fp32 from 16-bit operands (:func:`linear_fp32`), never rounded to 16 bits."""
+    c1 = w.shape[0] if c1 is None else c1
+    z = linear_fp32(h, w[c0:c1], None if b is None else b[c0:c1])
+    th = None
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z = th * softcap
+    return z * inv_temp, th

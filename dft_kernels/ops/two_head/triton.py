@@ -1,9 +1,9 @@
 """The dense two-head divergence of the lean strategy in Triton (docs/design.md sec. 11):
-the same math as ``TwoHeadDivergenceLean`` (ops/teacher_chunked.py), neither head's
+the same math as ``TwoHeadDivergenceLean`` (ops/two_head/torch.py), neither head's
 logits ever stored.
 
 Forward: ``_two_head_stats_kernel`` computes, per (row tile, vocab tile), the student
-tile and the teacher tile (two ``_logits_tile`` calls over their own hidden sizes), and
+tile and the teacher tile (two ``logits_tile`` calls over their own hidden sizes), and
 writes the tile's row max and sum of exp for both heads and the unnormalised "gap" sum
 (``sum e_t (t - s)`` for forward KL, ``sum e_s (s - t)`` for reverse KL) to an
 [N, n_tiles, 5] fp32 buffer that torch combines (no host sync) into both lse and the
@@ -23,16 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import partial_rows, tile_operand
-from .linear_config import GemmConfig, TileConfig, register_cap
-from .linear_lse_gather import _ieee, _interp_bf16, _logits_tile
-from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm, slab_backward
-from ._triton_common import _cast, _tanh, _tile_coords, _tile_ids, target_capability
+from .._common import TwoHeadArgs, partial_rows, tile_operand
+from ..linear.config import GemmConfig, TileConfig, register_cap, with_release_overrides
+from ..linear.backward import check_backward_gemm, default_backward_gemm, slab_backward
+from .._triton_common import (_bias_softcap, _cast, exact_fp32_dots, is_interp_bf16, logits_tile, _slab_tile,
+                              _softcap_grad, target_capability, _tile_coords)
 
 #: ``kind`` -> the kernels' KIND constexpr.
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 #: fp32 values per (row, vocab tile) of the forward buffer: m_s, sum_s, m_t, sum_t, gap.
 N_STATS = 5
+_N_STATS = tl.constexpr(N_STATS)        # the same, for the kernel
 
 
 # --------------------------------------------------------------------------- kernels
@@ -44,13 +45,9 @@ def _head_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, Bias, row_start
                IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """One head's ``softcap(h @ w.T + b) * inv_temp`` tile, fp32 [BLOCK_N, BLOCK_V]."""
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rmask, col_start, cmask, D,
+    z = logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rmask, col_start, cmask, D,
                      IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_CAP:
-        z = softcap * _tanh(z / softcap)
-    return z * inv_temp
+    return _bias_softcap(z, Bias, cols, cmask, softcap, HAS_BIAS, HAS_CAP) * inv_temp
 
 
 @triton.jit
@@ -81,7 +78,7 @@ def _two_head_stats_kernel(
         gap = -tl.sum(e_s * d, axis=1)
     else:
         gap = tl.sum(e_t * d, axis=1)
-    out = PART + rows * stride_pn + pid_v * 5
+    out = PART + rows * stride_pn + pid_v * _N_STATS
     tl.store(out, m_s, mask=rmask)
     tl.store(out + 1, tl.sum(e_s, axis=1), mask=rmask)
     tl.store(out + 2, m_t, mask=rmask)
@@ -142,17 +139,8 @@ def _two_head_dz_kernel(
 ):
     """``g_div * d div / d (h @ w.T + b)`` for rows [row0, row0 + n_rows) x columns
     [col0, col0 + n_cols), stored at slab coordinates (row - row0, col - col0)."""
-    n_nb = tl.cdiv(n_rows, BLOCK_N)
-    n_vb = tl.cdiv(n_cols, BLOCK_V)
-    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    lrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = lrows < n_rows
-    cmask = lcols < n_cols
-    rows0 = row0 + pid_n * BLOCK_N
-    cols0 = col0 + pid_v * BLOCK_V
-    rows = row0 + lrows
-    cols = col0 + lcols
+    pid_n, pid_v, lrows, lcols, rmask, cmask, rows0, cols0, rows, cols = _slab_tile(row0, n_rows, col0, n_cols,
+                                                                                   BLOCK_N, BLOCK_V, GROUP)
     # a block of rows without upstream gradient: both D loops run zero times and every
     # g being 0, the tile stores zeros
     active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
@@ -178,8 +166,7 @@ def _two_head_dz_kernel(
         g = (1.0 - beta) * tl.exp(lq) * (lq - lm - aux[:, None])
     g = g * g_row[:, None]
     if HAS_CAP:
-        th = s / (cap * inv_temp)   # = tanh(raw / cap); recomputed rather than kept live
-        g = g * (1.0 - th * th)
+        g = _softcap_grad(g, s, cap * inv_temp)     # s = capped logits * inv_temp
     # a skipped row block (no row with upstream gradient) contributes exactly 0: its tiles hold
     # the bias alone, and 0 * exp(bias - lse) can be 0 * inf = NaN; in a live block every row's
     # logits and lse are real, so g is finite and g_row = 0 gives 0
@@ -220,7 +207,7 @@ def two_head_config(capability: tuple[int, int] | None, dtype: torch.dtype,
     64 x 128 (32 registers per tile value at 8 warps), 128 x 128 x 32 for the products;
     fp32 operands halve BLOCK_D. On sm_80 the explicit register cap of 255 keeps ptxas
     from aiming at 128 registers and spilling. Checked for every dtype on sm_80 and
-    sm_90a by ``python -m dft_kernels.ops.compile_check --op two_head``.
+    sm_90a by ``python -m dft_kernels.tools.compile_check --op two_head``.
     """
     products = check_backward_gemm(backward_gemm or default_backward_gemm())
     if capability is None:
@@ -231,7 +218,10 @@ def two_head_config(capability: tuple[int, int] | None, dtype: torch.dtype,
     bd = 16 if dtype == torch.float32 else 32
     maxnreg = register_cap(capability)
     tile = TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4, maxnreg=maxnreg)
-    return TwoHeadConfig(fwd=tile, dz=tile,
+    # per-Triton-release cells: linear.config.RELEASE_CONFIG (none for these kernels so far)
+    return TwoHeadConfig(fwd=with_release_overrides(tile, capability, dtype, "_two_head_stats_kernel",
+                                                    "_two_head_jsd_kernel"),
+                         dz=with_release_overrides(tile, capability, dtype, "_two_head_dz_kernel"),
                          gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=4),
                          backward_gemm=products)
 
@@ -251,7 +241,7 @@ def _head_args(h, w, b, cap, tile: TileConfig):
     """The kernel arguments of one head, its runtime softcap and its constexprs."""
     h, w = tile_operand(h), tile_operand(w)
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), b if b is not None else w)
-    flags = dict(bias=b is not None, cap=cap is not None, ieee=_ieee(h), interp=_interp_bf16(h),
+    flags = dict(bias=b is not None, cap=cap is not None, ieee=exact_fp32_dots(h), interp=is_interp_bf16(h),
                  even=h.shape[1] % tile.BLOCK_D == 0)
     return args, float(cap) if cap is not None else 1.0, flags
 
@@ -363,22 +353,25 @@ def two_head_backward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp: float, kind: st
 
 
 class TwoHeadDivergenceTriton(torch.autograd.Function):
-    """Per-row dense divergence [N] fp32 (ops/teacher_chunked.py), lean strategy in Triton:
-    ``apply(h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta)`` like
+    """Per-row dense divergence [N] fp32 (ops/two_head/torch.py), lean strategy in Triton:
+    ``apply(h, w, b, ht, wt, bt, args)`` (``args``: a :class:`TwoHeadArgs`) like
     ``TwoHeadDivergenceLean``; gradients to the student's h, w, b only."""
 
     @staticmethod
-    def forward(ctx, h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
-        div, aux, lse = two_head_forward(h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta)
+    def forward(ctx, h, w, b, ht, wt, bt, args: TwoHeadArgs):
+        if args.kind not in KINDS:
+            raise ValueError(f"kind must be one of {tuple(KINDS)}, got {args.kind!r}")
+        div, aux, lse = two_head_forward(h, w, b, ht, wt, bt, args.cap, args.cap_t, args.inv_temp, args.kind,
+                                         args.beta)
         ctx.save_for_backward(h, w, b, ht, wt, bt, aux, lse)
-        ctx.opts = (cap, cap_t, inv_temp, kind, beta)
+        ctx.args = args
         return div
 
     @staticmethod
     def backward(ctx, g_div):
         h, w, b, ht, wt, bt, aux, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = two_head_backward(h, w, b, ht, wt, bt, *ctx.opts, lse, aux, g_div, need_h, need_w, need_b)
-        return dh, dw, db, None, None, None, None, None, None, None, None
+        a = ctx.args
+        dh, dw, db = two_head_backward(h, w, b, ht, wt, bt, a.cap, a.cap_t, a.inv_temp, a.kind, a.beta, lse, aux,
+                                       g_div, need_h, need_w, need_b)
+        return dh, dw, db, None, None, None, None

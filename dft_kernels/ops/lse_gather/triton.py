@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import merge_sparse_grad, row_view, sorted_slots, split_scales
-from ._triton_common import _no_term_lse, _online_lse, _tanh, target_capability
+from .._common import PrimitiveArgs, lse_columns, merge_sparse_grad, row_view, sorted_slots, split_scales
+from .._triton_common import _no_term_lse, _online_lse, _softcap, _tanh, target_capability
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _lse_gather_fwd_kernel(
         mask = c < V
         z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = _softcap(z, softcap)
         m_a, s_a = _online_lse(m_a, s_a, tl.where(mask, z * scale_a, float("-inf")))
         if TWO_SCALES:
             m_b, s_b = _online_lse(m_b, s_b, tl.where(mask, z * scale_b, float("-inf")))
@@ -110,7 +110,7 @@ def _lse_gather_fwd_kernel(
         ok = mmask & (idx >= 0) & (idx < V)
         zg = tl.load(x_row + tl.where(ok, idx, 0), mask=ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            zg = softcap * _tanh(zg / softcap)
+            zg = _softcap(zg, softcap)
         tl.store(GATH + row * stride_gn + mo, tl.where(ok, zg, 0.0), mask=mmask)
 
 
@@ -253,7 +253,7 @@ def lse_gather_forward(x: torch.Tensor, index: torch.Tensor, scales: tuple[float
     N = index.shape[0]
     M = index.shape[1]
     sa, sbb, two = split_scales(scales)
-    lse = torch.empty((N, (2 if two else 1) + (1 if tail_slots else 0)), dtype=torch.float32, device=x.device)
+    lse = torch.empty((N, lse_columns(scales, tail_slots)), dtype=torch.float32, device=x.device)
     gathered = torch.empty((N, M), dtype=torch.float32, device=x.device)
     if N == 0:
         return lse, gathered
@@ -297,14 +297,16 @@ def lse_gather_backward(x: torch.Tensor, index: torch.Tensor, scales: tuple[floa
 
 class LSEGatherTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, scales, softcap, tail_slots=0):
+    def forward(ctx, x, index, args: PrimitiveArgs):
+        scales, softcap, tail_slots = args.scales, args.softcap, args.tail_slots
         lse, gathered = lse_gather_forward(x, index, scales, softcap, tail_slots)
         ctx.save_for_backward(x, index, lse)
-        ctx.scales, ctx.softcap, ctx.tail_slots = scales, softcap, tail_slots
+        ctx.args = args
         return lse, gathered
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
         x, index, lse = ctx.saved_tensors
-        dx = lse_gather_backward(x, index, ctx.scales, ctx.softcap, lse, g_lse, g_gathered, ctx.tail_slots)
-        return dx, None, None, None, None
+        a = ctx.args
+        dx = lse_gather_backward(x, index, a.scales, a.softcap, lse, g_lse, g_gathered, a.tail_slots)
+        return dx, None, None

@@ -6,7 +6,7 @@ the tail column with the row's teacher slots masked) and ``_indexed_dot_kernel``
 (the logits at the gathered ids). Backward, per (row chunk, vocab slab):
 ``_dz_tile_kernel`` recomputes each tile and writes dz into a reused slab,
 ``_sparse_fix_kernel`` writes the exact values at the (merged) ids, then the two
-products ``dW[slab] += dz.T @ h`` and ``dH += dz @ W[slab]`` (ops/_gemm.py). No
+products ``dW[slab] += dz.T @ h`` and ``dH += dz @ W[slab]`` (ops/linear/gemm.py). No
 atomics: the gradients are bitwise reproducible. The design, the ignored-row
 handling and the memory model: docs/fused_path.md.
 """
@@ -16,46 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (active_first, block_rows, merge_duplicate_ids, partial_rows, row_activity, sorted_slots,
+from .._common import (PrimitiveArgs, lse_columns, active_first, block_rows, merge_duplicate_ids, partial_rows, row_activity, sorted_slots,
                       split_scales, tile_operand, unpermute)
-from .linear_config import FusedConfig, fused_config
-from ..memory import GATHER_BYTES
-from .linear_lse_gather_products import check_backward_gemm, slab_backward
-from ._triton_common import _cast, _dot, _no_term_lse, _tanh, _tile_coords, _tile_ids, target_capability
+from .config import FusedConfig, fused_config
+from ...memory import GATHER_BYTES
+from .backward import check_backward_gemm, slab_backward
+from .._triton_common import (_bias_softcap, _cast, exact_fp32_dots, is_interp_bf16, logits_tile, _no_term_lse,
+                              _slab_tile, _softcap, _softcap_grad, target_capability, _tile_coords)
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, row_start, rmask, col_start, cmask, D,
-                 IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] tile of h[row_start:] @ w[col_start:].T over D in BLOCK_D
-    steps (``rmask`` / ``cmask``: which of its rows / columns exist).
-
-    The int64 tile origin lives in two scalar pointers (``row_start`` / ``col_start`` are
-    widened here, whatever the caller passes: a 32-bit loop counter times a stride wraps
-    once V * D or N * D passes 2**31); in-tile offsets are int32 and loop-invariant, which
-    keeps the register budget for the accumulator and epilogue (launchers keep
-    ``BLOCK * stride`` below 2**31: ``_common.tile_operand``)."""
-    h_base = H + tl.cast(row_start, tl.int64) * stride_hn
-    w_base = W + tl.cast(col_start, tl.int64) * stride_wv
-    offs_d = tl.arange(0, BLOCK_D)
-    h_offs = tl.arange(0, BLOCK_N)[:, None] * stride_hn + offs_d[None, :] * stride_hd
-    w_offs = tl.arange(0, BLOCK_V)[None, :] * stride_wv + offs_d[:, None] * stride_wd
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            hb = tl.load(h_base + h_offs, mask=rmask[:, None], other=0.0)
-            wb = tl.load(w_base + w_offs, mask=cmask[None, :], other=0.0)
-        else:
-            dmask = offs_d < D - d0
-            hb = tl.load(h_base + h_offs, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            wb = tl.load(w_base + w_offs, mask=dmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(hb, wb, acc, IEEE, INTERP_BF16)
-        h_base += BLOCK_D * stride_hd
-        w_base += BLOCK_D * stride_wd
-    return acc
 
 
 @triton.jit
@@ -104,12 +73,9 @@ def _lse_tile_kernel(
     # finite, the launcher overwrites their lse with 0)
     active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
     n_d = tl.where(active > 0, D, 0)
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
+    z = logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
                      IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+    z = _bias_softcap(z, Bias, cols, cmask, softcap, HAS_BIAS, HAS_SOFTCAP)
     out = PART + rows * stride_pn + pid_v
     # every tile holds at least one valid column, so the row max is finite
     za = tl.where(cmask[None, :], z * scale_a, float("-inf"))
@@ -164,7 +130,7 @@ def _indexed_dot_kernel(
         if HAS_BIAS:
             acc += tl.load(Bias + safe, mask=ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            acc = softcap * _tanh(acc / softcap)
+            acc = _softcap(acc, softcap)
         tl.store(OUT + row * stride_on + mo, tl.where(ok, acc, 0.0), mask=mmask)
 
 
@@ -182,17 +148,8 @@ def _dz_tile_kernel(
 ):
     """dz for rows [row0, row0 + n_rows) x columns [col0, col0 + n_cols), stored at
     slab coordinates (row - row0, col - col0)."""
-    n_nb = tl.cdiv(n_rows, BLOCK_N)
-    n_vb = tl.cdiv(n_cols, BLOCK_V)
-    pid_n, pid_v = _tile_ids(tl.program_id(0).to(tl.int64), n_nb, n_vb, GROUP)
-    lrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = lrows < n_rows
-    cmask = lcols < n_cols
-    rows0 = row0 + pid_n * BLOCK_N
-    cols0 = col0 + pid_v * BLOCK_V
-    rows = row0 + lrows
-    cols = col0 + lcols
+    pid_n, pid_v, lrows, lcols, rmask, cmask, rows0, cols0, rows, cols = _slab_tile(row0, n_rows, col0, n_cols,
+                                                                                   BLOCK_N, BLOCK_V, GROUP)
     dz_ptrs = (DZ + pid_n * BLOCK_N * stride_zn + pid_v * BLOCK_V
                + tl.arange(0, BLOCK_N)[:, None] * stride_zn + tl.arange(0, BLOCK_V)[None, :])
     tmask = rmask[:, None] & cmask[None, :]
@@ -201,12 +158,9 @@ def _dz_tile_kernel(
     # the epilogue stores zeros (a branch here would cost registers: the epilogue spills)
     active = tl.max(tl.load(ACT + rows, mask=rmask, other=0), axis=0)
     n_d = tl.where(active > 0, D, 0)
-    z = _logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
+    z = logits_tile(H, stride_hn, stride_hd, W, stride_wv, stride_wd, rows0, rmask, cols0, cmask, n_d,
                      IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+    z = _bias_softcap(z, Bias, cols, cmask, softcap, HAS_BIAS, HAS_SOFTCAP)
     # a row without upstream gradient for a term (e.g. a row that does not count, whose
     # lse is 0 while its logits are real) takes lse = +inf there: exp(z - inf) = 0 exactly,
     # never 0 * exp(overflow) = 0 * inf = NaN
@@ -228,8 +182,7 @@ def _dz_tile_kernel(
                          col0 + pid_v * BLOCK_V, col0 + pid_v * BLOCK_V + BLOCK_V, BLOCK_N)
         dz += er
     if HAS_SOFTCAP:
-        t = z / softcap   # = tanh(raw / softcap); recomputed rather than kept live
-        dz = dz * (1.0 - t * t)
+        dz = _softcap_grad(dz, z, softcap)
     dz = tl.where(tmask, dz, 0.0)
     if STORE_DB:
         tl.store(DBP + pid_n * stride_bp + lcols, tl.sum(dz, axis=0), mask=cmask)
@@ -258,18 +211,6 @@ def _sparse_fix_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def _ieee(h: torch.Tensor) -> bool:
-    """Exact fp32 dot products: fp32 inputs unless torch allows TF32 matmuls (the same
-    choice torch makes for ``h @ w.T``), and the interpreter's bf16 workaround."""
-    if _interp_bf16(h):
-        return True
-    return h.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-
-
-def _interp_bf16(h: torch.Tensor) -> bool:
-    return target_capability(h.device) is None and h.dtype == torch.bfloat16
 
 
 def _slot_list(index: torch.Tensor, V: int, tail_slots: int) -> torch.Tensor:
@@ -314,15 +255,15 @@ def linear_lse_gather_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
         active = row_activity(index, V)
     M = index.shape[1]
     sa, sb, two = split_scales(scales)
-    n_lse = (2 if two else 1) + (1 if tail_slots else 0)
+    n_lse = lse_columns(scales, tail_slots)
     dev = h.device
     lse = torch.empty((N, n_lse), dtype=torch.float32, device=dev)
     gathered = torch.empty((N, M), dtype=torch.float32, device=dev)
     if N == 0:
         return lse, gathered
     cfg = config or fused_config(target_capability(dev), h.dtype, M)
-    interp_bf16 = _interp_bf16(h)
-    ieee = _ieee(h)
+    interp_bf16 = is_interp_bf16(h)
+    ieee = exact_fp32_dots(h)
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
@@ -436,8 +377,8 @@ def linear_lse_gather_backward(h, w, b, index, scales, softcap, lse, gathered, g
     sa, sb, two = split_scales(scales)
     cfg = config or fused_config(target_capability(dev), h.dtype, M)
     products = check_backward_gemm(cfg.backward_gemm)
-    interp_bf16 = _interp_bf16(h)
-    ieee = _ieee(h)
+    interp_bf16 = is_interp_bf16(h)
+    ieee = exact_fp32_dots(h)
     bias = b if b is not None else w
     cap = float(softcap) if softcap is not None else 1.0
 
@@ -494,9 +435,10 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     """``(h [N, D], w [V, D], b [V] | None, index [N, M]) -> (lse [N, T (+1)], gathered [N, M])``.
 
     Gradients only for the inputs that need them (a frozen ``w`` allocates no dW); the
-    backward has no atomics and is bitwise reproducible. ``config`` (a
-    :class:`FusedConfig`, None: ``fused_config`` for the device) forces a launch
-    config, e.g. a GPU architecture's under the interpreter or ``backward_gemm="torch"``.
+    backward has no atomics and is bitwise reproducible. ``args`` (a :class:`PrimitiveArgs`):
+    scales, softcap, tail_slots, accum_fp32 and ``config`` (a :class:`FusedConfig`, None:
+    ``fused_config`` for the device), which forces a launch config, e.g. a GPU
+    architecture's under the interpreter or ``backward_gemm="torch"``.
     ``u`` [N, r] / ``lora_b`` [V, r]: a low-rank segment of the contraction (logits
     ``[h | u] @ [w | lora_b].T``, docs/design.md sec. 17; the joined operands are
     transient copies, rebuilt in the backward, and a frozen ``w`` gets no dW columns).
@@ -505,41 +447,39 @@ class LinearLSEGatherTriton(torch.autograd.Function):
     kernels skip, and the outputs come back in the caller's order."""
 
     @staticmethod
-    def forward(ctx, h, w, b, index, scales, softcap, accum_fp32=True, tail_slots=0, config=None, u=None,
-                lora_b=None):
-        tail_slots = min(int(tail_slots or 0), index.shape[1])
+    def forward(ctx, h, w, b, index, args: PrimitiveArgs, u=None, lora_b=None):
+        tail_slots = min(int(args.tail_slots or 0), index.shape[1])
         # rows that count first, so that the rows that do not form whole tiles the
         # kernels skip (device-side: no host sync); h stays where it is: the kernels get
         # its rows in that order one bounded block at a time
         order, active = active_first(index, w.shape[0])
         index = index.index_select(0, order).contiguous()
         h2, w2 = _joined(h, w, u, lora_b)
-        lse, gathered = linear_lse_gather_forward(h2, w2, b, index, scales, softcap, tail_slots, config, active,
-                                                  order)
+        lse, gathered = linear_lse_gather_forward(h2, w2, b, index, args.scales, args.softcap, tail_slots,
+                                                  args.config, active, order)
         del h2, w2
         ctx.save_for_backward(h, w, b, index, lse, gathered, order, active, u, lora_b)
-        ctx.scales, ctx.softcap, ctx.accum_fp32, ctx.tail_slots = tuple(scales), softcap, accum_fp32, tail_slots
-        ctx.config = config
+        ctx.args, ctx.tail_slots = args, tail_slots
         return unpermute(lse, order), unpermute(gathered, order)
 
     @staticmethod
     def backward(ctx, g_lse, g_gathered):
         h, w, b, index, lse, gathered, order, active, u, lora_b = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_u, need_lb = (ctx.needs_input_grad + (False, False))[9:11]
+        need_u, need_lb = (ctx.needs_input_grad + (False, False))[5:7]
+        a = ctx.args
         D = h.shape[1]
         h2, w2 = _joined(h, w, u, lora_b)
         dh, dw, db = linear_lse_gather_backward(
-            h2, w2, b, index, ctx.scales, ctx.softcap, lse, gathered,
+            h2, w2, b, index, a.scales, a.softcap, lse, gathered,
             g_lse.index_select(0, order), g_gathered.index_select(0, order),
-            need_h or need_u, need_w or need_lb, need_b, ctx.accum_fp32, ctx.tail_slots, ctx.config, active, order,
+            need_h or need_u, need_w or need_lb, need_b, a.accum_fp32, ctx.tail_slots, a.config, active, order,
             dw_from=0 if need_w else D)
         if u is None:
-            return dh, dw, db, None, None, None, None, None, None, None, None
+            return dh, dw, db, None, None, None, None
         du = dh[:, D:] if need_u else None
         dlb = (dw[:, D:] if need_w else dw) if need_lb else None
-        return (dh[:, :D] if need_h else None, dw[:, :D] if need_w else None, db,
-                None, None, None, None, None, None, du, dlb)
+        return dh[:, :D] if need_h else None, dw[:, :D] if need_w else None, db, None, None, du, dlb
 
 
 def _joined(h, w, u, lora_b):

@@ -1,7 +1,7 @@
-"""Launch configuration of the fused linear path (ops/linear_lse_gather.py): the one
+"""Launch configuration of the fused linear path (ops/linear/triton.py): the one
 function that chooses every block size, warp count, stage count and the backward
 product backend, per compute capability and dtype. The launchers and the compile
-gate (ops/compile_check.py) both call it.
+gate (tools/compile_check.py) both call it.
 
 It also holds what every op's config shares: the architectures the compile gate
 covers with their limits (:data:`ARCHS`), the register-cap rule
@@ -9,13 +9,14 @@ covers with their limits (:data:`ARCHS`), the register-cap rule
 under ``impl="auto"`` (:func:`triton_unsupported`; docs/design.md sec. 16)."""
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
-from .linear_lse_gather_products import check_backward_gemm, default_backward_gemm
+from .backward import check_backward_gemm, default_backward_gemm
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,107 @@ def dtype_label(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def triton_unsupported(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
+def triton_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``version`` (None: the installed ``triton.__version__``, read at
+    each call); (0, 0) when it does not parse."""
+    text = triton.__version__ if version is None else version
+    nums = []
+    for part in str(text).split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        nums.append(int(digits))
+    return tuple(nums) if len(nums) == 2 else (0, 0)
+
+
+@dataclass(frozen=True)
+class ReleaseRule:
+    """One cell of the Triton release x architecture x dtype x kernel (or op) matrix where
+    the one config does not serve (docs/design.md sec. 16, benchmarks/results/compile_matrix.md)."""
+    #: Triton releases, (major, minor), both ends included
+    first: tuple[int, int]
+    last: tuple[int, int]
+    #: architecture names of :data:`ARCHS`
+    archs: tuple
+    #: dtype labels ("bf16", "fp16", "fp32", "tf32")
+    dtypes: tuple
+    #: the kernel (config overrides) or op (``TRITON_UNSUPPORTED``; "*": every op)
+    target: str
+    #: the measurement behind it
+    why: str
+    #: TileConfig / TopkConfig fields to override (config rules only)
+    override: tuple = ()
+
+    def matches(self, version: tuple[int, int], capability: tuple[int, int], label: str, target: str) -> bool:
+        return (self.first <= version <= self.last and arch_for(capability).name in self.archs
+                and label in self.dtypes and self.target in ("*", target))
+
+
+_16BIT = ("bf16", "fp16")
+_BLACKWELL = ("sm_100a", "sm_120a")
+
+#: Per-release config overrides: the Triton 3.9 config everywhere else (the gate under each
+#: release: tools/compile_matrix.sh). Keep it a short table.
+RELEASE_CONFIG: tuple[ReleaseRule, ...] = (
+    # Triton 3.6.0: left to itself ptxas aims the forward tile's most common variant at 128
+    # registers and spills 24 B on sm_80 / sm_86 / sm_89 (bf16, fp16, tf32: the mma.sync
+    # tiles; fp32 on FMA fits in 220); the cap of 255 (the dz tile's) fits it in 163 (214 in
+    # the heaviest) without a spill. 3.2 and 3.9 do not spill without it; 3.3-3.5, 3.7 and
+    # 3.8 were not compiled (the cap is applied there too).
+    ReleaseRule((3, 3), (3, 8), ("sm_80", "sm_86", "sm_89"), ("bf16", "fp16", "tf32"), "_lse_tile_kernel",
+                "Triton 3.6.0: 24 B spill at 128 registers", (("maxnreg", 255),)),
+    # Triton 3.2.0 on Hopper: the fp32 dz tile (64 x 128, no cap) spills 32 B in its
+    # heaviest variant at 255 registers (the cap of 255 still spills 24 B); a 64 x 64 tile
+    # needs 128 without a spill. TF32 (wgmma), 3.6 and 3.9 fit 64 x 128.
+    ReleaseRule((3, 2), (3, 2), ("sm_90a",), ("fp32",), "_dz_tile_kernel",
+                "Triton 3.2.0: 32 B spill at 255 registers", (("BLOCK_V", 64),)),
+)
+
+#: (release, architecture, dtype, op) cells ``impl="auto"`` sends to the chunked PyTorch path
+#: before compiling anything (:func:`triton_unsupported`).
+TRITON_UNSUPPORTED: tuple[ReleaseRule, ...] = (
+    ReleaseRule((0, 0), (3, 2), _BLACKWELL, _ALL, "*",
+                "Triton before 3.3 cannot target Blackwell (3.2.0 aborts in AccelerateMatmul: "
+                "'computeCapability not supported')"),
+    # every launch config tried that keeps tcgen05 fails (BLOCK_N 64 / 128, BLOCK_V 64-256,
+    # BLOCK_D 32 / 64, 4 or 8 warps, 2 or 4 stages, cap 255); fp32 on FMA compiles; 3.9 does
+    # not have the bug; 3.7 / 3.8 were not compiled
+    ReleaseRule((3, 6), (3, 6), ("sm_100a",), ("bf16", "fp16", "tf32"), "teacher_topk",
+                "Triton 3.6 fails to compile the tensor-core (16-bit, TF32) teacher top-k kernel for sm_100a "
+                "(PassManager::run failed in TritonNvidiaGPUOptimizeTMemLayoutsPass, a Triton bug)"),
+)
+
+
+def release_overrides(kernel: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                      version: str | None = None) -> dict:
+    """The :data:`RELEASE_CONFIG` fields for ``kernel`` on ``capability`` and ``dtype`` under
+    Triton ``version`` (None: the installed one); {} for the interpreter (no capability)."""
+    if capability is None:
+        return {}
+    v, label = triton_version(version), dtype_label(dtype)
+    out: dict = {}
+    for rule in RELEASE_CONFIG:
+        if rule.matches(v, capability, label, kernel):
+            out.update(rule.override)
+    return out
+
+
+def with_release_overrides(config, capability: tuple[int, int] | None, dtype: torch.dtype, *kernels: str):
+    """``config`` (a frozen dataclass: TileConfig, TopkConfig...) with the
+    :data:`RELEASE_CONFIG` fields of ``kernels`` (the kernels it launches) applied."""
+    over: dict = {}
+    for kernel in kernels:
+        over.update(release_overrides(kernel, capability, dtype))
+    return replace(config, **over) if over else config
+
+
+def triton_unsupported(capability: tuple[int, int] | None, dtype: torch.dtype, op: str | None = None,
+                       version: str | None = None) -> str | None:
     """Why ``impl="auto"`` does not run the Triton kernels for ``dtype`` on a device of
-    ``capability`` (None: it does). The reason names the architecture and the path."""
+    ``capability`` (None: it does): a dtype the architecture serves on the chunked path, or a
+    (Triton release, architecture, dtype, op) cell of :data:`TRITON_UNSUPPORTED` (``op``:
+    the op's name in ``fallback.guarded``, None: only the rules for every op; ``version``:
+    None for the installed Triton). The reason names the architecture and the path."""
     if capability is None:
         return None
     arch = arch_for(capability)
@@ -78,6 +177,13 @@ def triton_unsupported(capability: tuple[int, int] | None, dtype: torch.dtype) -
     if label not in arch.triton_dtypes:
         return (f"{label} on {arch.name}: Triton has no tensor-core tl.dot for it there, so auto uses the "
                 "chunked PyTorch path (cuBLAS)")
+    v = triton_version(version)
+    labels = {label, dtype_label(dtype)}     # fp32 rules also hold for TF32 and the reverse
+    for rule in TRITON_UNSUPPORTED:
+        if any(rule.matches(v, capability, lab, op or "*") for lab in labels):
+            what = "" if rule.target == "*" else f" ({rule.target})"
+            return (f"{dtype_label(dtype)}{what} on {arch.name} under Triton {'.'.join(map(str, v))}: {rule.why}; "
+                    "auto uses the chunked PyTorch path")
     return None
 
 
@@ -149,8 +255,8 @@ class FusedConfig:
     gemm: GemmConfig
     gather: RowConfig
     fix: RowConfig
-    #: backend of the two backward products: "triton" (ops/_gemm.py) or "torch"
-    #: (torch.mm / addmm, cuBLAS on a GPU); see ops/linear_lse_gather_products.py
+    #: backend of the two backward products: "triton" (ops/linear/gemm.py) or "torch"
+    #: (torch.mm / addmm, cuBLAS on a GPU); see ops/linear/backward.py
     backward_gemm: str = "triton"
 
 
@@ -187,7 +293,7 @@ def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int,
     # spilled at 128 x 128 on sm_80 (16-bit, fp32) and sm_90a (fp32) and used all 255
     # registers elsewhere; its tile is split in half along the rows (64 x 128: 32
     # registers per tile value), which leaves it at <= 190 registers without spills
-    # on both architectures (`python -m dft_kernels.ops.compile_check --all`). Left to
+    # on both architectures (`python -m dft_kernels.tools.compile_check --all`). Left to
     # itself, ptxas aims some of its variants at 128 registers (two programs per SM) and
     # spills 16-32 bytes on sm_80; there the explicit cap of 255 (the limit at 8 warps)
     # makes it allocate freely, and those variants fit in 123 without a spill. On
@@ -197,10 +303,13 @@ def fused_config(capability: tuple[int, int] | None, dtype: torch.dtype, M: int,
     # sm_75 (64 KiB) gets fewer (:func:`_stages`).
     bd = 16 if dtype == torch.float32 else 32
     stages = _stages(capability, 2 * 128 * bd * dtype.itemsize)
+    # A few (Triton release, arch, dtype) cells differ (:data:`RELEASE_CONFIG`).
     tile = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=stages)
+    dz = TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=stages,
+                    maxnreg=register_cap(capability))
     return FusedConfig(
-        fwd=tile, dz=TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=stages,
-                                maxnreg=register_cap(capability)),
+        fwd=with_release_overrides(tile, capability, dtype, "_lse_tile_kernel"),
+        dz=with_release_overrides(dz, capability, dtype, "_dz_tile_kernel"),
         gemm=GemmConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bd, GROUP=8, num_warps=8, num_stages=stages),
         gather=RowConfig(BLOCK_M=bm(16), BLOCK_D=256, num_warps=4),
         fix=RowConfig(BLOCK_M=bm(256), BLOCK_D=0, num_warps=4),
@@ -213,5 +322,5 @@ def _measured_backward_gemm(capability: tuple[int, int] | None) -> str | None:
     device (None: not measured, or ``DFT_KERNELS_BACKWARD_GEMM`` is set and wins)."""
     if capability is None or os.environ.get("DFT_KERNELS_BACKWARD_GEMM"):
         return None
-    from ..doctor.cache import cached_choice
+    from ...doctor.cache import cached_choice
     return cached_choice("backward_gemm")

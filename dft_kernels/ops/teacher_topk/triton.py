@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import tile_operand
-from .linear_config import register_cap
-from ._triton_common import _tanh, target_capability
-from .linear_lse_gather import _interp_bf16, _ieee, _logits_tile
-from .teacher_chunked import MAX_TRITON_K, sort_slots  # noqa: F401 (MAX_TRITON_K: the kernel's limit)
+from .._common import tile_operand
+from ..linear.config import register_cap, with_release_overrides
+from .._triton_common import exact_fp32_dots, is_interp_bf16, logits_tile, _softcap, target_capability
+from .torch import MAX_TRITON_K, sort_slots  # noqa: F401 (MAX_TRITON_K: the kernel's limit)
 
 
 @triton.jit
@@ -46,14 +45,14 @@ def _teacher_topk_kernel(H, stride_hn, W, stride_wv, B, IDX, stride_in, VAL, str
     w_tile = W
     for col_start in range(0, V, BLOCK_V):
         cmask = cols < V - col_start
-        z = _logits_tile(H, stride_hn, 1, w_tile, stride_wv, 1, row_start, rmask, 0, cmask, D,
+        z = logits_tile(H, stride_hn, 1, w_tile, stride_wv, 1, row_start, rmask, 0, cmask, D,
                          IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         w_tile += BLOCK_V * stride_wv
         if HAS_BIAS:
             z += tl.load(B + col_start + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z = z * scale
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = _softcap(z, softcap)
         z = tl.where(cmask[None, :], z * inv_temp, float("-inf"))
         # running log-sum-exp per row
         new_m = tl.maximum(m, tl.max(z, axis=1))
@@ -109,9 +108,9 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
     The [64, k] buffer (k <= MAX_TRITON_K = 64) sits next to the logits tile: 16-bit
     operands take 64 x 128 x 32 tiles, fp32 ones 64 x 64 x 16 (a 128-wide fp32 tile spills);
     64 rows keep wgmma on sm_90a. Register cap: 255 for fp32 operands everywhere, for 16-bit
-    ones ``linear_config.register_cap`` below sm_90 and none from sm_90 on (left to itself
+    ones ``linear.config.register_cap`` below sm_90 and none from sm_90 on (left to itself
     ptxas aims some variants at 128 registers and spills). Checked for every architecture
-    and dtype by ``python -m dft_kernels.ops.compile_check``.
+    and dtype by ``python -m dft_kernels.tools.compile_check``.
     """
     del k   # one config up to MAX_TRITON_K
     if capability is None:
@@ -124,8 +123,12 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
     else:
         maxnreg = register_cap(capability) if capability < (9, 0) else None
     if dtype == torch.float32:
-        return TopkConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=4, maxnreg=maxnreg)
-    return TopkConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4, maxnreg=maxnreg)
+        cfg = TopkConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=4, maxnreg=maxnreg)
+    else:
+        cfg = TopkConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4, maxnreg=maxnreg)
+    # per-Triton-release cells: linear.config.RELEASE_CONFIG (none for this kernel so far; the
+    # 16-bit sm_100a cell Triton 3.6 cannot compile is linear.config.TRITON_UNSUPPORTED's)
+    return with_release_overrides(cfg, capability, dtype, "_teacher_topk_kernel")
 
 
 def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, scale: float,
@@ -155,7 +158,7 @@ def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
             h, h.stride(0), w, w.stride(0), b if b is not None else w, index, index.stride(0), logprobs,
             logprobs.stride(0), lse, N, V, D, float(scale), float(inv_temp), float(softcap or 1.0), k,
             KP=triton.next_power_of_2(k), HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
-            IEEE=_ieee(h), INTERP_BF16=_interp_bf16(h), EVEN_D=D % cfg.BLOCK_D == 0,
+            IEEE=exact_fp32_dots(h), INTERP_BF16=is_interp_bf16(h), EVEN_D=D % cfg.BLOCK_D == 0,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)))

@@ -1,11 +1,9 @@
-"""The online-teacher primitives (docs/design.md sec. 11) in chunked PyTorch: the CPU path
-and the fallback of the Triton kernels.
+"""The dense two-head divergence (docs/design.md sec. 11) in chunked PyTorch: the CPU path
+and the fallback of the Triton kernel (``two_head/triton.py``).
 
-- :func:`chunked_topk`: a teacher's top-k ids and full-vocab log-probs from hidden states,
-  one [rows, chunk_vocab] logits tile at a time (running top-k and log-sum-exp).
-- :class:`TwoHeadDivergenceLean` / :func:`two_head_divergence_fast`: the dense per-row
-  divergence between two heads' softmaxes (forward KL, reverse KL, generalised JSD),
-  gradients to the student's hidden, weight and bias.
+:class:`TwoHeadDivergenceLean` / :func:`two_head_divergence_fast`: the dense per-row
+divergence between two heads' softmaxes (forward KL, reverse KL, generalised JSD),
+gradients to the student's hidden, weight and bias.
 
 Both heads are given as ``(h, w, b, softcap)`` with logits ``softcap(h @ w.T + b)``
 (any logit scale already folded into ``h`` and ``b``); the divergence sees them at
@@ -29,94 +27,16 @@ import math
 
 import torch
 
-from ..validation import compute_dtype
-from ._common import DOUBLE_BACKWARD_ERROR
-from .torch_chunked import linear_fp32
+from ...validation import compute_dtype
+from .._common import DOUBLE_BACKWARD_ERROR, TwoHeadArgs
+from .._torch_common import head_logits
 
-#: Largest k the Triton top-k kernel keeps in registers; larger k runs :func:`chunked_topk`
-#: (a [64, k] buffer of values and ids per program: at k = 256 it spills hundreds of bytes
-#: on sm_80 and sm_90a, see ``python -m dft_kernels.ops.compile_check --op teacher_topk``).
-MAX_TRITON_K = 64
 #: fp32 elements of one lean [C, Cv] tile, per head.
 LEAN_TILE_ELEMS = 1 << 21
 #: Vocab columns of one lean tile.
 LEAN_TILE_VOCAB = 8192
 #: fp32 elements of one fast [C, V] chunk, per head.
 FAST_CHUNK_ELEMS = 1 << 23
-
-
-
-
-def sort_slots(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row's slots by value descending, ties by ascending id ([N, k] each)."""
-    by_id = index.argsort(dim=1, stable=True)
-    index, values = index.gather(1, by_id), values.gather(1, by_id)
-    by_value = values.argsort(dim=1, descending=True, stable=True)
-    return index.gather(1, by_value), values.gather(1, by_value)
-
-
-def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None, inv_temp: float,
-                c0: int = 0, c1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``softcap(h @ w[c0:c1].T + b[c0:c1]) * inv_temp`` in the compute dtype, and the
-    softcap's ``tanh`` (None without a softcap) for the chain rule. The product is formed
-    in fp32 from 16-bit operands (``torch_chunked.linear_fp32``), never rounded to 16 bits."""
-    c1 = w.shape[0] if c1 is None else c1
-    z = linear_fp32(h, w[c0:c1], None if b is None else b[c0:c1])
-    th = None
-    if softcap is not None:
-        th = torch.tanh(z / softcap)
-        z = th * softcap
-    return z * inv_temp, th
-
-
-def _tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z.topk(k)`` with ties at the k-th value resolved to the lower ids (``torch.topk``
-    leaves that open): rows with such a tie take a stable sort instead."""
-    vals, ids = z.topk(k, dim=-1)
-    kth = vals[:, -1:]
-    torn = (z == kth).sum(-1) > (vals == kth).sum(-1)
-    if bool(torn.any()):
-        rows = torn.nonzero().squeeze(1)
-        sv, si = z[rows].sort(dim=-1, descending=True, stable=True)
-        vals[rows], ids[rows] = sv[:, :k], si[:, :k]
-    return vals, ids
-
-
-def chunked_topk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, inv_temp: float,
-                 softcap: float | None, *, chunk_vocab: int = 8192, chunk_rows: int = 4096
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of ``log_softmax`` over the full vocab from hidden states.
-
-    Args:
-        h: [N, D] hidden states (logit scale folded in); w: [V, D]; b: [V] or None.
-        k: slots per row, 1 <= k <= V; inv_temp: 1 / temperature; softcap: or None.
-        chunk_vocab, chunk_rows: tile size of the [rows, vocab] logits.
-    Returns:
-        ``index`` [N, k] int32, ``logprobs`` [N, k] fp32 (value descending, ties by
-        ascending id) and ``lse`` [N] fp32.
-    """
-    N, V = h.shape[0], w.shape[0]
-    index = torch.empty((N, k), dtype=torch.int32, device=h.device)
-    logprobs = torch.empty((N, k), dtype=torch.float32, device=h.device)
-    lse_out = torch.empty((N,), dtype=torch.float32, device=h.device)
-    for r0 in range(0, N, chunk_rows):
-        hr = h[r0:r0 + chunk_rows]
-        rows = hr.shape[0]
-        best_v = torch.empty(rows, 0, dtype=torch.float32, device=h.device)
-        best_i = torch.empty(rows, 0, dtype=torch.int64, device=h.device)
-        lse = torch.full((rows,), -torch.inf, dtype=torch.float32, device=h.device)
-        for c0 in range(0, V, chunk_vocab):
-            c1 = min(V, c0 + chunk_vocab)
-            z, _ = head_logits(hr, w, b, softcap, inv_temp, c0, c1)
-            z = z.float()
-            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-            vals, ids = _tile_topk(z, min(k, c1 - c0))
-            best_i, best_v = sort_slots(torch.cat([best_i, ids + c0], 1), torch.cat([best_v, vals], 1))
-            best_i, best_v = best_i[:, :k], best_v[:, :k]
-        index[r0:r0 + rows] = best_i.to(torch.int32)
-        logprobs[r0:r0 + rows] = best_v - lse.unsqueeze(-1)
-        lse_out[r0:r0 + rows] = lse
-    return index, logprobs, lse_out
 
 
 # --------------------------------------------------------------------------- two heads
@@ -237,17 +157,19 @@ class TwoHeadDivergenceLean(torch.autograd.Function):
     """Per-row dense divergence [N] (see the module docstring), lean strategy."""
 
     @staticmethod
-    def forward(ctx, h, w, b, ht, wt, bt, cap, cap_t, inv_temp, kind, beta):
+    def forward(ctx, h, w, b, ht, wt, bt, args: TwoHeadArgs):
         with torch.no_grad():
-            div, aux, lse_s, lse_t = _lean_stats((h, w, b, cap), (ht, wt, bt, cap_t), inv_temp, kind, beta)
+            div, aux, lse_s, lse_t = _lean_stats((h, w, b, args.cap), (ht, wt, bt, args.cap_t), args.inv_temp,
+                                                 args.kind, args.beta)
         ctx.save_for_backward(h, w, b, ht, wt, bt, aux, lse_s, lse_t)
-        ctx.opts = (cap, cap_t, inv_temp, kind, beta)
+        ctx.args = args
         return div
 
     @staticmethod
     def backward(ctx, g_div):
         h, w, b, ht, wt, bt, aux, lse_s, lse_t = ctx.saved_tensors
-        cap, cap_t, inv_temp, kind, beta = ctx.opts
+        a = ctx.args
+        cap, cap_t, inv_temp, kind, beta = a.cap, a.cap_t, a.inv_temp, a.kind, a.beta
         dh, dw, db = _grad_buffers(h, w, b, ctx.needs_input_grad)
         g_div = g_div.to(lse_s.dtype)
         with torch.no_grad():
@@ -259,12 +181,13 @@ class TwoHeadDivergenceLean(torch.autograd.Function):
                     _add_grads(_logits_grad(g, th, inv_temp, dh.dtype if dh is not None else lse_s.dtype),
                                h, w, r, c, dh, dw, db)
         cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
-        return (cast(dh, h), cast(dw, w), cast(db, b), None, None, None, None, None, None, None, None)
+        return cast(dh, h), cast(dw, w), cast(db, b), None, None, None, None
 
 
 class _TwoHeadFast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, ht, wt, bt, row_weight, cap, cap_t, inv_temp, kind, beta):
+    def forward(ctx, h, w, b, ht, wt, bt, row_weight, args: TwoHeadArgs):
+        cap, cap_t, inv_temp, kind, beta = args.cap, args.cap_t, args.inv_temp, args.kind, args.beta
         dh, dw, db = _grad_buffers(h, w, b, (h.requires_grad, w.requires_grad, b is not None and b.requires_grad))
         N, V = h.shape[0], w.shape[0]
         div = torch.zeros(N, dtype=compute_dtype(h.dtype), device=h.device)
@@ -292,7 +215,7 @@ class _TwoHeadFast(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         out = [None if g is None else (g * g_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def two_head_divergence_fast(student, teacher, row_weight: torch.Tensor, inv_temp: float, kind: str, beta: float
@@ -308,5 +231,6 @@ def two_head_divergence_fast(student, teacher, row_weight: torch.Tensor, inv_tem
         and ``div`` [N] (detached).
     """
     (h, w, b, cap), (ht, wt, bt, cap_t) = student, teacher
-    loss, div = _TwoHeadFast.apply(h, w, b, ht, wt, bt, row_weight.detach(), cap, cap_t, inv_temp, kind, beta)
+    loss, div = _TwoHeadFast.apply(h, w, b, ht, wt, bt, row_weight.detach(), TwoHeadArgs(cap, cap_t, inv_temp, kind,
+                                                                                          beta))
     return loss, div

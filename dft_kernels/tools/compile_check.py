@@ -1,6 +1,6 @@
 """Ahead-of-time compile gate for every Triton kernel of the package (docs/design.md sec. 13).
 
-``python -m dft_kernels.ops.compile_check [--all]`` runs the real launchers on ``meta``
+``python -m dft_kernels.tools.compile_check [--all]`` runs the real launchers on ``meta``
 tensors with the GPU branch of their one config function, records each kernel launch
 instead of running it, specialises it exactly as Triton's runtime does (ints equal to 1
 become constexprs, multiples of 16 get divisibility hints), compiles it for sm_80 and
@@ -14,10 +14,15 @@ architecture's tensor-core instruction for a dtype that has one there (``mma.syn
 (:func:`i32_stride_products`: such an offset wraps past 2**31 elements), or a ``tl.dot``
 pattern Triton / ptxas mishandle (:func:`dot_patterns`: two dots into one accumulator, a
 dot of a dot, a data-dependent branch in a dot kernel); the rules live in
-``ops/compile_rules.py``.
+``tools/compile_rules.py``.
 
 ``--json FILE`` also writes the reports and the summary; ``--matrix OUT FILE...`` merges
 such files from several Triton releases into one table (tools/compile_matrix.sh).
+``--wgmma-probe`` also compiles a kernel known to serialise wgmma on sm_90a
+(tools/wgmma_probe.py) and fails unless the "wgmma serialized" rule sees it under this
+Triton. Cells ``impl="auto"`` sends to PyTorch under this Triton release
+(``linear_config.TRITON_UNSUPPORTED``, e.g. 3.2 on Blackwell) are listed, not compiled
+(``--include-unsupported`` compiles them).
 
 Kernels plug in through :data:`DRIVERS`: a function per op that calls its launchers,
 forward and backward, on ``meta`` tensors for one :class:`Variant` and dtype.
@@ -44,7 +49,8 @@ import torch
 
 from .compile_rules import (_PTXAS_REGS, _PTXAS_SPILL, dot_patterns, i32_stride_products,  # noqa: F401
                             name_arguments, pipeline_depth, ptxas_usage, serialized_wgmma)
-from .linear_config import ARCHS as ARCH_LIMITS
+from ..ops._common import lse_columns
+from ..ops.linear.config import ARCHS as ARCH_LIMITS
 
 #: Architectures checked: name -> compute capability (limits: ``linear_config.ARCHS``).
 ARCHS = {name: a.capability for name, a in ARCH_LIMITS.items()}
@@ -104,7 +110,7 @@ def _meta_inputs(shape: HeadShape, variant: Variant, dtype: torch.dtype):
     scales = (1.0, 0.5) if variant.two_scales else (1.0,)
     softcap = 30.0 if variant.softcap else None
     tail_slots = shape.K if variant.tail else 0
-    n_lse = len(scales) + (1 if tail_slots else 0)
+    n_lse = lse_columns(scales, tail_slots)
     lse = torch.empty((shape.N, n_lse), dtype=torch.float32, **meta)
     g_lse = torch.empty_like(lse)
     g_gathered = torch.empty((shape.N, shape.K + 1), dtype=torch.float32, **meta)
@@ -112,8 +118,8 @@ def _meta_inputs(shape: HeadShape, variant: Variant, dtype: torch.dtype):
 
 
 def drive_logits_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
-    """The logits path (ops/lse_gather.py): forward and backward on [N, V] logits."""
-    from . import lse_gather
+    """The logits path (ops/lse_gather/triton.py): forward and backward on [N, V] logits."""
+    from ..ops.lse_gather import triton as lse_gather
     index, scales, softcap, tail_slots, lse, g_lse, g_gathered = _meta_inputs(shape, variant, dtype)
     x = torch.empty((shape.N, shape.V), dtype=dtype, device="meta")
     lse_gather.lse_gather_forward(x, index, scales, softcap, tail_slots)
@@ -121,9 +127,9 @@ def drive_logits_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) ->
 
 
 def drive_fused_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
-    """The fused path (ops/linear_lse_gather.py): forward, and the backward with dH, dW
+    """The fused path (ops/linear/triton.py): forward, and the backward with dH, dW
     (and db with a bias)."""
-    from . import linear_lse_gather
+    from ..ops.linear import triton as linear_lse_gather
     index, scales, softcap, tail_slots, lse, g_lse, g_gathered = _meta_inputs(shape, variant, dtype)
     h = torch.empty((shape.N, shape.D), dtype=dtype, device="meta")
     w = torch.empty((shape.V, shape.D), dtype=dtype, device="meta")
@@ -135,9 +141,9 @@ def drive_fused_path(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> 
 
 
 def drive_teacher_topk(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
-    """The teacher's top-k (ops/teacher_topk.py) at k = K and at the kernel's largest k
+    """The teacher's top-k (ops/teacher_topk/triton.py) at k = K and at the kernel's largest k
     (the register buffer is [BLOCK_N, k]); softcap and bias from the variant."""
-    from . import teacher_topk
+    from ..ops.teacher_topk import triton as teacher_topk
     h = torch.empty((shape.N, shape.D), dtype=dtype, device="meta")
     w = torch.empty((shape.V, shape.D), dtype=dtype, device="meta")
     b = torch.empty((shape.V,), dtype=dtype, device="meta") if variant.bias else None
@@ -146,10 +152,10 @@ def drive_teacher_topk(shape: HeadShape, variant: Variant, dtype: torch.dtype) -
 
 
 def drive_two_head(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:
-    """The dense two-head divergence (ops/two_head_triton.py), teacher hidden size D: the
+    """The dense two-head divergence (ops/two_head/triton.py), teacher hidden size D: the
     forward (both passes for JSD) and the backward with dH, dW (and db with a bias) for
     each kind; softcap (both heads) and bias (both heads) from the variant."""
-    from . import two_head_triton
+    from ..ops.two_head import triton as two_head_triton
     meta = dict(dtype=dtype, device="meta")
     h, ht = torch.empty((shape.N, shape.D), **meta), torch.empty((shape.N, shape.D), **meta)
     w, wt = torch.empty((shape.V, shape.D), **meta), torch.empty((shape.V, shape.D), **meta)
@@ -163,6 +169,10 @@ def drive_two_head(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> No
         two_head_triton.two_head_backward(h, w, b, ht, wt, bt, cap, cap, 1.0, kind, 0.5, lse, aux, g_div,
                                           True, True, variant.bias)
 
+
+#: driver -> the op's name in ``fallback.guarded`` (``linear_config.triton_unsupported``'s ``op``)
+GUARDED_OP = {"logits": "lse_gather", "fused": "linear_lse_gather", "teacher_topk": "teacher_topk",
+              "two_head": "two_head"}
 
 #: op name -> driver. A new op module adds its driver here.
 DRIVERS: dict[str, Callable[[HeadShape, Variant, torch.dtype], None]] = {
@@ -401,22 +411,57 @@ def compile_legacy(job: LegacyJob) -> Report:
                   dot_patterns=tuple(dot_patterns(compiled.asm["ttir"])), wgmma_serialized=serialized_wgmma(ptxas_log))
 
 
+# --------------------------------------------------------------------------- the wgmma probe
+
+
+def wgmma_probe() -> Report:
+    """Compile :mod:`.wgmma_probe`'s kernel (known to make ptxas serialise its wgmma) for
+    sm_90a through the gate's own path: under a Triton whose ptxas log the gate sees,
+    its report carries the warning (``wgmma_serialized``), i.e. a clean sm_90a gate under
+    that release really has no serialised wgmma."""
+    from . import wgmma_probe as probe
+    with recorded_launches() as launches:
+        probe.launch_probe()
+    launch = launches[0]
+    job = specialise(launch, "sm_90a", "bf16", "probe") if _modern_runtime() else \
+        _legacy_job(launch, "sm_90a", "bf16", "probe")
+    return compile_job(job)
+
+
 # --------------------------------------------------------------------------- the gate
 
 
+def unsupported_reason(arch: str, dt: str, op: str) -> str | None:
+    """Why ``impl="auto"`` never runs ``op`` (a :data:`DRIVERS` key) in dtype ``dt`` on ``arch``
+    under this Triton (None: it does): ``linear_config.triton_unsupported``'s release rules."""
+    from ..ops.linear.config import triton_unsupported
+    dtype, allow_tf32 = DTYPES[dt]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        return triton_unsupported(ARCHS[arch], dtype, GUARDED_OP.get(op, op))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[str, ...],
-                 shape: HeadShape = HeadShape(), ops: tuple[str, ...] | None = None) -> list[Job]:
+                 shape: HeadShape = HeadShape(), ops: tuple[str, ...] | None = None,
+                 skipped: list | None = None, include_unsupported: bool = False) -> list[Job]:
     """Every distinct specialised launch of the drivers over the given matrix.
 
     Args:
         variants: launcher option combinations; dtypes: keys of :data:`DTYPES`;
         archs: keys of :data:`ARCHS`; shape: the problem; ops: keys of :data:`DRIVERS`
             (None: all).
+        skipped: if given, receives ``dict(arch, dtype, op, why)`` for each cell not compiled
+            because ``impl="auto"`` sends it to the PyTorch path under this Triton release
+            (:func:`unsupported_reason`); include_unsupported: compile those cells anyway.
     Returns:
         The jobs, one per distinct (kernel, specialisation, options, arch, dtype).
     """
-    from ._triton_common import compile_target
+    from ..ops._triton_common import compile_target
     jobs: dict[str, Job] = {}
+    seen_skips: set = set()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     gemm_env = os.environ.get("DFT_KERNELS_BACKWARD_GEMM")
     os.environ["DFT_KERNELS_BACKWARD_GEMM"] = "triton"   # the Triton products are compiled, whatever is cached
@@ -424,6 +469,12 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
         for arch, dt, variant, op in itertools.product(archs, dtypes, variants, ops or tuple(DRIVERS)):
             if dt not in ARCH_LIMITS[arch].triton_dtypes:
                 continue   # auto runs the chunked PyTorch path there (linear_config.triton_unsupported)
+            why = None if include_unsupported else unsupported_reason(arch, dt, op)
+            if why is not None:   # this release cannot compile it: auto never tries (e.g. 3.2 on Blackwell)
+                if skipped is not None and (arch, dt, op) not in seen_skips:
+                    skipped.append(dict(arch=arch, dtype=dt, op=op, why=why))
+                seen_skips.add((arch, dt, op))
+                continue
             dtype, allow_tf32 = DTYPES[dt]
             if not variant.accum_fp32 and dtype == torch.float32:
                 continue   # fp32 inputs accumulate in fp32 either way
@@ -491,17 +542,29 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def write_json(path: str, reports: list[Report], args: list[str] | None = None) -> None:
+def write_json(path: str, reports: list[Report], args: list[str] | None = None,
+               probe: Report | None = None, skipped: list | None = None) -> None:
     """The reports and their summary as JSON (one Triton release's cell of the matrix);
-    ``args``: the gate's arguments (what it covered)."""
+    ``args``: the gate's arguments (what it covered); ``probe``: the :func:`wgmma_probe`
+    report when it ran; ``skipped``: the cells :func:`collect_jobs` left to the PyTorch path."""
+    out = dict(triton=_triton_version(), args=args or [],
+               reports=[asdict(r) | {"problems": r.problems} for r in reports], summary=summarise(reports),
+               skipped=skipped or [])
+    if probe is not None:
+        out["wgmma_probe"] = asdict(probe)
     with open(path, "w") as f:
-        json.dump(dict(triton=_triton_version(), args=args or [],
-                       reports=[asdict(r) | {"problems": r.problems} for r in reports],
-                       summary=summarise(reports)), f, indent=1)
+        json.dump(out, f, indent=1)
 
 
 MATRIX_COLUMNS = ["triton", "arch", "dtype", "kernels", "compiles", "failures", "spills", "max_regs", "max_smem",
                   "i32", "tensor_cores"]
+
+
+def _rule_text(why: str) -> str:
+    """A ``triton_unsupported`` reason without its cell prefix and the path suffix."""
+    if "under Triton " in why and ": " in why.split("under Triton ", 1)[1]:
+        why = why.split("under Triton ", 1)[1].split(": ", 1)[1]
+    return why.split("; auto uses")[0]
 
 
 def matrix_rows(results: list[dict]) -> list[dict]:
@@ -511,7 +574,13 @@ def matrix_rows(results: list[dict]) -> list[dict]:
     rows = []
     for res in results:
         if not res.get("summary") and "error" not in res:
-            continue    # nothing to compile: the dtypes asked are not Triton's on that arch (sm_75: fp32 only)
+            whys = sorted({_rule_text(s["why"]) for s in res.get("skipped", [])})
+            archs = sorted({s["arch"] for s in res.get("skipped", [])}, key=lambda a: list(ARCHS).index(a))
+            for arch in archs:    # every cell asked goes to the PyTorch path under this release
+                rows.append(dict(triton=res.get("triton", "?"), arch=arch, dtype="-", kernels=0, compiles=0,
+                                 failures="-", spills="-", max_regs="-", max_smem="-", i32="-",
+                                 tensor_cores=f"not compiled, auto runs PyTorch: {'; '.join(whys)[:200]}"))
+            continue    # else nothing to compile: the dtypes asked are not Triton's on that arch (sm_75: fp32 only)
         if not res.get("summary"):
             err = (res.get("error") or "no result").strip().splitlines()
             rows.append(dict(triton=res.get("triton", "?"), arch=res.get("arch", "-"), dtype="-", kernels=0,
@@ -535,14 +604,14 @@ def matrix_rows(results: list[dict]) -> list[dict]:
 
 
 def _coverage(args: list[str]) -> str:
-    """The gate arguments that say what was compiled (not --arch, --jobs, --json)."""
+    """The gate arguments that say what was compiled (not --arch, --jobs, --json, --wgmma-probe)."""
     out, skip = [], False
     for a in args:
         if skip:
             skip = False
         elif a in ("--arch", "--jobs", "--json"):
             skip = True
-        elif not a.startswith(("--arch=", "--jobs=", "--json=")):
+        elif a != "--wgmma-probe" and not a.startswith(("--arch=", "--jobs=", "--json=")):
             out.append(a)
     return " ".join(out)
 
@@ -554,7 +623,7 @@ def write_matrix(out: str, paths: list[str]) -> None:
         with open(path) as f:
             results.append(json.load(f))
     text = ["# Compile gate x Triton release", "",
-            "`tools/compile_matrix.sh`: `python -m dft_kernels.ops.compile_check` under each Triton release; per "
+            "`tools/compile_matrix.sh`: `python -m dft_kernels.tools.compile_check` under each Triton release; per "
             "release x architecture x dtype the kernels pooled: compiles, failing compiles (spill, shared memory, "
             "missing tensor cores, i32 index*stride product, tl.dot pattern, compile error), worst spill bytes, "
             "registers and shared memory, i32 products found, tensor-core instructions in the PTX.", "",
@@ -563,19 +632,40 @@ def write_matrix(out: str, paths: list[str]) -> None:
     text += ["Gate arguments per release (beyond one `--arch` per run; none: the default set, every op, "
              "bf16 / fp16 / fp32, the heaviest and the most common option combination):", ""]
     text += [f"- {v}: `{a or '(default)'}`" for v, a in runs] + [""]
+    skips = sorted({(r.get("triton", "?"), s["arch"], s["dtype"], s["op"], _rule_text(s["why"])) for r in results
+                    for s in r.get("skipped", []) if r.get("summary")})
+    if skips:
+        text += ["Cells not compiled because `impl=\"auto\"` runs them on the PyTorch path under that release "
+                 "(`linear_config.TRITON_UNSUPPORTED`):", ""]
+        text += [f"- {v} {a} {d} `{o}`: {w}" for v, a, d, o, w in skips] + [""]
+    probes = {}
+    for r in results:
+        p = r.get("wgmma_probe")
+        if p is not None:
+            probes[r.get("triton", "?")] = ("fires" if p.get("wgmma_serialized") else
+                                            f"does NOT fire ({p.get('error') or 'no warning in the log'})")
+    if probes:
+        text += ["\"wgmma serialized\" rule on a kernel known to serialise on sm_90a (`--wgmma-probe`): "
+                 + "; ".join(f"{v}: {probes[v]}" for v in sorted(probes)), ""]
     with open(out, "w") as f:
         f.write("\n".join(text))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the gate. Returns the exit code: 0 pass, 1 a failure, 2 bad arguments."""
-    p = _Parser(prog="python -m dft_kernels.ops.compile_check", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m dft_kernels.tools.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--all", action="store_true", help="every constexpr combination and TF32 (slow)")
     p.add_argument("--arch", choices=list(ARCHS), action="append", help="only this arch (repeatable)")
     p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="only this dtype (repeatable)")
     p.add_argument("--op", choices=sorted(DRIVERS), action="append", help="only this op (repeatable)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     p.add_argument("--json", metavar="FILE", help="also write the reports and the summary as JSON")
+    p.add_argument("--include-unsupported", action="store_true",
+                   help="also compile the (release, arch, dtype, op) cells impl='auto' runs on PyTorch "
+                        "(linear_config.TRITON_UNSUPPORTED; e.g. to see whether a newer release fixed one)")
+    p.add_argument("--wgmma-probe", action="store_true",
+                   help="also compile a kernel known to serialise wgmma on sm_90a and fail unless the "
+                        "'wgmma serialized' rule sees it (proves the rule works under this Triton)")
     p.add_argument("--matrix", nargs="+", metavar=("OUT", "FILE"),
                    help="merge --json files of several Triton releases into the markdown table OUT; compiles nothing")
     a = p.parse_args(argv)
@@ -588,21 +678,32 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.runtime.jit import JITFunction
-    from . import linear_lse_gather  # noqa: F401 - kernels must be JIT functions, not interpreted
+    from ..ops.linear import triton as linear_lse_gather  # noqa: F401 - kernels must be JIT functions, not interpreted
     if not isinstance(linear_lse_gather._lse_tile_kernel, JITFunction):
         p.error("the kernels were loaded under TRITON_INTERPRET=1; run in a fresh process without it")
     variants = all_variants() if a.all else [HEAVIEST, COMMON]
     dtypes = tuple(a.dtype or (tuple(DTYPES) if a.all else DEFAULT_DTYPES))
-    jobs = collect_jobs(variants, dtypes, tuple(a.arch or ARCHS), ops=tuple(a.op) if a.op else None)
+    skipped: list = []
+    jobs = collect_jobs(variants, dtypes, tuple(a.arch or ARCHS), ops=tuple(a.op) if a.op else None,
+                        skipped=skipped, include_unsupported=a.include_unsupported)
+    for s in skipped:
+        print(f"skip {s['op']} {s['dtype']} {s['arch']}: {s['why']}", file=sys.stderr)
     reports = run_jobs(jobs, a.jobs)
     cols = ["kernel", "dtype", "arch", "variant", "regs", "spill_bytes", "smem", "depth", "tensor_cores"]
     print(format_table([{**r.__dict__, "variant": r.variant} for r in reports], cols))
     print()
     print(format_table(summarise(reports), ["kernel", "dtype", "arch", "compiles", "regs", "spills", "smem",
                                             "depth", "tensor_cores", "i32", "failures"]))
+    probe = wgmma_probe() if a.wgmma_probe else None
     if a.json:
-        write_json(a.json, reports, list(sys.argv[1:] if argv is None else argv))
+        write_json(a.json, reports, list(sys.argv[1:] if argv is None else argv), probe, skipped)
     bad = [(r, why) for r in reports for why in r.problems]
+    if probe is not None:
+        if probe.wgmma_serialized:
+            print(f"wgmma probe: the rule fires ({probe.wgmma_serialized[0][:120]})", file=sys.stderr)
+        else:
+            bad.append((probe, "wgmma probe: the 'wgmma serialized' rule did not see ptxas's warning "
+                               f"({probe.error or 'no warning in the log'})"))
     for r, why in bad:
         print(f"FAIL {r.kernel} {r.dtype} {r.arch} {r.variant}: {why}", file=sys.stderr)
     print(f"triton {_triton_version()}: {len(reports)} compiles, {len(bad)} failures", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Developer tools: the ahead-of-time compile gate (``python -m dft_kernels.tools.compile_check``)."""
