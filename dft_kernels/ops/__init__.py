@@ -162,7 +162,7 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
 
             def run_triton(h, w, b):
                 from .teacher_topk.triton import teacher_topk_forward
-                return teacher_topk_forward(h, w, b, k, 1.0, inv_temp, softcap)
+                return teacher_topk_forward(h, w, b, k, inv_temp, softcap)
             return guarded("teacher_topk", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b),
                            differentiable=False)
         return run_torch(h, w, b)

@@ -148,7 +148,7 @@ def drive_teacher_topk(shape: HeadShape, variant: Variant, dtype: torch.dtype) -
     w = torch.empty((shape.V, shape.D), dtype=dtype, device="meta")
     b = torch.empty((shape.V,), dtype=dtype, device="meta") if variant.bias else None
     for k in (shape.K, teacher_topk.MAX_TRITON_K):
-        teacher_topk.teacher_topk_forward(h, w, b, k, 1.0, 1.0, 30.0 if variant.softcap else None)
+        teacher_topk.teacher_topk_forward(h, w, b, k, 1.0, 30.0 if variant.softcap else None)
 
 
 def drive_two_head(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> None:

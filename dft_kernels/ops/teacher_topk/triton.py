@@ -20,13 +20,13 @@ import triton.language as tl
 
 from .._common import tile_operand
 from ..linear.config import register_cap, with_release_overrides
-from .._triton_common import exact_fp32_dots, is_interp_bf16, logits_tile, _softcap, target_capability
+from .._triton_common import _bias_softcap, exact_fp32_dots, is_interp_bf16, logits_tile, target_capability
 from .torch import MAX_TRITON_K, sort_slots  # noqa: F401 (MAX_TRITON_K: the kernel's limit)
 
 
 @triton.jit
 def _teacher_topk_kernel(H, stride_hn, W, stride_wv, B, IDX, stride_in, VAL, stride_vn, LSE, N, V, D,
-                         scale, inv_temp, softcap, K,
+                         inv_temp, softcap, K,
                          KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, EVEN_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -48,11 +48,7 @@ def _teacher_topk_kernel(H, stride_hn, W, stride_wv, B, IDX, stride_in, VAL, str
         z = logits_tile(H, stride_hn, 1, w_tile, stride_wv, 1, row_start, rmask, 0, cmask, D,
                          IEEE, INTERP_BF16, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         w_tile += BLOCK_V * stride_wv
-        if HAS_BIAS:
-            z += tl.load(B + col_start + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = z * scale
-        if HAS_SOFTCAP:
-            z = _softcap(z, softcap)
+        z = _bias_softcap(z, B + col_start, cols, cmask, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(cmask[None, :], z * inv_temp, float("-inf"))
         # running log-sum-exp per row
         new_m = tl.maximum(m, tl.max(z, axis=1))
@@ -131,15 +127,15 @@ def topk_config(capability: tuple[int, int] | None, dtype: torch.dtype, k: int) 
     return with_release_overrides(cfg, capability, dtype, "_teacher_topk_kernel")
 
 
-def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, scale: float,
-                         inv_temp: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, inv_temp: float,
+                         softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel.
 
     Args:
         h: [N, D] hidden states; w: [V, D]; b: [V] or None (same dtype as ``w``).
         k: slots per row, 1 <= k <= min(V, MAX_TRITON_K).
-        scale: logit scale (multiplies ``h @ w.T + b``); inv_temp: 1 / temperature;
-        softcap: ``c`` of ``c * tanh(z / c)`` (applied after the scale) or None.
+        inv_temp: 1 / temperature; softcap: ``c`` of ``c * tanh(z / c)`` or None (a logit
+        scale is folded into ``h`` and ``b`` by the caller).
     Returns:
         ``index`` [N, k] int32 and ``logprobs`` [N, k] fp32 sorted by value (descending,
         ties by ascending id), and ``lse`` [N] fp32 at the temperature.
@@ -156,7 +152,7 @@ def teacher_topk_forward(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
         grid = (triton.cdiv(N, cfg.BLOCK_N),)
         _teacher_topk_kernel[grid](
             h, h.stride(0), w, w.stride(0), b if b is not None else w, index, index.stride(0), logprobs,
-            logprobs.stride(0), lse, N, V, D, float(scale), float(inv_temp), float(softcap or 1.0), k,
+            logprobs.stride(0), lse, N, V, D, float(inv_temp), float(softcap or 1.0), k,
             KP=triton.next_power_of_2(k), HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
             IEEE=exact_fp32_dots(h), INTERP_BF16=is_interp_bf16(h), EVEN_D=D % cfg.BLOCK_D == 0,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
