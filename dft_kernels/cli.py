@@ -6,7 +6,9 @@ work lives in ``dft_kernels.targets`` and ``dft_kernels.workflow``.
     dft-kernels targets list DIR...
     dft-kernels targets blend A B --weights 0.7 0.3 --out DIR [--k 32]
     dft-kernels train --student DIR --data FILE [--targets DIR | --teacher DIR --online topk|dense] --out DIR [--overwrite]
+                      [--style-head RANK [--style-alpha A --style-name N]]
     dft-kernels eval --model DIR [DIR ...] --data FILE [--targets DIR] [--teacher DIR] --out DIR
+                     [--style-head DIR|NAME ... [--presets DIR ...]]
     dft-kernels plan --model CONFIG.json|NAME --tokens N | --seq-len L [--batch-size B] [--gpu a100-80gb] [--kernels triton|torch]
     dft-kernels doctor [--model DIR | --vocab V --hidden D] [--tokens N] [--json] [--save | --clear]
 
@@ -222,6 +224,11 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--teacher", default=None,
                    help="teacher model directory: full-vocabulary KL(teacher || model); with --targets it must be "
                         "the teacher the targets were built with (refused otherwise)")
+    e.add_argument("--style-head", nargs="+", default=None, metavar="DIR_OR_NAME",
+                   help="style heads (train --style-head) to score on the one --model, each next to the model alone: "
+                        "directories or names (searched in --presets)")
+    e.add_argument("--presets", nargs="+", default=None,
+                   help="folders searched for --style-head names (default: $DFT_KERNELS_PRESETS or .)")
     e.add_argument("--generate", type=int, default=0, help="sample N continuations per model for distinct-1/2, TTR")
     e.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per sample (default 32)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -215,3 +215,32 @@ def test_harness_cuda_path(monkeypatch):
         times = harness.time_calls(lambda: None, "cuda", warmup=1, repeats=2)
     assert times == [1.0, 1.0] and (pm.base, pm.peak, pm.extra) == (100, 350, 250)
     assert log[:2] == ["sync", "reset"] and log[-1] == "sync" and log.count("event sync") == 2
+
+
+def test_style_heads_compare_smoke(tmp_path, capsys):
+    """benchmarks/style_heads_compare.py at tiny sizes: the task is prepared (and cached), each
+    method trains in its own process and reports its parameters, memory, time and KL curve,
+    and the JSON / markdown / PNG are written."""
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    from benchmarks import style_heads_compare as shc
+    out = tmp_path / "style_heads"
+    tiny = ["--vocab", "96", "--hidden", "32", "--layers", "1", "--seq", "12", "--batch", "4", "--k", "4", "--rank",
+            "2", "--steps", "3", "--eval-every", "2", "--pre-steps", "3", "--teacher-steps", "3", "--n-train", "16",
+            "--n-heldout", "4", "--samples", "2", "--new-tokens", "4", "--work", str(tmp_path / "work"),
+            "--out", str(out)]
+    assert shc.main(tiny) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    runs = rep["runs"]
+    assert list(runs) == ["style", "lora", "full"]
+    assert runs["style"]["trainable_params"] == 2 * (32 + 96)            # A [r, D] + B [V, r]
+    assert runs["style"]["trainable_params"] < runs["lora"]["trainable_params"] < runs["full"]["trainable_params"]
+    for r in runs.values():
+        assert sorted(map(int, r["kl_curve"])) == [0, 2, 3] and r["kl_before"] > 0 and r["step_seconds_median"] > 0
+        assert r["peak_step_bytes"] is not None and 0 <= r["diversity"]["distinct_1"] <= 1
+    assert rep["runs"]["style"]["kl_before"] == pytest.approx(rep["references"]["base"]["full_kl"])
+    assert "| style head (rank 2) |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "work" / "prep.json").is_file()
+    with pytest.raises(SystemExit):
+        shc.main([*tiny, "--methods", "style,foo"])

@@ -416,18 +416,19 @@ def test_peft_lora_frozen_lm_head(checkpointing):
         torch.testing.assert_close(p.grad, lora_ref[n].grad, rtol=1e-6, atol=1e-10)
 
 
-def test_peft_lora_on_lm_head_falls_back_to_logits():
+def test_peft_lora_on_lm_head_keeps_the_fused_path():
+    """A LoRA on the lm_head goes to the fused loss as lora_A / lora_B (tests/test_peft_head.py has the rest)."""
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny("llama"), peft.LoraConfig(
         r=4, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False))
     ref = copy.deepcopy(model)
     dk.hf.patch(model)
     batch = make_batch()
-    loss = model(**batch).loss
-    torch.testing.assert_close(loss, reference_loss(ref, batch), rtol=1e-7, atol=1e-9)
-    dk.hf.patch(model, skip_logits=True)
-    with pytest.warns(UserWarning, match="not a plain nn.Linear"):
-        model(**batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = model(**batch)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, reference_loss(ref, batch), rtol=1e-7, atol=1e-9)
 
 
 def test_accelerate_device_hook_on_lm_head_keeps_the_fused_path():

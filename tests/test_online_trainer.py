@@ -150,6 +150,86 @@ def test_peft_lora_student(tmp_path, mode):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-6 * float(g.abs().max()))
 
 
+# --------------------------------------------------------------------------- low-rank heads (docs/design.md sec. 17.2)
+
+
+def _low_rank_head(model, kind):
+    """``model`` with a low-rank lm_head whose B is not zero (a trained adapter): a PEFT LoRA on
+    the lm_head (``kind="lora"``, plus one on q_proj) or a style head (``"style"``)."""
+    if kind == "lora":
+        peft = pytest.importorskip("peft")
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                          target_modules=["lm_head", "q_proj"]))
+    dk.hf.add_style_head(model, rank=4, alpha=8)
+    with torch.no_grad():
+        dk.hf.get_style_head(model).lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    return model
+
+
+def _merged(model, kind):
+    """A plain copy of ``model`` with its adapters folded into the weights."""
+    c = copy.deepcopy(model)
+    if kind == "lora":
+        return c.merge_and_unload()
+    dk.hf.remove_style_head(c, merge=True)
+    return c
+
+
+@pytest.mark.parametrize("kind", ["lora", "style"])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_rank_teacher_head_equals_the_merged_teacher(tmp_path, mode, kind):
+    """A teacher whose lm_head carries a low-rank correction (PEFT LoRA, style head): its
+    targets (topk) and the dense loss are the merged teacher's and the float64 reference's
+    from its own logits -- not its base head's."""
+    teacher = _low_rank_head(_llama(0, 24).double(), kind)
+    merged, base = _merged(teacher, kind), _llama(0, 24).double()
+    batch = _collate(_rows())
+    if mode == "topk":
+        from dft_kernels.hf.online import OnlineTeacher
+        got, want, plain = (OnlineTeacher(copy.deepcopy(t), "topk", 5, 1.5).targets(dict(batch), "cpu")
+                            for t in (teacher, merged, base))
+        assert torch.equal(got["target_index"], want["target_index"])
+        torch.testing.assert_close(got["target_logprobs"], want["target_logprobs"], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(got["target_logprobs"], plain["target_logprobs"], atol=1e-3)
+    losses = {}
+    for name, t in (("adapter", teacher), ("merged", merged), ("base", base)):
+        tr = DFTTrainer(model=_llama(1, 16).double(), args=_args(tmp_path), teacher_model=t,
+                        dft_config=DFTConfig(teacher=mode, **OPTS))
+        losses[name] = tr.compute_loss(tr.model, dict(batch)).detach()
+    expected = _reference_loss(_llama(1, 16).double(), teacher, batch, mode).detach()
+    torch.testing.assert_close(losses["adapter"], expected, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(losses["adapter"], losses["merged"], rtol=1e-7, atol=1e-12)
+    assert abs(losses["adapter"].item() - losses["base"].item()) > 1e-3       # the adapter matters
+
+
+@pytest.mark.parametrize("kind", ["lora", "style"])
+def test_dense_trains_a_low_rank_student_head(tmp_path, kind):
+    """teacher='dense' with a LoRA / style-head student (and a LoRA'd teacher): the loss and every
+    trainable gradient -- the head's A / B included -- equal the float64 reference from the
+    unpatched student's own logits."""
+    teacher = _low_rank_head(_llama(0, 24).double(), "lora")
+    student = _low_rank_head(_llama(1, 16).double(), kind)
+    ref = copy.deepcopy(student)
+    batch = _collate(_rows())
+    tr = DFTTrainer(model=student, args=_args(tmp_path), teacher_model=teacher,
+                    dft_config=DFTConfig(teacher="dense", **OPTS))
+    student.train()
+    loss = tr.compute_loss(tr.model, dict(batch))
+    loss.backward()
+    expected = _reference_loss(ref, teacher, batch, "dense")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert any("lm_head" in n and "lora_A" in n for n in trainable)
+    assert any("lm_head" in n and "lora_B" in n for n in trainable)
+    ref_grads = dict(ref.named_parameters())
+    for n, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().max() > 0, n
+        g = ref_grads[n].grad
+        torch.testing.assert_close(p.grad, g, rtol=1e-7, atol=1e-7 * float(g.abs().max()), msg=lambda m: f"{n}: {m}")
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 def _one_step(tmp_path, mode, rows, **kw):
     """Parameters after one SGD step of DFTTrainer with a live teacher (float64 models)."""
     student = _llama(1, 16).double()

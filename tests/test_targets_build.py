@@ -1,4 +1,5 @@
 """dk.targets.build (teacher top-K shards) and dft_kernels.data.DFTTargetsDataset."""
+import copy
 import json
 import pickle
 
@@ -353,6 +354,114 @@ def test_offline_targets_equal_the_online_teachers(tmp_path, family, extra, wrap
             h = model.model(input_ids=torch.tensor([seqs[0]])).last_hidden_state[0]
         naive = dk.teacher_topk(h, model.lm_head.weight, 6, temperature=1.5)
         assert not torch.allclose(naive.logprobs, shard.logprobs[:len(seqs[0])], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- a teacher with a low-rank lm_head
+
+
+def _low_rank_teacher(kind):
+    """A float64 teacher whose lm_head output is not its base weight's: a PEFT LoRA on the lm_head
+    (B not zero), a style head (B not zero) or PEFT's modules_to_save copy (changed); with its
+    plain merged copy and the base model."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_SMALL)).double().eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30.0)
+    model = copy.deepcopy(base)
+    if kind == "style":
+        dk.hf.add_style_head(model, rank=4, alpha=8)
+        with torch.no_grad():
+            dk.hf.get_style_head(model).lora_B.normal_(0, 2.0, generator=torch.Generator().manual_seed(7))
+        merged = copy.deepcopy(model)
+        dk.hf.remove_style_head(merged, merge=True)
+        return model, merged, base
+    peft = pytest.importorskip("peft")
+    if kind == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"],
+                                                           init_lora_weights=False))
+        with torch.no_grad():
+            model.base_model.model.lm_head.lora_B["default"].weight.mul_(20.0)
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            copy_ = model.base_model.model.lm_head.modules_to_save["default"]
+            copy_.weight.add_(torch.randn(copy_.weight.shape, generator=torch.Generator().manual_seed(3),
+                                          dtype=copy_.weight.dtype))
+    return model.eval(), copy.deepcopy(model).merge_and_unload(), base
+
+
+_SEQS = [list(range(5, 17)), list(range(40, 47)), [3, 1, 4, 1, 5, 9, 2, 6]]
+
+
+def _shard(model, out, **kw):
+    dkt.build(model, [_SEQS], 6, 1.5, out_dir=out, dtype=torch.float32, progress=False, teacher_name="t", **kw)
+    return dk.SparseTargets.load(out / "shard-00000.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["lora", "style", "modules_to_save"])
+@pytest.mark.parametrize("samples", [0, 3], ids=["topk", "hybrid"])
+def test_build_with_a_low_rank_teacher_head_equals_the_merged_teacher(tmp_path, kind, samples):
+    """targets build reads the teacher's head as the patch does: the targets of a LoRA'd /
+    style-head / modules_to_save teacher are the merged model's (and its own logits'), not its
+    base head's."""
+    model, merged, base = _low_rank_teacher(kind)
+    kw = dict(samples=samples, seed=4) if samples else {}
+    got, want, plain = (_shard(m, tmp_path / name, **kw) for m, name in ((model, "a"), (merged, "m"), (base, "b")))
+    assert torch.equal(got.index, want.index)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got.index, plain.index)                       # the adapter matters
+    ref = torch.cat([_dense_logprobs(model, s, 1.5) for s in _SEQS])     # the model's own logits (top-k slots)
+    torch.testing.assert_close(got.logprobs[:, :6].double(), ref.gather(-1, got.index[:, :6].long()),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "style"])
+def test_the_teacher_fingerprint_follows_its_adapter(tmp_path, kind):
+    """A resume refuses a teacher whose adapter changed since: its weights (A / B are state-dict
+    tensors), and for PEFT its scaling or whether it is enabled (not in the state dict)."""
+    model, _, _ = _low_rank_teacher(kind)
+    _shard(model, tmp_path)
+    _shard(model, tmp_path)                                              # the same teacher resumes
+    head = model.get_output_embeddings()
+    B = head.lora_B if kind == "style" else head.lora_B["default"].weight
+    saved = B.detach().clone()
+    with torch.no_grad():
+        B.add_(0.01)
+    with pytest.raises(ValueError, match="built with another teacher: the teacher's weights changed"):
+        _shard(model, tmp_path)
+    with torch.no_grad():
+        B.copy_(saved)
+    if kind == "lora":
+        head.scaling["default"] *= 2
+        with pytest.raises(ValueError, match="the teacher's weights changed"):
+            _shard(model, tmp_path)
+        head.scaling["default"] /= 2
+        with model.disable_adapter(), pytest.raises(ValueError, match="the teacher's weights changed"):
+            _shard(model, tmp_path)
+    _shard(model, tmp_path)
+
+
+class _QuantisedLinear(torch.nn.Linear):
+    """A stand-in for bitsandbytes' 8-bit layer (not installed here): what resolve_head looks at."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+_QuantisedLinear.__module__ = "bitsandbytes.nn.modules"
+
+
+def test_build_refuses_a_teacher_head_it_cannot_read(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_SMALL))
+    q = _QuantisedLinear(model.config.hidden_size, V, bias=False)
+    q.weight = model.lm_head.weight
+    model.lm_head = q
+    with pytest.raises(ValueError, match=r"targets build: the teacher's output embeddings are a quantised layer "
+                                         r"\(bitsandbytes\.nn\.modules\._QuantisedLinear\).*cannot compute this head."
+                                         r" Fix: .*llm_int8_skip_modules"):
+        _shard(model, tmp_path)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- one resume protocol

@@ -33,9 +33,10 @@ class DFTConfig:
     - ``teacher``: "offline" (targets in the batches), or with ``DFTTrainer(...,
       teacher_model=m)`` "topk" (the live teacher's top-``k`` targets) or "dense" (the
       full-vocab two-head loss, :func:`dft_kernels.fused_linear_distill_loss`);
-      docs/design.md sec. 11. Both project with the heads' weights: a teacher with a PEFT
-      adapter on its lm_head is refused (merge it: ``merge_and_unload()``), and so is a
-      LoRA on the student's lm_head with "dense" ("topk" uses the model's own logits).
+      docs/design.md sec. 11. Both read the heads as the patch does: a low-rank lm_head (PEFT
+      LoRA, ``modules_to_save``, a style head) on the teacher or the student is computed; a
+      head the fused path cannot read (quantised, offloaded) is refused on the teacher and,
+      with "dense", on the student ("topk" falls back to the student's own logits).
     """
 
     lam: float = LOSS_DEFAULTS["lam"]

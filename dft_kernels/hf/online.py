@@ -1,14 +1,18 @@
 """Online teacher for the Trainer (docs/design.md sec. 11): the teacher runs in eval mode
 under no_grad; its last hidden states are captured at its lm_head like the student's and
 turned into top-k targets (``DFTConfig(teacher="topk")``) or fed, with the student's, to
-the dense two-head loss (``teacher="dense"``)."""
+the dense two-head loss (``teacher="dense"``). Both heads are read by
+:func:`dft_kernels.lm_head.resolve_head`: a low-rank correction (a PEFT LoRA or
+``modules_to_save`` lm_head, a style head) goes to the fused calls as ``lora_A`` /
+``lora_B`` (the teacher's without dropout), so the student's adapter trains in dense mode
+too; a head the fused path cannot read (quantised, offloaded) is refused."""
 from __future__ import annotations
 
 import torch
 
 from ..distill import fused_linear_distill_loss, teacher_topk
-from ..lm_head import logit_transforms, run_capturing_hidden
-from .patch import _is_plain_linear, _unwrap, mask_padding
+from ..lm_head import Fallback, HeadParts, logit_transforms, resolve_head, run_capturing_hidden
+from .patch import _unwrap, mask_padding
 
 TEACHER_MODES = ("offline", "topk", "dense")
 
@@ -29,30 +33,36 @@ def _head_name(model, head) -> str:
     return type(head).__name__
 
 
-def _wrapped_head(model):
-    """``(name, description, fix)`` of ``model``'s output embeddings when they are not a plain
-    ``nn.Linear`` (a PEFT adapter layer such as LoRA on the lm_head, a quantised layer), else None:
-    the online paths project with ``head.weight`` and would use the base head without the wrapper."""
+def head_parts(model, role: str, mode: str) -> HeadParts:
+    """``model``'s output embeddings as the fused calls take them (:func:`resolve_head`);
+    ValueError naming the module, what it is and the fix when the fused path cannot read
+    them (a quantised or offloaded head, another wrapper). ``role``: "teacher_model's" or
+    "the student's", for the messages."""
     head = model.get_output_embeddings()
-    if head is None or _is_plain_linear(head):
-        return None
-    cls = type(head)
-    if cls.__module__.startswith("peft"):
-        return (_head_name(model, head), f"a PEFT adapter layer ({cls.__module__}.{cls.__name__})",
-                "merge the adapter into the weights first: teacher_model = teacher_model.merge_and_unload()")
-    if isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.device.type == "meta":
-        what = "an lm_head whose weight is not materialised (offloaded: on the meta device)"
-    else:
-        what = f"a {cls.__name__}, not a plain nn.Linear"
-    return _head_name(model, head), what, "load the teacher with a plain, materialised lm_head (not wrapped, " \
-                                          "quantised or offloaded), or build its targets offline (targets build)"
+    parts = resolve_head(head, who=f"DFTConfig(teacher={mode!r})")
+    if isinstance(parts, Fallback):
+        raise ValueError(f"{role} output embeddings {_head_name(model, head)!r} are {parts.reason}: the online teacher "
+                         f"(teacher={mode!r}) projects the last hidden states with the head's weight (never the "
+                         f"[N, V] logits) and cannot compute this head. Fix: {parts.fix}")
+    return parts
+
+
+def _vocab_rows(head) -> int | None:
+    """The vocab size of an output embedding whatever it is (its weight's rows), or None."""
+    try:
+        parts = resolve_head(head)
+    except ValueError:
+        parts = None
+    w = parts.weight if isinstance(parts, HeadParts) else getattr(head, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 def check_teacher_and_student(teacher, student, mode: str) -> None:
     """Refuse (ValueError) what the online teacher would get wrong, before anything runs:
-    the student itself (or a model sharing its parameters) as the teacher, a teacher whose lm_head
-    is wrapped (a LoRA adapter on it would be ignored), in ``mode="dense"`` a wrapped student lm_head
-    (the loss would use its base weight, the adapter would get no gradient), and different vocab sizes."""
+    the student itself (or a model sharing its parameters) as the teacher, a teacher lm_head the
+    fused path cannot read (:func:`head_parts`: quantised, offloaded, another wrapper), in
+    ``mode="dense"`` such a student lm_head, and different vocab sizes. A low-rank correction
+    (PEFT LoRA, ``modules_to_save``, a style head) on either head is computed, not refused."""
     if not isinstance(teacher, torch.nn.Module) or not callable(getattr(teacher, "get_output_embeddings", None)):
         raise TypeError(f"teacher_model must be a Hugging Face causal LM, got {type(teacher).__name__}")
     s_model, t_model = _unwrap(student), _unwrap(teacher)
@@ -67,25 +77,13 @@ def check_teacher_and_student(teacher, student, mode: str) -> None:
                          "a PEFT student wraps its base model in place): the teacher would be frozen with the student "
                          "and run the student's adapters. Pass a separate teacher (e.g. teacher_model="
                          "copy.deepcopy(model) before wrapping it, or load it again)")
-    wrapped = _wrapped_head(t_model)
-    if wrapped is not None:
-        name, what, fix = wrapped
-        raise ValueError(f"teacher_model's output embeddings {name!r} are {what}: the online teacher "
-                         f"(teacher={mode!r}) projects its last hidden states with the head's base weight, so "
-                         f"whatever the wrapper adds would be ignored. Fix: {fix}")
+    v_t = head_parts(t_model, "teacher_model's", mode).weight.shape[0]
     if mode == "dense":
-        wrapped = _wrapped_head(s_model)
-        if wrapped is not None:
-            name, what, _ = wrapped
-            raise ValueError(f"the student's output embeddings {name!r} are {what}: DFTConfig(teacher='dense') "
-                             "projects with the head's base weight, so the loss would use the base head and what "
-                             "the wrapper adds (a LoRA adapter) would get no gradient. Do not put LoRA on the "
-                             "lm_head (drop it from target_modules), or use teacher='topk' or offline targets, "
-                             "whose loss is computed from the model's own logits")
-    heads = (t_model.get_output_embeddings(), s_model.get_output_embeddings())
-    if not all(isinstance(getattr(h, "weight", None), torch.Tensor) for h in heads):
-        return                                          # no lm_head weight: OnlineTeacher / patch say so
-    v_t, v_s = (h.weight.shape[0] for h in heads)
+        v_s = head_parts(s_model, "the student's", mode).weight.shape[0]
+    else:       # topk: the student's loss is the patch's, which reads its head (or falls back to its logits)
+        v_s = _vocab_rows(s_model.get_output_embeddings())
+        if v_s is None:
+            return                                      # no lm_head weight: the patch says so
     if v_t != v_s:
         raise ValueError(f"teacher_model has a vocab of {v_t} (its lm_head rows), the student {v_s}: the teacher's "
                          "ids and the student's would not be the same tokens (and a student id past the teacher's "
@@ -130,21 +128,22 @@ class OnlineTeacher:
 
     def targets(self, inputs: dict, device) -> dict:
         """``inputs`` with ``target_index`` / ``target_logprobs`` [B, T, k] from the teacher."""
-        head = self.model.get_output_embeddings()
-        h = self.hidden(inputs).to(head.weight.device)
-        t = teacher_topk(h, head.weight, self.k, bias=head.bias, temperature=self.temperature, softcap=self.softcap,
-                         logit_scale=self.scale)
+        parts = head_parts(self.model, "teacher_model's", self.mode)     # a low-rank correction included
+        h = self.hidden(inputs).to(parts.weight.device)
+        t = teacher_topk(h, parts.weight, self.k, bias=parts.bias, temperature=self.temperature, softcap=self.softcap,
+                         logit_scale=self.scale, **parts.lora_kwargs(dropout=False))     # eval: no dropout
         return {**inputs, "target_index": t.index.to(device), "target_logprobs": t.logprobs.to(device)}
 
     def dense_loss(self, student, inputs: dict, num_items_in_batch, loss_kwargs: dict):
         """The dense two-head loss of the batch: (loss, student output, components)."""
-        head_t = self.model.get_output_embeddings()
+        t_parts = head_parts(self.model, "teacher_model's", self.mode)
         h_t = self.hidden(inputs)
         labels = inputs.get("labels")
         ignore = loss_kwargs.get("ignore_index", -100)
         fwd = {n: v for n, v in inputs.items() if n not in ("labels", "target_index", "target_logprobs")}
         s_model = student.module if hasattr(student, "module") else student      # DDP
         head = s_model.get_output_embeddings()
+        parts = head_parts(s_model, "the student's", self.mode)    # a LoRA / style head: its adapter trains
         softcap, scale, _ = logit_transforms(s_model)
         shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:] if labels is not None else None
         shifted, _ = mask_padding(inputs.get("attention_mask"), shifted, None, ignore)   # left padding too
@@ -159,13 +158,17 @@ class OnlineTeacher:
             # find_unused_parameters=True (the Trainer's default) marks every parameter the output
             # does not reach as unused, and would fail in backward ("marked as ready twice")
             h = hidden[-1]
+            w_t = t_parts.weight.to(h.device)
+            t_lora = {k: v.to(h.device) if isinstance(v, torch.Tensor) else v
+                      for k, v in t_parts.lora_kwargs("teacher_", dropout=False).items()}
             comps = fused_linear_distill_loss(
-                h, head.weight, h_t.to(h.device), head_t.weight.to(h.device),
-                None if shifted is None else shifted.to(h.device), bias=head.bias,
-                teacher_bias=None if head_t.bias is None else head_t.bias.to(h.device),
+                h, parts.weight, h_t.to(h.device), w_t,
+                None if shifted is None else shifted.to(h.device), bias=parts.bias,
+                teacher_bias=None if t_parts.bias is None else t_parts.bias.to(h.device),
                 temperature=self.temperature, softcap=softcap, teacher_softcap=self.softcap,
                 logit_scale=float(scale), teacher_logit_scale=self.scale, num_items_in_batch=num_items_in_batch,
-                return_components=True, **{k: v for k, v in loss_kwargs.items() if k in keys})
+                return_components=True, **parts.lora_kwargs(), **t_lora,
+                **{k: v for k, v in loss_kwargs.items() if k in keys})
             result.append(comps)
             if isinstance(output, dict):
                 output["loss"] = comps.loss

@@ -23,10 +23,15 @@ forward *without* ``labels`` (so the model computes no loss of its own) and
   first call the single row of logits the model produced itself is compared with
   the same row computed the fused way: an unknown transform raises instead of
   silently training on the wrong logits. The output has ``logits=None``.
-- logits path (eval mode by default, ``skip_logits=False``, or an output module
-  that is not a plain ``nn.Linear`` -- e.g. a LoRA- or 8-bit-wrapped lm_head): the
-  original forward computes its logits as usual (every transform applied by the
-  model itself) and the loss is :func:`dft_kernels.dft_loss` on them.
+  The head may be a plain ``nn.Linear``, a PEFT LoRA layer (one active adapter), PEFT's
+  ``modules_to_save`` copy or a style head (``dft_kernels/lm_head.py``): a low-rank correction
+  goes to the loss as ``lora_A`` / ``lora_B`` / ``lora_scaling`` / ``lora_dropout``, so
+  the logits are never formed with it either (docs/design.md sec. 17.2).
+- logits path (eval mode by default, ``skip_logits=False``, or an output module the
+  fused path cannot read -- e.g. a quantised lm_head, which warns once with the bytes
+  the logits cost): the original forward computes its logits as usual (every
+  transform applied by the model itself) and the loss is :func:`dft_kernels.dft_loss`
+  on them.
 
 Why a hook on the head rather than calling ``model.get_decoder()`` ourselves: the
 original forward keeps doing all its own argument handling (cache, masks,
@@ -59,7 +64,7 @@ from typing import Any
 import torch
 
 from ..losses import dft_loss, fused_linear_dft_loss
-from ..lm_head import logit_transforms, run_capturing_hidden
+from ..lm_head import Fallback, HeadParts, logit_transforms, logits_bytes_message, resolve_head, run_capturing_hidden
 from ..options import DFTLossOutput, check_options
 from .first_batch import check_first_batch, check_label_arguments
 
@@ -134,6 +139,8 @@ def patch(model, config=None, **keywords):
 
     target = _unwrap(model)
     _check_model(target)
+    if skip_logits is not False:        # a LoRA variant the fused path refuses: say so now, not at the first step
+        resolve_head(target.get_output_embeddings())
 
     state = target.__dict__.get(_STATE_ATTR)
     if state is not None:                    # re-patch: new options, same wrapper
@@ -391,18 +398,19 @@ def _loss_forward(model, state: _PatchState, orig, args, kwargs):
         state.data_checked = True
     skip = state.skip_logits if state.skip_logits is not None else model.training
     head = model.get_output_embeddings()
-    fused = bool(skip) and _is_plain_linear(head)
-    if skip and not fused and state.skip_logits and not state.warned:
-        state.warned = True
-        warnings.warn(f"dk.hf.patch: the output embeddings of {type(model).__name__} are a "
-                      f"{type(head).__name__}, not a plain nn.Linear; computing the loss from the model's logits "
-                      "(materialised) instead of the fused path", stacklevel=3)
-    if fused:
-        out, comps = _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib)
+    parts = resolve_head(head) if skip else None
+    if isinstance(parts, HeadParts):
+        out, comps = _fused_loss(model, state, orig, head, parts, args, kwargs, shifted, target_idx, target_lp, nib)
         logits = None
     else:
         out, comps = _logits_loss(model, state, orig, args, kwargs, shifted, target_idx, target_lp, nib)
         logits = out.logits
+        if isinstance(parts, Fallback) and not state.warned:     # never silently: once per patch
+            state.warned = True
+            k = 0 if target_idx is None else int(target_idx.shape[-1])
+            warnings.warn(f"dk.hf.patch: the output embeddings of {type(model).__name__} are {parts.reason}, which "
+                          f"the fused path cannot read: the loss is computed from the model's logits instead; "
+                          f"{logits_bytes_message(logits, k)}. Fix: {parts.fix}", stacklevel=3)
     state.last_components = comps
     out = _rebuild(model, out, loss=comps.loss, logits=logits)
     out.loss_components = comps          # plain attribute: not part of the dict / tuple view
@@ -427,24 +435,13 @@ def mask_padding(attention_mask, shifted, target_idx, ignore_index):
     return shifted, target_idx
 
 
-def _is_plain_linear(head) -> bool:
-    """An ``nn.Linear`` whose output is ``h @ W.T + b``: the fused path applies. An
-    accelerate device hook (``device_map=...``) only moves tensors, so it qualifies
-    while the weight is materialised; LoRA / quantised / other wrappers do not."""
-    if not (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward):
-        return False
-    w = head.weight
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta":
-        return False
-    return "forward" not in head.__dict__ or hasattr(head, "_hf_hook")
-
-
-def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, target_lp, nib):
+def _fused_loss(model, state, orig, head, parts: HeadParts, args, kwargs, shifted, target_idx, target_lp, nib):
     cls = type(model).__name__
-    out, h = run_capturing_hidden(lambda: orig(*args, **kwargs), head, who=f"dk.hf.patch: {cls}",
-                                  fix="patch with skip_logits=False to compute the loss from the model's logits")
-    softcap, scale, bias = logit_transforms(model)
-    weight = head.weight
+    with _dropout_off(parts.lora_dropout):     # the head's own one row: deterministic, for the check
+        out, h = run_capturing_hidden(lambda: orig(*args, **kwargs), head, who=f"dk.hf.patch: {cls}",
+                                      fix="patch with skip_logits=False to compute the loss from the model's logits")
+    softcap, scale, _ = logit_transforms(model)
+    weight, bias, lora_A, lora_B = parts.weight, parts.bias, parts.lora_A, parts.lora_B
     if h.device != weight.device:          # e.g. device_map: the head's hook would have moved it
         h = h.to(weight.device)
     their_logits = getattr(out, "logits", None)
@@ -453,6 +450,7 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, tar
         V = their_logits.shape[-1]
         weight = weight[:V]
         bias = bias[:V] if bias is not None else None
+        lora_B = lora_B[:V] if lora_B is not None else None
     rows = tuple(h.shape[:-1])
     for name, t in (("labels", shifted), ("target_index", target_idx)):
         if t is not None and tuple(t.shape[:2]) != rows:
@@ -460,10 +458,11 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, tar
                              f"cover {rows}; do not pass logits_to_keep (or other arguments that drop positions) "
                              "together with labels / targets")
     if state.check and not state.checked:
-        _verify(model, their_logits, h, weight, bias, scale, softcap)
+        _verify(model, their_logits, h, weight, bias, scale, softcap, (lora_A, lora_B, parts.lora_scaling),
+                parts.what)
         state.checked = True
     if not (isinstance(scale, float) and scale == 1.0):
-        h = h * scale
+        h = h * scale                      # (s*h) @ W.T + s*b + c * (s*h) A.T B.T: the low-rank term scales too
         bias = bias * scale if bias is not None else None
     dev = h.device.type
     ac_dtype = _autocast_dtype(dev)
@@ -474,12 +473,31 @@ def _fused_loss(model, state, orig, head, args, kwargs, shifted, target_idx, tar
         h = h.to(weight.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
+    lora = {}
+    if lora_A is not None:             # PEFT keeps adapters in fp32 over a 16-bit base: one dtype for the op
+        lora = dict(lora_A=lora_A.to(weight.dtype), lora_B=lora_B.to(weight.dtype),
+                    lora_scaling=parts.lora_scaling, lora_dropout=parts.lora_dropout)
     ctx = torch.autocast(dev, enabled=False) if ac_dtype is not None else contextlib.nullcontext()
     with ctx:
         comps = fused_linear_dft_loss(
             h, weight, _to(target_idx, h.device), _to(target_lp, h.device), _to(shifted, h.device), bias=bias,
-            softcap=softcap, num_items_in_batch=nib, return_components=True, **state.loss_kwargs)
+            softcap=softcap, num_items_in_batch=nib, return_components=True, **lora, **state.loss_kwargs)
     return out, comps
+
+
+@contextlib.contextmanager
+def _dropout_off(dropout):
+    """The adapter's dropout module in eval mode for the model's own forward: the head then
+    sees one row only (its output is the first call's check, nothing else), and the check
+    compares it without a random mask. The loss applies the dropout itself."""
+    if not (isinstance(dropout, torch.nn.Module) and dropout.training):
+        yield
+        return
+    dropout.eval()
+    try:
+        yield
+    finally:
+        dropout.train()
 
 
 def _logits_loss(model, state, orig, args, kwargs, shifted, target_idx, target_lp, nib):
@@ -529,9 +547,11 @@ def _autocast_dtype(device_type: str):
         return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
-def _verify(model, their_logits, h, weight, bias, scale, softcap) -> None:
-    """Compare the one row of logits the model computed itself with the fused view of it."""
+def _verify(model, their_logits, h, weight, bias, scale, softcap, low_rank=(None, None, 1.0), what="") -> None:
+    """Compare the one row of logits the model computed itself with the fused view of it
+    (the low-rank term ``(A, B, scaling)`` of a LoRA / style head included)."""
     cls = type(model).__name__
+    lora_A, lora_B, lora_scaling = low_rank
     with torch.no_grad():
         h1 = h[(slice(0, 1),) * (h.dim() - 1)] * scale
         b1 = bias * scale if bias is not None else None
@@ -539,6 +559,9 @@ def _verify(model, their_logits, h, weight, bias, scale, softcap) -> None:
             h1 = h1.to(weight.dtype)
             b1 = b1.to(weight.dtype) if b1 is not None else None
         z = torch.nn.functional.linear(h1, weight, b1)
+        if lora_A is not None:
+            u = torch.nn.functional.linear(h1.to(lora_A.dtype), lora_A)
+            z = z + (torch.nn.functional.linear(u, lora_B) * lora_scaling).to(z.dtype)
         if softcap is not None:
             z = softcap * torch.tanh(z.float() / softcap)
         if not isinstance(their_logits, torch.Tensor) or their_logits.numel() != z.numel():
@@ -554,6 +577,7 @@ def _verify(model, their_logits, h, weight, bias, scale, softcap) -> None:
     if not err <= bound:
         raise ValueError(
             f"dk.hf.patch: {cls} transforms the output of its lm_head in a way the fused path does not reproduce "
-            f"(max |difference| {err:.3g} on one row of logits). Known transforms: final_logit_softcapping "
+            f"(max |difference| {err:.3g} on one row of logits; lm_head: {what or 'nn.Linear'}). Known transforms: "
+            f"final_logit_softcapping "
             f"(softcap={softcap}), logit_scale / logits_scaling (scale={float(scale):.6g}). Patch with "
             "skip_logits=False to compute the loss from the model's own logits instead")

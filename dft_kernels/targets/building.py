@@ -11,7 +11,8 @@ from typing import Mapping
 
 import torch
 
-from ..lm_head import logit_transforms, run_capturing_hidden
+from ..lm_head import Fallback, fold_logit_scale, logit_transforms, resolve_head, run_capturing_hidden
+from ..low_rank import LowRankHead
 from .container import _check_k, _check_positive, _dtype_name, resolve_dtype
 from .store import SHARD_FORMAT, ShardDirWriter, fingerprint_tokenizer, input_ids_sha256, model_fingerprints
 
@@ -92,7 +93,15 @@ def _iter_sequences(batches):
 
 
 class _Teacher:
-    """The pieces of a HF causal LM the build needs: the model, its lm_head, logit transforms."""
+    """The pieces of a HF causal LM the build needs: the model, its lm_head, logit transforms.
+
+    The head is read by :func:`dft_kernels.lm_head.resolve_head`, as the student's patch and
+    the online teacher read it: a low-rank correction (a PEFT LoRA or ``modules_to_save``
+    lm_head, a style head) is joined once for the whole build -- ``weight`` is ``[W | B]``
+    (one more copy of the head, V x (D + r)) and :meth:`hidden` returns ``[h | s * h @ A.T]``
+    -- so the targets are the corrected head's. A head the fused path cannot read (quantised,
+    offloaded, another wrapper) raises a ValueError with the reason and the fix.
+    """
 
     def __init__(self, model, name=None):
         if isinstance(model, (str, os.PathLike)):
@@ -105,11 +114,21 @@ class _Teacher:
                             f"got {type(model).__name__}")
         self.model = model
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or getattr(head, "weight", None) is None:
+        if head is None:
             raise TypeError("teacher must be a Hugging Face causal LM with an lm_head (get_output_embeddings())")
-        self.head, self.weight = head, head.weight
+        parts = resolve_head(head, who="targets build")
+        if isinstance(parts, Fallback):
+            raise ValueError(f"targets build: the teacher's output embeddings are {parts.reason}; the build projects "
+                             "the teacher's final hidden states with the head's weight (never its [N, V] logits) and "
+                             f"cannot compute this head. Fix: {parts.fix}")
+        self.head, self.weight, self.bias, self.lora = head, parts.weight, parts.bias, None
+        if parts.has_lora:    # the teacher has no gradient: [W | B] once, [h | u] per batch (docs/design.md sec. 17)
+            kw = parts.lora_kwargs(dropout=False)           # the teacher is in eval mode: no dropout
+            with torch.no_grad():
+                self.lora = LowRankHead(kw["lora_A"].detach(), kw["lora_B"].detach(), kw["lora_scaling"], None)
+                self.weight = torch.cat([parts.weight.detach(), self.lora.lora_B], -1)
         # what the model's own forward does to lm_head's output, read as the student's patch reads it
-        self.softcap, scale, self.bias = logit_transforms(model)
+        self.softcap, scale, _ = logit_transforms(model)
         self.scale = float(scale)
         cfg = getattr(model, "config", None)
         self.vocab_size = int(self.weight.shape[0])
@@ -132,7 +151,10 @@ class _Teacher:
         kw = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
         _, hidden = run_capturing_hidden(lambda: self.model(**kw), self.head, who=type(self.model).__name__,
                                          fix="targets build needs a causal LM that applies its lm_head once")
-        return hidden[mask.to(hidden.device).bool()].to(self.weight.device)
+        h = hidden[mask.to(hidden.device).bool()].to(self.weight.device)
+        if self.lora is not None:
+            h = torch.cat([h, self.lora.activations(h.to(self.weight.dtype))], -1)     # [h | u]
+        return h
 
     @torch.inference_mode()
     def topk(self, seqs: list[torch.Tensor], k: int, temperature: float, chunk_vocab: int,
@@ -162,9 +184,7 @@ def _sampled_targets(tm: "_Teacher", h, k, temperature, lengths, samples, seed, 
     """Hybrid / sampled rows (docs/design.md sec. 12) of consecutive sequences, each
     sequence's draws from its own (seed, index) generator: resume-safe."""
     from .sampling import sequence_uniforms, targets_from_hidden
-    b = tm.bias
-    if tm.scale != 1.0:
-        h, b = h * tm.scale, None if b is None else b * tm.scale
+    h, b = fold_logit_scale(h, tm.bias, tm.scale)
     u = sequence_uniforms(seed, first_sequence, lengths, samples)
     index, logprobs = targets_from_hidden(h, tm.weight, b, k, samples, 1.0 / temperature, tm.softcap, u)
     return index.cpu(), logprobs.cpu()
@@ -175,9 +195,8 @@ def _chunked_topk(h, weight, bias, k, temperature, softcap, chunk_vocab, scale=1
     top-k on CUDA (k <= its register limit), chunked PyTorch tiles of ``chunk_vocab``
     columns elsewhere (docs/design.md sec. 11)."""
     from ..ops import teacher_topk_apply, triton_usable
-    from ..ops.teacher_chunked import MAX_TRITON_K, chunked_topk
-    if scale != 1.0:
-        h, bias = h * scale, None if bias is None else bias * scale
+    from ..ops.teacher_topk.torch import MAX_TRITON_K, chunked_topk
+    h, bias = fold_logit_scale(h, bias, scale)
     if h.device.type == "cuda" and triton_usable(h.device) and k <= MAX_TRITON_K:
         index, logprobs, _ = teacher_topk_apply(h, weight, bias, k, 1.0 / temperature, softcap, "triton")
     else:
@@ -202,7 +221,11 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
     student, then divided by ``temperature``; matmul in the
     teacher's dtype, as its own forward does, the rest in fp32) with a running top-k and a running
     log-sum-exp, so the log-probs are normalised over the full vocab and the
-    [N, V] logits never exist.
+    [N, V] logits never exist. The head is read as the student's patch reads it
+    (``dft_kernels.lm_head.resolve_head``): a low-rank correction -- a PEFT LoRA or
+    ``modules_to_save`` lm_head, a style head -- is part of the teacher's logits (joined
+    once: ``[W | B]``, docs/design.md sec. 17.2); a head that cannot be read so (quantised,
+    offloaded, another wrapper) raises ValueError with the reason and the fix.
 
     ``batches``: an iterable of batches, each a dict with ``input_ids`` [B, T]
     (+ ``attention_mask``: masked tokens are dropped), a [B, T] tensor, or a list of
@@ -219,7 +242,8 @@ def build(teacher, batches, k: int, temperature: float = 1.0, *, out_dir, shard_
     their number, if known; ``progress=False`` hides it). Log-probs are stored in
     ``dtype`` (fp16 default; bf16 / fp32).
 
-    The manifest records ``teacher_fingerprint`` (weights + config,
+    The manifest records ``teacher_fingerprint`` (weights + config, an lm_head adapter's
+    scaling and active state included,
     :func:`~dft_kernels.targets.fingerprint_model`) and ``tokenizer_fingerprint``
     (:func:`~dft_kernels.targets.fingerprint_tokenizer` of ``tokenizer``, else of the
     teacher's directory when it holds tokenizer files, else None). A re-run resumes

@@ -328,15 +328,37 @@ def previous_manifest(out_dir) -> dict:
 # --------------------------------------------------------------------------- fingerprints
 
 
+def _head_correction(model) -> str | None:
+    """How the lm_head's low-rank correction enters its output, or None without one: what
+    the state dict does not say -- which adapter is active (a disabled or merged one is the
+    base head), its scaling (PEFT's ``lora_alpha / r``). Its A / B are state-dict tensors."""
+    from ..lm_head import HeadParts, resolve_head
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    try:
+        parts = resolve_head(head)
+    except ValueError as e:                    # a variant no fused path computes: its description still counts
+        return f"unsupported: {e}"
+    if not isinstance(parts, HeadParts) or not parts.has_lora:
+        return None
+    return f"{parts.what}|scaling={parts.lora_scaling!r}|r={tuple(parts.lora_A.shape)}"
+
+
 def _model_parts(model) -> tuple[str, str]:
     """(weights sha256, config sha256) of a torch module: every state-dict tensor
-    (name, dtype, shape, bytes) and the config's fields (private ones dropped)."""
+    (name, dtype, shape, bytes) and the config's fields (private ones dropped); a low-rank
+    correction of the lm_head (a PEFT LoRA, a style head) adds its active adapter and
+    scaling to the weights (:func:`_head_correction`; a plain head's hash is unchanged)."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in model.state_dict().items():
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             if t.device.type != "meta":
                 h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    correction = _head_correction(model)
+    if correction is not None:
+        h.update(f"lm_head correction|{correction}".encode())
     cfg = getattr(model, "config", None)
     fields = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     fields = {k: v for k, v in fields.items() if not k.startswith("_")

@@ -143,11 +143,26 @@ def _check_model_dirs(args) -> None:
                                  "pass a directory written by save_pretrained")
 
 
+def _style_heads(args) -> list[Path]:
+    """The ``--style-head`` directories (names resolved in ``--presets``), each scored on the one
+    ``--model`` it belongs to, next to that model alone."""
+    import os
+
+    from .presets import resolve_style_head
+    given = getattr(args, "style_head", None) or []
+    if given and len(args.model) != 1:
+        raise UsageError(f"--style-head needs exactly one --model (the base model the style heads were trained on), "
+                         f"got {len(args.model)}")
+    search = getattr(args, "presets", None) or os.environ.get("DFT_KERNELS_PRESETS", ".").split(os.pathsep)
+    return [resolve_style_head(h, search) for h in given]
+
+
 def run_eval(args) -> dict:
     """Score every ``args.model`` and write the report files to ``args.out``; returns the report."""
     from ..data import DFTTargetsDataset
     from ..targets.store import read_manifest
     _check_model_dirs(args)
+    _style_heads(args)                       # names resolved before any model loads
     manifest = read_manifest(check_targets_dir(args.targets)) if args.targets is not None else None
     teacher = None
     if args.teacher:
@@ -163,9 +178,14 @@ def run_eval(args) -> dict:
     temperature = 1.0
     if manifest is not None:
         temperature = float(manifest.get("temperature") or 1.0)
+    heads = _style_heads(args)
     rows = []
-    for path in args.model:
+    for path, head in [(m, None) for m in args.model] + [(args.model[0], h) for h in heads]:
         model = load_causal_lm(path, arg="--model").float().eval()
+        if head is not None:                 # refused (exit 2) when it was trained on another base
+            from ..hf import load_style_head
+            load_style_head(model, head)
+            model.eval()
         V = vocab_size_of(model)
         check_token_ids(seqs, V, arg="--data", model=f"--model {path}")
         check_positions(seqs, model, model_arg=f"--model {path}")
@@ -179,8 +199,9 @@ def run_eval(args) -> dict:
         if args.targets is not None:
             tok = load_tokenizer(path) if manifest.get("tokenizer_fingerprint") else None
             targets = DFTTargetsDataset([{"input_ids": s} for s in seqs], args.targets, vocab_size=V, tokenizer=tok)
-        row = {"model": str(path), **score_model(model, seqs, targets=targets, teacher=teacher,
-                                                 temperature=temperature, batch_size=args.batch_size)}
+        name = str(path) if head is None else f"{path} + {head}"
+        row = {"model": name, **score_model(model, seqs, targets=targets, teacher=teacher,
+                                            temperature=temperature, batch_size=args.batch_size)}
         if args.generate:
             samples = sample_continuations(model, seqs, n=args.generate, max_new_tokens=args.max_new_tokens,
                                            seed=args.seed, tokenizer=load_tokenizer(path))

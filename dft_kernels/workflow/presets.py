@@ -116,3 +116,40 @@ def resolve_target_dir(name_or_path: str, search: list[str]) -> Path:
     known = sorted({r["name"] for r in rows if r["name"]})
     raise UsageError(f"{name_or_path!r} is neither a targets directory nor a preset name in --presets "
                      f"{' '.join(search)} (known: {', '.join(known) or 'none'}); build it with targets build --name")
+
+
+#: the metadata file of a style head directory (dft_kernels.hf.style_head_io.META)
+STYLE_HEAD_META = "style_head.json"
+
+
+def resolve_style_head(name_or_path: str, search: list[str]) -> Path:
+    """A style head directory as given, else the style head whose ``name`` (``train --style-head
+    ... --style-name``, or the targets preset it was trained on) is ``name_or_path`` among the
+    style head directories below ``search``'s folders.
+
+    Raises:
+        UsageError: neither a style head directory nor a known name (lists the names known).
+    """
+    import os
+    p = Path(name_or_path)
+    if (p / STYLE_HEAD_META).is_file():
+        return p
+    found = {}
+    for root in (Path(s) for s in search if Path(s).is_dir()):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.startswith("checkpoint-")]
+            if STYLE_HEAD_META in filenames:
+                try:
+                    name = json.loads((Path(dirpath) / STYLE_HEAD_META).read_text()).get("name")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if name:
+                    found.setdefault(name, []).append(dirpath)
+    hits = found.get(name_or_path, [])
+    if len(hits) > 1:
+        raise UsageError(f"style head name {name_or_path!r} is used by {', '.join(hits)}: pass a path instead")
+    if hits:
+        return Path(hits[0])
+    raise UsageError(f"--style-head {name_or_path!r} is neither a style head directory ({STYLE_HEAD_META}) nor a "
+                     f"style head name in --presets {' '.join(search)} (known: {', '.join(sorted(found)) or 'none'}); "
+                     "train one with dft-kernels train --style-head RANK")

@@ -1,5 +1,6 @@
 """``dft-kernels train``: DFTTrainer from flags (or a YAML file) on a jsonl data file,
-offline targets, an online teacher, or none (plain cross-entropy, the SFT baseline)."""
+offline targets, an online teacher, or none (plain cross-entropy, the SFT baseline);
+``--style-head RANK`` trains and saves a style head instead of the model."""
 from __future__ import annotations
 
 import dataclasses
@@ -174,9 +175,34 @@ def run_train(args, hf: dict) -> dict:
         raise UsageError(f"--resume: {out} holds no checkpoint-N directory to resume from; drop --resume")
     if args.targets is not None:
         check_targets_dir(args.targets)
+    _check_style_flags(args)
     _flag_warnings(args)
     with quiet_transformers(args.quiet):   # no weight loading / saving bars
         return _train(args, hf, out, overwrite)
+
+
+def _check_style_flags(args) -> None:
+    """``--style-head RANK`` and the flags that go with it (docs/design.md sec. 17.2)."""
+    from .presets import check_preset_name
+    rank = getattr(args, "style_head", None)
+    for flag in ("style_alpha", "style_name"):
+        if getattr(args, flag, None) is not None and rank is None:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --style-head RANK (it describes the style head)")
+    check_preset_name(getattr(args, "style_name", None))
+
+
+def _style(args) -> dict | None:
+    """The style head of the run as recorded (fingerprint, summary), or None."""
+    rank = getattr(args, "style_head", None)
+    if rank is None:
+        return None
+    return {"rank": rank, "alpha": float(args.style_alpha if args.style_alpha is not None else rank)}
+
+
+def _style_name(args) -> str | None:
+    if args.style_name is not None:
+        return args.style_name
+    return read_manifest(args.targets).get("name") if args.targets is not None else None
 
 
 def _train(args, hf: dict, out: Path, overwrite: bool) -> dict:
@@ -208,9 +234,17 @@ def _train(args, hf: dict, out: Path, overwrite: bool) -> dict:
                              "(or --online dense)")
         extra["teacher_model"] = teacher
     recorded = _recorded_config(cfg, args)
+    style = _style(args)
     fingerprint = run_fingerprint(student=model, tokenizer_dir=args.student, seqs=seqs, eval_seqs=eval_seqs,
-                                  targets_dir=args.targets, teacher=teacher, loss=recorded)
+                                  targets_dir=args.targets, teacher=teacher,
+                                  loss=recorded if style is None else {**recorded, "style_head": style})
     resume = prepare_out(out, fingerprint, overwrite=overwrite, resume_required=args.resume)
+    if style is not None:          # after the fingerprint (the base's weights), seeded: A starts the same on a rerun
+        import torch
+
+        from ..hf import add_style_head
+        torch.manual_seed(args.seed)
+        add_style_head(model, rank=style["rank"], alpha=style["alpha"])
     trainer = DFTTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, dft_config=cfg,
                          processing_class=student_tok, **extra)
     if resume is not None:
@@ -218,9 +252,14 @@ def _train(args, hf: dict, out: Path, overwrite: bool) -> dict:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     secs = time.perf_counter() - t0
-    trainer.save_model(str(out))
-    if student_tok is not None:
-        student_tok.save_pretrained(str(out))
+    if style is not None:          # only the style head: the base stays where it is
+        from ..hf import save_style_head
+        style.update(name=_style_name(args), path=str(save_style_head(model, out, targets=args.targets,
+                                                                      name=_style_name(args))))
+    else:
+        trainer.save_model(str(out))
+        if student_tok is not None:
+            student_tok.save_pretrained(str(out))
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     sft = args.targets is None and args.teacher is None       # no divergence term at all
@@ -229,7 +268,7 @@ def _train(args, hf: dict, out: Path, overwrite: bool) -> dict:
                else None, "first_loss": logs[0]["loss"] if logs else None, "last_loss": last.get("loss"),
                "mean_loss": mean, "last_divergence": None if sft else last.get("dft_divergence"),
                "last_accuracy": last.get("dft_accuracy"), "accuracy_weight": recorded["lam"],
-               "dft_config": recorded, "log_history": trainer.state.log_history}
+               "dft_config": recorded, "style_head": style, "log_history": trainer.state.log_history}
     atomic_write(out / SUMMARY, (json.dumps(summary, indent=1, default=str) + "\n").encode())
     return summary
 
@@ -247,13 +286,15 @@ def summary_line(summary: dict, out) -> str:
     """One line: steps, loss first -> last, the last divergence / accuracy terms, time, where."""
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
+    saved = f"style head (rank {summary['style_head']['rank']}) saved to {out}" if summary.get("style_head") \
+        else f"model saved to {out}"
     if summary["first_loss"] is None:        # no logging step was reached: the run's mean loss instead
         loss = "no step logged" if summary.get("mean_loss") is None else f"mean loss {f(summary['mean_loss'])}"
-        return f"trained {summary['steps']} steps in {summary['seconds']:.1f}s: {loss}; model saved to {out}"
+        return f"trained {summary['steps']} steps in {summary['seconds']:.1f}s: {loss}; {saved}"
     parts = [f"{name} {f(summary[key])}" for name, key in (("divergence", "last_divergence"),
                                                             ("accuracy", "last_accuracy")) if summary[key] is not None]
     return (f"trained {summary['steps']} steps in {summary['seconds']:.1f}s: loss {f(summary['first_loss'])} -> "
-            f"{f(summary['last_loss'])}{' (' + ', '.join(parts) + ')' if parts else ''}; model saved to {out}")
+            f"{f(summary['last_loss'])}{' (' + ', '.join(parts) + ')' if parts else ''}; {saved}")
 
 
 def add_train_arguments(p) -> None:
@@ -290,6 +331,15 @@ def add_train_arguments(p) -> None:
     p.add_argument("--save-steps", type=positive_int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (training and weight loading)")
+    p.add_argument("--style-head", type=positive_int, default=None, metavar="RANK",
+                   help="train a style head of this rank instead of the model: a low-rank correction of the frozen "
+                        "lm_head, the decoder run without gradients; only the head is saved to --out "
+                        "(style_head.safetensors + style_head.json; eval --style-head reads it)")
+    p.add_argument("--style-alpha", type=positive_float, default=None,
+                   help="the style head's alpha (scaling = alpha / rank; default: the rank, scaling 1)")
+    p.add_argument("--style-name", default=None,
+                   help="preset name recorded in the style head, for eval --style-head NAME (default: the name of "
+                        "the --targets preset, if it has one)")
     for name, kind in LOSS_FLAGS.items():
         if isinstance(kind, tuple):
             p.add_argument(f"--{name}", choices=kind, default=LOSS_DEFAULTS.get(name, kind[0]),
