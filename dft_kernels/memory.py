@@ -26,8 +26,15 @@ ACC_BYTES = 128 << 20
 #: Byte budget of a forward block's rows of ``h`` gathered in the kernels' row order.
 GATHER_BYTES = 64 << 20
 
+#: Bytes per row and teacher slot live at the peak of the targets' slot merge, which the loss
+#: runs on every row's K slots before any logits when K > 1 (``merge_duplicate_slots``: a
+#: stable sort of the ids and float64 prefix sums of the masses): six float64 [N, K, 2], six
+#: 8-byte [N, K] and five bool [N, K] tensors, 6*16 + 6*8 + 5 (measured op by op on the CPU,
+#: benchmarks/results/long_context_cpu.md). At long context it is the torch path's peak.
+MERGE_SLOT_BYTES = 149
+
 #: fp32 elements of one slab of W upcast to form 16-bit logits in fp32 where torch has
-#: no fp32-output 16-bit matmul (the CPU; ``ops.torch_chunked.linear_fp32``): rows = this // D
+#: no fp32-output 16-bit matmul (the CPU; ``ops._torch_common.linear_fp32``): rows = this // D
 UPCAST_SLAB_ELEMS = 1 << 20
 
 
@@ -45,6 +52,12 @@ def chunk_rows_for(strategy: str, vocab: int, n_rows: int | None = None, chunk_e
     elems = chunk_elems or (FAST_CHUNK_ELEMS if strategy == "fast" else LEAN_CHUNK_ELEMS)
     rows = max(1, elems // max(vocab, 1))
     return min(rows, n_rows) if n_rows else rows
+
+
+def target_merge_bytes(n_rows: int, k: int) -> int:
+    """Bytes of the targets' slot merge at its peak (:data:`MERGE_SLOT_BYTES` a row and
+    slot; none for K <= 1): freed before the first chunk of logits, so it adds to nothing."""
+    return n_rows * k * MERGE_SLOT_BYTES if k > 1 else 0
 
 
 def backward_chunking(N: int, V: int, D: int, elt: int, sep_h: bool, sep_w: bool, *, slab_bytes: int = SLAB_BYTES,
@@ -124,10 +137,13 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
       fp32 ``V*D*4`` when the head trains (``head_trains``) and dH ``N*D*e``.
 
     All three add the small per-row tensors (ids, lse, gathered, the loss math on them):
-    ``N*M*64``. Gradients every strategy returns (dH, dW) are not counted, except the ones
-    "fast" holds from the forward on; a benchmark that reads the peak beyond inputs *and*
-    returned gradients compares it with this value minus ``V*D*4*head_trains + N*D*e``
-    for "fast" (fp32).
+    ``N*M*64``. With ``kernels="torch"`` "lean" and "fast" are the larger of that sum and
+    the targets' slot merge before it, :func:`target_merge_bytes` (``N*K*149`` for K > 1:
+    the peak at long context, e.g. N 262144, K 32). Gradients every strategy returns (dH,
+    dW) are not counted, except the ones "fast" holds from the forward on; a benchmark that
+    reads the peak beyond inputs *and* returned gradients compares it with this value
+    minus ``V*D*4*head_trains + N*D*e`` for "fast" (fp32), or with ``target_merge_bytes``
+    where that is larger (the merge runs before the gradients exist).
 
     Args:
         strategy: "naive", "lean" or "fast".
@@ -167,4 +183,6 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
     if upcast and e < 4:
         chunk += (C + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, 1)))) * D * 4
     held = (V * D * 4 if head_trains else 0) + N * D * e if strategy == "fast" else 0
-    return chunk + held + small
+    if kernels == "triton":
+        return chunk + held + small
+    return max(chunk + held + small, target_merge_bytes(N, k))

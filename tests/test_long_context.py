@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dft_kernels import memory
-from dft_kernels.ops import linear_lse_gather as fused
-from dft_kernels.ops.two_head_triton import TwoHeadDivergenceTriton
+from dft_kernels.ops import PrimitiveArgs, TwoHeadArgs
+from dft_kernels.ops.linear import triton as fused
+from dft_kernels.ops.two_head.triton import TwoHeadDivergenceTriton
 
 from benchmarks.long_context import measured_lean
 
@@ -24,8 +25,8 @@ def test_forward_partials_do_not_grow_with_tokens(n_rows, monkeypatch):
     a row: ids, lse, gathered, the merged sparse gradient), or one of the [N, D] / [V, D] /
     [V] shapes of the inputs and gradients: none scales with N * V."""
     from dft_kernels.ops import _common
-    from dft_kernels.ops import linear_lse_gather_products as products
-    from dft_kernels.ops import two_head_triton
+    from dft_kernels.ops.linear import backward as products
+    from dft_kernels.ops.two_head import triton as two_head_triton
     from dft_kernels.ops._triton_common import compile_target
 
     N, D, V, M = n_rows, 4096, 128256, 33
@@ -68,13 +69,13 @@ def test_forward_in_row_blocks_equals_one_block(impl_rows, monkeypatch):
     h64, w64, b64, index, g = _ignored_problem(N, V, D, M, big=3.0)
     index[-3:, 0] = 5                        # every row counts
     args = [t.float() for t in (h64, w64, b64)]
-    one = fused.LinearLSEGatherTriton.apply(*args, index, (1.0, 0.5), None, True, 2, None)
+    one = fused.LinearLSEGatherTriton.apply(*args, index, PrimitiveArgs((1.0, 0.5), None, 2))
     th = [t.float() for t in (torch.randn(N, 12, generator=g), torch.randn(V, 12, generator=g))]
-    div_one = TwoHeadDivergenceTriton.apply(args[0], args[1], None, *th, None, None, None, 1.0, "jsd", 0.3)
+    div_one = TwoHeadDivergenceTriton.apply(args[0], args[1], None, *th, None, TwoHeadArgs(None, None, 1.0, "jsd", 0.3))
     # the interpreter's tiles: 3 (fused) / 5 (two-head) fp32 columns per vocab tile and row
     monkeypatch.setattr(_common, "PARTIAL_BYTES", impl_rows * 4 * 2 * 5)
-    blocks = fused.LinearLSEGatherTriton.apply(*args, index, (1.0, 0.5), None, True, 2, None)
-    div_blocks = TwoHeadDivergenceTriton.apply(args[0], args[1], None, *th, None, None, None, 1.0, "jsd", 0.3)
+    blocks = fused.LinearLSEGatherTriton.apply(*args, index, PrimitiveArgs((1.0, 0.5), None, 2))
+    div_blocks = TwoHeadDivergenceTriton.apply(args[0], args[1], None, *th, None, TwoHeadArgs(None, None, 1.0, "jsd", 0.3))
     for a, c in zip(one, blocks):
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(div_one, div_blocks, atol=1e-6, rtol=1e-6)
@@ -142,3 +143,25 @@ def test_one_call_over_long_sequences_torch_path(n_rows):
     dist = dk.fused_linear_distill_loss(h, w, ht, wt, labels, impl="torch")
     ref = dk.fused_linear_distill_loss(h.double(), w.double(), ht.double(), wt.double(), labels, impl="reference")
     assert abs(dist.item() - ref.item()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_elems", [None, 1 << 17], ids=["chunks-dominate", "target-merge-dominates"])
+@pytest.mark.parametrize("strategy", ["lean", "fast"])
+def test_cpu_torch_peak_matches_the_memory_model(strategy, chunk_elems):
+    """One fp32 forward + backward of ``fused_linear_dft_loss(impl="torch")`` on the CPU, trained
+    lm_head, K 16 + label, 1/8 of the rows ignored, inside ``LivePeak`` (the measurement of
+    ``python -m benchmarks.long_context --cpu-torch``, benchmarks/results/long_context_cpu.md,
+    at N 4096, D 64, V 3001): the peak beyond inputs and returned gradients within 20% of
+    ``memory.loss_extra_bytes(..., kernels="torch")``. With the default chunks the [C, V]
+    chunks dominate; with small ones (2^17 elements) the targets' slot merge does, as at
+    N 262144, K 32 with the default chunks."""
+    from benchmarks.long_context import measure_cpu_torch
+    r = measure_cpu_torch(strategy, 4096, 64, 3001, 16, chunk_elems=chunk_elems, warmup=False)
+    assert (r["grad_fn"] == "FastLinearLossBackward") == (strategy == "fast")      # the strategy ran
+    phases = r["phases"]      # the targets' merge before the first chunk's logits, then the chunk loop
+    if chunk_elems:
+        assert phases["before_chunks"] == r["extra"] > phases["chunk_loop"]
+    else:
+        assert phases["chunk_loop"] == r["extra"] > 4 * phases["before_chunks"]
+    print(f"{strategy}: measured {r['extra'] / 2 ** 20:.2f} MiB, model {r['model'] / 2 ** 20:.2f} MiB")
+    assert 0.8 <= r["extra"] / r["model"] <= 1.2, (r["extra"], r["model"])
