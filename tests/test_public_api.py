@@ -74,6 +74,15 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of ``from X import ...`` inside ``package`` (relative ones resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (anywhere in the file, lazy imports too)."""
     files = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
@@ -86,12 +95,7 @@ def _import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[:len(base) - (node.level - 1)]
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    mod = node.module or ""
+                mod = _from_module(node, package)
                 # `from pkg import submodule` imports pkg.submodule; any other name resolves to pkg below
                 targets.update(f"{mod}.{a.name}" for a in node.names)
         edges = set()
@@ -162,14 +166,8 @@ def _imported_names(path: Path, package: str):
     """(module, name) of every ``from X import name`` in the file (relative ones resolved)."""
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
             for a in node.names:
-                yield mod, a.name
+                yield _from_module(node, package), a.name
 
 
 def _op_folder(module: str) -> str | None:
