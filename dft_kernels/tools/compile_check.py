@@ -5,7 +5,7 @@ tensors with the GPU branch of their one config function, records each kernel la
 instead of running it, specialises it exactly as Triton's runtime does (ints equal to 1
 become constexprs, multiples of 16 get divisibility hints), compiles it for sm_80 and
 every architecture in :data:`ARCHS` (sm_75 ... sm_120a, each with its limits, from
-``linear_config.ARCHS``) with the ptxas Triton ships, and prints per kernel, dtype and
+``linear.config.ARCHS``) with the ptxas Triton ships, and prints per kernel, dtype and
 arch: registers, spill bytes, shared memory, operand pipeline depth and the
 tensor-core instructions found in the PTX. It exits 1 on a compile failure, a spill,
 shared memory over the architecture's per-block limit, a ``tl.dot`` kernel without the
@@ -21,7 +21,7 @@ such files from several Triton releases into one table (tools/compile_matrix.sh)
 ``--wgmma-probe`` also compiles a kernel known to serialise wgmma on sm_90a
 (tools/wgmma_probe.py) and fails unless the "wgmma serialized" rule sees it under this
 Triton. Cells ``impl="auto"`` sends to PyTorch under this Triton release
-(``linear_config.TRITON_UNSUPPORTED``, e.g. 3.2 on Blackwell) are listed, not compiled
+(``linear.config.TRITON_UNSUPPORTED``, e.g. 3.2 on Blackwell) are listed, not compiled
 (``--include-unsupported`` compiles them).
 
 Kernels plug in through :data:`DRIVERS`: a function per op that calls its launchers,
@@ -52,7 +52,7 @@ from .compile_rules import (_PTXAS_REGS, _PTXAS_SPILL, dot_patterns, i32_stride_
 from ..ops._common import lse_columns
 from ..ops.linear.config import ARCHS as ARCH_LIMITS
 
-#: Architectures checked: name -> compute capability (limits: ``linear_config.ARCHS``).
+#: Architectures checked: name -> compute capability (limits: ``linear.config.ARCHS``).
 ARCHS = {name: a.capability for name, a in ARCH_LIMITS.items()}
 #: The tensor-core instruction names of the PTX: gate name -> marker.
 TC_MARKERS = {"mma.sync": "mma.sync", "wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma"}
@@ -170,7 +170,7 @@ def drive_two_head(shape: HeadShape, variant: Variant, dtype: torch.dtype) -> No
                                           True, True, variant.bias)
 
 
-#: driver -> the op's name in ``fallback.guarded`` (``linear_config.triton_unsupported``'s ``op``)
+#: driver -> the op's name in ``fallback.guarded`` (``linear.config.triton_unsupported``'s ``op``)
 GUARDED_OP = {"logits": "lse_gather", "fused": "linear_lse_gather", "teacher_topk": "teacher_topk",
               "two_head": "two_head"}
 
@@ -433,7 +433,7 @@ def wgmma_probe() -> Report:
 
 def unsupported_reason(arch: str, dt: str, op: str) -> str | None:
     """Why ``impl="auto"`` never runs ``op`` (a :data:`DRIVERS` key) in dtype ``dt`` on ``arch``
-    under this Triton (None: it does): ``linear_config.triton_unsupported``'s release rules."""
+    under this Triton (None: it does): ``linear.config.triton_unsupported``'s release rules."""
     from ..ops.linear.config import triton_unsupported
     dtype, allow_tf32 = DTYPES[dt]
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -468,7 +468,7 @@ def collect_jobs(variants: list[Variant], dtypes: tuple[str, ...], archs: tuple[
     try:
         for arch, dt, variant, op in itertools.product(archs, dtypes, variants, ops or tuple(DRIVERS)):
             if dt not in ARCH_LIMITS[arch].triton_dtypes:
-                continue   # auto runs the chunked PyTorch path there (linear_config.triton_unsupported)
+                continue   # auto runs the chunked PyTorch path there (linear.config.triton_unsupported)
             why = None if include_unsupported else unsupported_reason(arch, dt, op)
             if why is not None:   # this release cannot compile it: auto never tries (e.g. 3.2 on Blackwell)
                 if skipped is not None and (arch, dt, op) not in seen_skips:
@@ -636,7 +636,7 @@ def write_matrix(out: str, paths: list[str]) -> None:
                     for s in r.get("skipped", []) if r.get("summary")})
     if skips:
         text += ["Cells not compiled because `impl=\"auto\"` runs them on the PyTorch path under that release "
-                 "(`linear_config.TRITON_UNSUPPORTED`):", ""]
+                 "(`linear.config.TRITON_UNSUPPORTED`):", ""]
         text += [f"- {v} {a} {d} `{o}`: {w}" for v, a, d, o, w in skips] + [""]
     probes = {}
     for r in results:
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the reports and the summary as JSON")
     p.add_argument("--include-unsupported", action="store_true",
                    help="also compile the (release, arch, dtype, op) cells impl='auto' runs on PyTorch "
-                        "(linear_config.TRITON_UNSUPPORTED; e.g. to see whether a newer release fixed one)")
+                        "(linear.config.TRITON_UNSUPPORTED; e.g. to see whether a newer release fixed one)")
     p.add_argument("--wgmma-probe", action="store_true",
                    help="also compile a kernel known to serialise wgmma on sm_90a and fail unless the "
                         "'wgmma serialized' rule sees it (proves the rule works under this Triton)")
