@@ -351,7 +351,7 @@ def run_cpu(shape: dict, strategies, out: Path, chunk_elems=None, timeout: float
         data["env"] = _cpu_env()
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
         print(f"{s}: extra {row['extra'] / MiB:.1f} MiB, model {row['model'] / MiB:.1f} MiB, {row['wall_s']} s",
               flush=True)
@@ -394,13 +394,13 @@ def write_cpu(path: Path) -> Path:
              f"logits materialised) is the model's figure, not measured: {naive / MiB:.0f} MiB.", "",
              f"torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu')}, commit "
              f"{env.get('commit')}. Wall time: the measured call, LivePeak's bookkeeping included, on a "
-             "shared machine.", "",
+             "shared machine." + (f" {data['note']}" if data.get("note") else ""), "",
              "| strategy | counted rows | measured extra MiB | targets' prep / chunk loop MiB | model MiB "
              "| measured / model | naive (model) MiB | LivePeak with grads MiB | RSS peak delta MiB | wall s "
              "| command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s, r in data["rows"].items():
         model = cpu_model(s, N, D, V, K, chunk_elems)
-        rss = "" if r.get("rss_extra") is None else f"{r['rss_extra'] / MiB:.0f}"
+        rss = "" if r.get("rss_extra") is None else f"{r['rss_extra'] / MiB:.1f}"
         ph = r.get("phases") or {}
         split = f"{ph['before_chunks'] / MiB:.1f} / {ph['chunk_loop'] / MiB:.1f}" if ph else ""
         lines.append(f"| {s} | {r['counted_rows']} | {r['extra'] / MiB:.1f} | {split} | {model / MiB:.1f} | "

@@ -137,7 +137,7 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
       fp32 ``V*D*4`` when the head trains (``head_trains``) and dH ``N*D*e``.
 
     All three add the small per-row tensors (ids, lse, gathered, the loss math on them):
-    ``N*M*64``. With ``kernels="torch"`` "lean" and "fast" are the larger of that sum and
+    ``N*M*64``. "lean" and "fast" (either kernels) are the larger of that sum and
     the targets' slot merge before it, :func:`target_merge_bytes` (``N*K*149`` for K > 1:
     the peak at long context, e.g. N 262144, K 32). Gradients every strategy returns (dH,
     dW) are not counted, except the ones "fast" holds from the forward on; a benchmark that
@@ -172,8 +172,9 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
     small = N * (k + 1) * 64
     if strategy == "naive":
         return N * V * (e + (4 if e != 4 else 0) + 8 + (8 if k > 0 else 0)) + small
+    merge = target_merge_bytes(N, k)         # before any logits, whatever the kernels
     if strategy == "lean" and kernels == "triton":
-        return triton_lean_bytes(n_rows=N, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=head_trains)
+        return max(triton_lean_bytes(n_rows=N, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=head_trains), merge)
     C = chunk_rows or chunk_rows_for(strategy, V, N)
     C = min(C, max(N, 1))
     if kernels == "triton":
@@ -183,6 +184,4 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
     if upcast and e < 4:
         chunk += (C + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, 1)))) * D * 4
     held = (V * D * 4 if head_trains else 0) + N * D * e if strategy == "fast" else 0
-    if kernels == "triton":
-        return chunk + held + small
-    return max(chunk + held + small, target_merge_bytes(N, k))
+    return max(chunk + held + small, merge)

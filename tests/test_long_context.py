@@ -145,23 +145,23 @@ def test_one_call_over_long_sequences_torch_path(n_rows):
     assert abs(dist.item() - ref.item()) < 1e-5
 
 
-@pytest.mark.parametrize("chunk_elems", [None, 1 << 17], ids=["chunks-dominate", "target-merge-dominates"])
+@pytest.mark.parametrize("chunk_elems", [None, 1 << 18], ids=["chunks-dominate", "target-merge-dominates"])
 @pytest.mark.parametrize("strategy", ["lean", "fast"])
 def test_cpu_torch_peak_matches_the_memory_model(strategy, chunk_elems):
     """One fp32 forward + backward of ``fused_linear_dft_loss(impl="torch")`` on the CPU, trained
-    lm_head, K 16 + label, 1/8 of the rows ignored, inside ``LivePeak`` (the measurement of
+    lm_head, K 32 + label, 1/8 of the rows ignored, inside ``LivePeak`` (the measurement of
     ``python -m benchmarks.long_context --cpu-torch``, benchmarks/results/long_context_cpu.md,
     at N 4096, D 64, V 3001): the peak beyond inputs and returned gradients within 20% of
     ``memory.loss_extra_bytes(..., kernels="torch")``. With the default chunks the [C, V]
-    chunks dominate; with small ones (2^17 elements) the targets' slot merge does, as at
+    chunks dominate; with small ones (2^18 elements) the targets' slot merge does, as at
     N 262144, K 32 with the default chunks."""
     from benchmarks.long_context import measure_cpu_torch
-    r = measure_cpu_torch(strategy, 4096, 64, 3001, 16, chunk_elems=chunk_elems, warmup=False)
+    r = measure_cpu_torch(strategy, 4096, 64, 3001, 32, chunk_elems=chunk_elems, warmup=False)
     assert (r["grad_fn"] == "FastLinearLossBackward") == (strategy == "fast")      # the strategy ran
     phases = r["phases"]      # the targets' merge before the first chunk's logits, then the chunk loop
     if chunk_elems:
         assert phases["before_chunks"] == r["extra"] > phases["chunk_loop"]
     else:
-        assert phases["chunk_loop"] == r["extra"] > 4 * phases["before_chunks"]
+        assert phases["chunk_loop"] == r["extra"] > 2 * phases["before_chunks"]
     print(f"{strategy}: measured {r['extra'] / 2 ** 20:.2f} MiB, model {r['model'] / 2 ** 20:.2f} MiB")
     assert 0.8 <= r["extra"] / r["model"] <= 1.2, (r["extra"], r["model"])
