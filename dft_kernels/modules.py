@@ -58,7 +58,7 @@ class FusedLinearDFTLoss(_Base):
     ``memory_budget``: docs/design.md sec. 10).
 
     ``forward(hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
-    num_items_in_batch=None)``
+    num_items_in_batch=None, lora_A=None, lora_B=None, lora_scaling=1.0, lora_dropout=None)``
 
     Args:
         hidden (torch.Tensor):
@@ -69,6 +69,9 @@ class FusedLinearDFTLoss(_Base):
             as in :class:`DFTLoss`.
         bias (torch.Tensor):
             lm_head bias of shape `[V]`, or None.
+        lora_A, lora_B, lora_scaling, lora_dropout:
+            a low-rank correction of the lm_head, as in :func:`dft_kernels.fused_linear_dft_loss`
+            (docs/design.md sec. 17).
 
     Returns:
         As :class:`DFTLoss`; the `[N, V]` logits are never materialised.
@@ -77,6 +80,7 @@ class FusedLinearDFTLoss(_Base):
     _extra = {"chunk_elems": None, "accum_fp32": True, **STRATEGY_DEFAULTS}
 
     def forward(self, hidden, weight, target_index=None, target_logprobs=None, labels=None, bias=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, lora_A=None, lora_B=None, lora_scaling=1.0, lora_dropout=None):
         return fused_linear_dft_loss(hidden, weight, target_index, target_logprobs, labels, bias=bias,
-                                     num_items_in_batch=num_items_in_batch, **self.kwargs)
+                                     num_items_in_batch=num_items_in_batch, lora_A=lora_A, lora_B=lora_B,
+                                     lora_scaling=lora_scaling, lora_dropout=lora_dropout, **self.kwargs)

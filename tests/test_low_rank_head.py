@@ -158,3 +158,16 @@ def test_teacher_topk_with_lora_head(impl):
     lp, idx = z.log_softmax(-1).topk(7, dim=-1)
     assert torch.equal(got.index.long(), idx)
     torch.testing.assert_close(got.logprobs.double(), lp, rtol=1e-5, atol=1e-5)
+
+
+def test_module_takes_the_lora_head():
+    """FusedLinearDFTLoss forwards the adapter: the same loss as the function."""
+    hidden, weight, bias, idx, lp, labels = make_fused_problem(N=11, D=12, V=41, K=3, seed=2)
+    A, B = _lora(12, 41, r=2)
+    want = dk.fused_linear_dft_loss(hidden, weight, idx, lp, labels, bias=bias, lora_A=A, lora_B=B, lora_scaling=0.7,
+                                    lam=0.3, impl="torch")
+    got = dk.FusedLinearDFTLoss(lam=0.3, impl="torch")(hidden, weight, idx, lp, labels, bias=bias, lora_A=A, lora_B=B,
+                                                        lora_scaling=0.7)
+    plain = dk.FusedLinearDFTLoss(lam=0.3, impl="torch")(hidden, weight, idx, lp, labels, bias=bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, plain)
