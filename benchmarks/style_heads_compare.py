@@ -200,7 +200,7 @@ def prepare(args) -> dict:
     info = {"chain_entropy": {"A": _entropy(A, corpus_a), "B": _entropy(B, heldout_b)},
             "base_pretrain_ce": [pre[0], statistics.mean(pre[-10:])],
             "teacher_finetune_ce": [tune[0], statistics.mean(tune[-10:])],
-            "targets": {"k": man["k"], "n_positions": man["n_positions"], "dir": str(work / "targets")},
+            "targets": {"k": man["k"], "n_positions": man["n_positions"], "dir": f"{work.name}/targets"},
             "prepare_seconds": round(time.perf_counter() - t0, 1)}
     done.write_text(json.dumps(info))
     return info
