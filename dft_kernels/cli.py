@@ -247,9 +247,10 @@ def _cmd_plan(args) -> int:
     if (args.tokens is None) == (args.seq_len is None):
         raise UsageError("plan needs one of --tokens N (tokens per step) or --seq-len L (with --batch-size B)")
     tokens = args.tokens if args.tokens is not None else args.seq_len * args.batch_size
+    teacher = load_config(args.teacher, flag="--teacher") if args.teacher else None
     p = memory_plan(load_config(args.model), tokens=tokens, k=args.k, lora=args.lora, optimizer=args.optimizer,
                     grad_ckpt=args.grad_ckpt, gpu=args.gpu, dtype=args.dtype, master_weights=args.master_weights,
-                    kernels=args.kernels)
+                    kernels=args.kernels, teacher=teacher, divergence=args.divergence)
     print(json.dumps(p, indent=1) if args.json else plan_text(p))
     return 0
 
@@ -266,6 +267,11 @@ def add_plan_parser(sub) -> None:
                    help="the loss path modelled: triton (a GPU, default) or torch (the chunked PyTorch path: CPU)")
     p.add_argument("--k", type=nonnegative_int, default=32,
                    help="teacher slots per position (default 32; 0: plain cross-entropy)")
+    p.add_argument("--teacher", default=None,
+                   help="an online teacher's config.json or name: dense distillation over the full vocab "
+                        "(fused_linear_distill_loss; --k not used), the teacher's weights held frozen")
+    p.add_argument("--divergence", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl",
+                   help="the dense loss's divergence with --teacher (default forward_kl)")
     p.add_argument("--lora", type=positive_int, default=None, help="LoRA rank (default: full fine-tune)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_BYTES), default="adamw",
                    help="optimizer state per trained parameter, fp32: adamw 8 B (m, v), adamw8bit 2 B, sgd 0")

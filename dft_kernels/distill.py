@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import ops
-from .losses import mean_denominator, resolve_impl
+from .losses import choose_strategy, mean_denominator, resolve_impl
 from .lm_head import fold_logit_scale
 from .low_rank import check_low_rank
 from .options import DFTLossOutput, check_options, check_strategy, effective_divergence
@@ -111,15 +111,6 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, softcap=None,
                                                 None if softcap is None else float(softcap), impl)
     meta = dict(kind="topk", samples=0, temperature=float(temperature), vocab_size=V)
     return SparseTargets(index.reshape(lead + (k,)), logprobs.reshape(lead + (k,)), meta)
-
-
-def _distill_fast_fits(memory_budget, *, n_rows: int, vocab: int, hidden: int, head_trains: bool) -> bool:
-    """The fast strategy's extra bytes: two fp32 [C, V] chunks and ~3 temporaries of
-    them (C = ``FAST_CHUNK_ELEMS // V``), fp32 dH, and fp32 dW held to the backward."""
-    from .ops.two_head.torch import FAST_CHUNK_ELEMS
-    c = min(n_rows, max(1, FAST_CHUNK_ELEMS // max(vocab, 1)))
-    extra = 5 * c * vocab * 4 + n_rows * hidden * 4 + (vocab * hidden * 4 if head_trains else 0)
-    return extra <= memory_budget
 
 
 def fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, labels=None, *, bias=None,
@@ -286,11 +277,11 @@ def _divergence(student, teacher, bias, rows, tau: float, kind: str, beta: float
         from .ops.two_head.naive import two_head_divergence
         return two_head_divergence(student, teacher, 1.0 / tau, kind, beta), None
     h_c, w_s = student[0], student[1]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_c, w_s, bias))
-    fast = reduction != "none" and needs_grad and strategy != "lean" and (
-        strategy == "fast" or _distill_fast_fits(memory_budget, n_rows=int(rows.numel()), vocab=w_s.shape[0],
-                                                 hidden=h_c.shape[1], head_trains=w_s.requires_grad))
-    if not fast:
+    chosen = choose_strategy(strategy, memory_budget, reduction=reduction, vocab_parallel=None,
+                             tensors=(h_c, w_s, bias), n_rows=int(rows.numel()), hidden=h_c.shape[1],
+                             vocab=w_s.shape[0], k=0, chunk_rows=None, teacher_hidden=teacher[0].shape[1],
+                             divergence=kind)
+    if chosen == "lean":
         return ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, beta, impl=impl), None
     row_weight = torch.full_like(rows, tau * tau, dtype=cdt) / denom
     fast_loss, div_c = ops.two_head_divergence_apply(student, teacher, 1.0 / tau, kind, beta, row_weight=row_weight)

@@ -506,7 +506,8 @@ def fused_linear_dft_loss(hidden, weight, target_index=None, target_logprobs=Non
 
 
 def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_parallel, tensors, n_rows: int,
-                    hidden: int, vocab: int, k: int, chunk_rows: int) -> str:
+                    hidden: int, vocab: int, k: int, chunk_rows: int | None, teacher_hidden: int | None = None,
+                    divergence: str = "forward_kl") -> str:
     """"lean" or "fast" for a fused call (docs/design.md sec. 10).
 
     Fast applies to scalar reductions under grad mode with something to differentiate;
@@ -519,6 +520,8 @@ def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_paral
         reduction: the loss reduction; vocab_parallel: the sharding, or None.
         tensors: (hidden, weight, bias) -- what may need a gradient.
         n_rows, hidden, vocab, k, chunk_rows: the sizes of the memory model.
+        teacher_hidden, divergence: the dense two-head loss's (``fused_linear_distill_loss``),
+            or None for the sparse-target loss.
     Returns:
         "lean" or "fast".
     """
@@ -541,7 +544,8 @@ def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_paral
             return "lean"     # measured faster here by `dft-kernels doctor --save` (docs/design.md sec. 16)
     extra = loss_extra_bytes("fast", n_rows=n_rows, hidden=hidden, vocab=vocab, k=k,
                              dtype_bytes=weight.element_size(), head_trains=weight.requires_grad,
-                             chunk_rows=chunk_rows, upcast=not weight.is_cuda)
+                             chunk_rows=chunk_rows, upcast=not weight.is_cuda, teacher_hidden=teacher_hidden,
+                             divergence=divergence)
     return "fast" if extra <= memory_budget else "lean"
 
 

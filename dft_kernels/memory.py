@@ -33,6 +33,19 @@ GATHER_BYTES = 64 << 20
 #: benchmarks/results/long_context_cpu.md). At long context it is the torch path's peak.
 MERGE_SLOT_BYTES = 149
 
+#: The two-head (dense distillation) loss's chunked PyTorch path, ops/two_head/torch.py:
+#: fp32 elements of one lean [C, Cv] tile per head, and its vocab columns Cv.
+TWO_HEAD_TILE_ELEMS = 1 << 21
+TWO_HEAD_TILE_VOCAB = 8192
+#: fp32 [rows, V] (fast, naive) or [C, Cv] (lean) buffers of the two-head loss alive at
+#: its peak, per strategy: (forward / reverse KL, JSD). Counted op by op on the CPU (the
+#: logits of both heads, their log-probs, exp and the divergence's products; JSD adds
+#: log m and its terms): ``tests/test_distill_memory.py`` holds the model to the measurement.
+TWO_HEAD_BUFFERS = {"naive": (5, 9), "lean": (8, 10), "fast": (7, 9)}
+#: Vocab columns per tile of the Triton two-head forward (its per-tile partials, 5 fp32
+#: statistics a row and tile, and the reductions over them: 9/5 of the partials).
+TWO_HEAD_BLOCK_V = 128
+
 #: fp32 elements of one slab of W upcast to form 16-bit logits in fp32 where torch has
 #: no fp32-output 16-bit matmul (the CPU; ``ops._torch_common.linear_fp32``): rows = this // D
 UPCAST_SLAB_ELEMS = 1 << 20
@@ -101,18 +114,88 @@ def triton_lean_bytes(*, n_rows: int, hidden: int, vocab: int, k: int, dtype_byt
     M = k + 1
     block = max(1, min(N, GATHER_BYTES // max(D * e, 1)))
     forward = min(N * 3 * -(-V // 64) * 4, PARTIAL_BYTES) + block * D * e
+    backward, n_chunk = _slab_backward_bytes(N, D, V, e, head_trains)
+    # the chunk's rows of h in the kernels' row order, and of dH scattered back from it
+    backward += n_chunk * D * e * (1 if e < 4 else 2)
+    return max(N * 150 * M, N * 48 * M + max(forward, backward))
+
+
+def _slab_backward_bytes(N: int, D: int, V: int, e: int, head_trains: bool) -> tuple[int, int]:
+    """``(bytes, rows per chunk)`` of the Triton backward's slab driver
+    (``ops/linear/backward.py``): the dz slab, for 16-bit inputs the fp32 dH accumulator of
+    one row chunk and, when the head trains over several row chunks, fp32 dW."""
     low = e < 4
     n_chunk, n_slab = backward_chunking(N, V, D, e, low, low and head_trains)
-    backward = n_chunk * n_slab * e + n_chunk * D * e + n_chunk * D * (4 if low else e)
+    out = n_chunk * n_slab * e + (n_chunk * D * 4 if low else 0)
     if low and head_trains and n_chunk < N:
-        backward += V * D * 4
-    return max(N * 150 * M, N * 48 * M + max(forward, backward))
+        out += V * D * 4
+    return out, n_chunk
+
+
+def two_head_extra_bytes(strategy: str, *, n_rows: int, hidden: int, teacher_hidden: int, vocab: int,
+                         dtype_bytes: int, head_trains: bool = True, divergence: str = "forward_kl",
+                         chunk_rows: int | None = None, upcast: bool = False, kernels: str = "torch") -> int:
+    """Bytes of one forward + backward of the dense distillation loss
+    (``fused_linear_distill_loss``, docs/design.md sec. 11) beyond its inputs and the
+    gradients it returns, for N counted rows, student hidden D, teacher hidden Dt, vocab V:
+
+    - every strategy: the counted rows of both hidden states, gathered and held to the
+      backward, ``N*(D + Dt)*e``, and ``N*32`` of per-row statistics;
+    - "naive" (``impl="reference"``: both heads' [N, V] logits): ``B*N*V*4`` with B from
+      :data:`TWO_HEAD_BUFFERS` (5 for forward / reverse KL, 9 for JSD);
+    - "lean", chunked PyTorch: B [C, Cv] fp32 tiles (B 8 or 10; Cv = min(V, 8192), C =
+      ``TWO_HEAD_TILE_ELEMS // Cv`` rows), dH of the gathered rows in fp32 ``N*D*c``
+      (c = max(e, 4)) and, with a trained 16-bit head, its fp32 dW ``V*D*4``;
+    - "lean", Triton (``kernels="triton"``): the larger of the forward's per-tile partials
+      and their reductions (``9/5`` of ``min(N*ceil(V/128)*20, PARTIAL_BYTES)``) and the
+      backward's slab driver (dz slab, fp32 dH of a row chunk, fp32 dW over several chunks);
+    - "fast" (chunked PyTorch whatever ``kernels``): B [C, V] fp32 chunks (B 7 or 9; C =
+      ``FAST_CHUNK_ELEMS // V``) and the gradients held from the forward, ``N*D*c`` and,
+      when the head trains, ``V*D*c``.
+
+    With ``upcast`` (the CPU) and e < 4 the torch paths add one upcast slab of W and the
+    chunk's rows (as :func:`loss_extra_bytes`). The accuracy term (``lam > 0``) is a
+    separate cross-entropy, :func:`loss_extra_bytes` with ``k=0``, after this one's forward.
+
+    Args:
+        strategy: "naive", "lean" or "fast"; divergence: "forward_kl", "reverse_kl" or "jsd";
+        the others as in :func:`loss_extra_bytes` (``hidden``: the student's D).
+    Returns:
+        The predicted bytes (int).
+    """
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f"divergence={divergence!r} must be 'forward_kl', 'reverse_kl' or 'jsd'")
+    N, D, Dt, V, e = n_rows, hidden, teacher_hidden, vocab, dtype_bytes
+    c = max(e, 4)
+    base = N * (D + Dt) * e + N * 32
+    buffers = TWO_HEAD_BUFFERS[strategy][divergence == "jsd"]
+    if strategy == "naive":
+        return base + buffers * N * V * 4
+    if strategy == "lean" and kernels == "triton":
+        forward = min(N * -(-V // TWO_HEAD_BLOCK_V) * 20, PARTIAL_BYTES) * 9 // 5
+        return base + max(forward, _slab_backward_bytes(N, D, V, e, head_trains)[0])
+    if strategy == "lean":
+        cv = min(V, TWO_HEAD_TILE_VOCAB)
+        rows = min(N, max(1, TWO_HEAD_TILE_ELEMS // max(cv, 1)))
+        work = buffers * rows * cv * c + N * D * c + (V * D * 4 if e < 4 and head_trains else 0)
+    else:
+        rows = min(N, chunk_rows or max(1, FAST_CHUNK_ELEMS // max(V, 1)))
+        work = buffers * rows * V * c + N * D * c + (V * D * c if head_trains else 0)
+    if upcast and e < 4:
+        work += (rows + min(V, max(1, UPCAST_SLAB_ELEMS // max(D, Dt, 1)))) * max(D, Dt) * 4
+    return base + work
 
 
 def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: int, dtype_bytes: int,
                      head_trains: bool = True, chunk_rows: int | None = None, upcast: bool = False,
-                     kernels: str = "torch") -> int:
+                     kernels: str = "torch", teacher_hidden: int | None = None,
+                     divergence: str = "forward_kl") -> int:
     """Bytes of one forward + backward of the loss beyond its inputs.
+
+    With ``teacher_hidden`` (the teacher's D_t) the loss is the dense two-head distillation
+    loss (``fused_linear_distill_loss``): :func:`two_head_extra_bytes` (``k`` is not used,
+    ``divergence`` picks its buffers). Otherwise the sparse-target loss
+    (``fused_linear_dft_loss``), as follows.
 
     With e = ``dtype_bytes``, N rows, D hidden, V vocab, M = K + 1 gathered columns and
     C rows per chunk (``chunk_rows`` or :func:`chunk_rows_for`), every intermediate in fp32:
@@ -156,6 +239,8 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
         kernels: "torch" (the chunked PyTorch path: the CPU, ``impl="torch"``) or "triton"
             (a GPU: lean is :func:`triton_lean_bytes`; fast's chunk holds its logits and
             the logits-path kernel's gradient, ``2*C*V*4``, instead of the tail chunks).
+        teacher_hidden: the teacher's hidden size for the two-head loss, or None.
+        divergence: the two-head loss's divergence ("forward_kl", "reverse_kl", "jsd").
     Returns:
         The predicted bytes (int).
     """
@@ -168,6 +253,12 @@ def loss_extra_bytes(strategy: str, *, n_rows: int, hidden: int, vocab: int, k: 
         raise ValueError(f"dtype_bytes={dtype_bytes!r} must be 1, 2, 4 or 8 (bytes per element)")
     if kernels not in ("torch", "triton"):
         raise ValueError(f"kernels={kernels!r} must be 'torch' or 'triton'")
+    if teacher_hidden is not None:
+        if not isinstance(teacher_hidden, int) or teacher_hidden < 1:
+            raise ValueError(f"teacher_hidden={teacher_hidden!r} must be None or an int >= 1")
+        return two_head_extra_bytes(strategy, n_rows=n_rows, hidden=hidden, teacher_hidden=teacher_hidden,
+                                    vocab=vocab, dtype_bytes=dtype_bytes, head_trains=head_trains,
+                                    divergence=divergence, chunk_rows=chunk_rows, upcast=upcast, kernels=kernels)
     N, D, V, e = n_rows, hidden, vocab, dtype_bytes
     small = N * (k + 1) * 64
     if strategy == "naive":

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import UPCAST_SLAB_ELEMS
+from ..memory import UPCAST_SLAB_ELEMS, chunk_rows_for
 from ..validation import compute_dtype
 from ._common import row_activity
 
-#: fp32 elements per chunk temporary (16 MiB); rows per chunk = this // V.
-DEFAULT_CHUNK_ELEMS = 1 << 22
-
-
 def chunk_rows(V: int, chunk_elems: int | None = None) -> int:
-    return max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // max(V, 1))
+    """Rows per chunk of the lean strategy (``memory.LEAN_CHUNK_ELEMS // V`` by default)."""
+    return chunk_rows_for("lean", V, None, chunk_elems)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

@@ -34,31 +34,46 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def load_config(model: str) -> dict:
-    """A named config (case-insensitive) or a Hugging Face ``config.json`` path (or its directory)."""
+def load_config(model: str, flag: str = "--model") -> dict:
+    """A named config (case-insensitive) or a Hugging Face ``config.json`` path (or its
+    directory); ``flag`` names the argument in errors."""
     if model.lower() in NAMED_CONFIGS:
         return dict(NAMED_CONFIGS[model.lower()], name=model)
     p = Path(model)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
-        raise UsageError(f"--model {model!r} is neither a config.json nor a known name "
+        raise UsageError(f"{flag} {model!r} is neither a config.json nor a known name "
                          f"({', '.join(NAMED_CONFIGS)})")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise UsageError(f"--model {p} is not JSON ({e})") from None
+        raise UsageError(f"{flag} {p} is not JSON ({e})") from None
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else cfg
     need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in need if not isinstance(cfg.get(k), int)] if isinstance(cfg, dict) else list(need)
     if missing:
-        raise UsageError(f"--model {p} lacks {', '.join(missing)}: give a decoder-only model's config.json")
+        raise UsageError(f"{flag} {p} lacks {', '.join(missing)}: give a decoder-only model's config.json")
     return dict(cfg, name=str(p))
+
+
+def _params(cfg: dict) -> tuple[int, int, list]:
+    """``(parameters, parameters of one decoder layer, its linears as (in, out))``."""
+    V, D, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    H = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or D // H
+    kv = (cfg.get("num_key_value_heads") or H) * hd
+    q = H * hd
+    layer_linears = [(D, q), (D, kv), (D, kv), (q, D), (D, I), (D, I), (I, D)]   # (in, out)
+    per_layer = sum(i * o for i, o in layer_linears) + 2 * D
+    head = 0 if cfg.get("tie_word_embeddings") else V * D
+    return L * per_layer + V * D + head + D, per_layer, layer_linears
 
 
 def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None, optimizer: str = "adamw",
                 grad_ckpt: bool = False, gpu: str = "a100-80gb", dtype: str = "bf16",
-                master_weights: bool = False, kernels: str = "triton") -> dict:
+                master_weights: bool = False, kernels: str = "triton", teacher: dict | None = None,
+                divergence: str = "forward_kl") -> dict:
     """Bytes of one training step.
 
     Args:
@@ -71,12 +86,20 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
             state (mixed precision); nothing extra with ``dtype="fp32"``.
         kernels: the loss path's kernels, "triton" (a GPU) or "torch" (the chunked PyTorch
             path: the CPU, ``impl="torch"``); see ``memory.loss_extra_bytes``.
+        teacher: the config of an online teacher (dense distillation over the full vocab,
+            ``fused_linear_distill_loss``; ``k`` is then not used): its weights are added
+            (frozen, no gradients or optimizer state; its activations run without grad and
+            are not kept), the loss path is the two-head model with the teacher's hidden size.
+        divergence: the dense loss's divergence ("forward_kl", "reverse_kl", "jsd").
     Returns:
         dict: parameter counts, bytes per part (weights, gradients, optimizer, activations with
         and without checkpointing, the loss path naive / lean / fast), totals per loss path,
         the GPU bytes, ``fits`` and ``advice``.
     """
-    if k > cfg["vocab_size"]:
+    if teacher is not None and teacher["vocab_size"] != cfg["vocab_size"]:
+        raise UsageError(f"--teacher's vocab size {teacher['vocab_size']} differs from --model's "
+                         f"{cfg['vocab_size']}: dense distillation needs one shared vocab")
+    if teacher is None and k > cfg["vocab_size"]:
         raise UsageError(f"--k {k} is larger than the vocab size {cfg['vocab_size']} of --model")
     e = DTYPE_BYTES[dtype]
     V, D, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -84,13 +107,10 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     hd = cfg.get("head_dim") or D // H
     kv = (cfg.get("num_key_value_heads") or H) * hd
     q = H * hd
-    layer_linears = [(D, q), (D, kv), (D, kv), (q, D), (D, I), (D, I), (I, D)]   # (in, out)
-    per_layer = sum(i * o for i, o in layer_linears) + 2 * D
-    embed = V * D
-    head = 0 if cfg.get("tie_word_embeddings") else V * D
-    params = L * per_layer + embed + head + D
+    params, per_layer, layer_linears = _params(cfg)
     trained = L * sum(lora * (i + o) for i, o in layer_linears) if lora else params
-    weights = params * e + (trained * e if lora else 0)
+    teacher_params = _params(teacher)[0] if teacher is not None else 0
+    weights = params * e + (trained * e if lora else 0) + teacher_params * e
     grads = trained * e
     master = 4 if master_weights and e != 4 else 0
     optim = trained * (OPTIMIZER_BYTES[optimizer] + master)
@@ -100,8 +120,10 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     act_full = tokens * L * act_layer + tokens * D * e
     act_ckpt = tokens * L * D * e + tokens * act_layer + tokens * D * e
     act = act_ckpt if grad_ckpt else act_full
-    loss = {s: loss_extra_bytes(s, n_rows=tokens, hidden=D, vocab=V, k=k, dtype_bytes=e, head_trains=not lora,
-                                kernels=kernels) for s in ("naive", "lean", "fast")}
+    dense = dict(teacher_hidden=teacher["hidden_size"], divergence=divergence) if teacher is not None else {}
+    loss = {s: loss_extra_bytes(s, n_rows=tokens, hidden=D, vocab=V, k=0 if teacher is not None else k,
+                                dtype_bytes=e, head_trains=not lora, kernels=kernels, **dense)
+            for s in ("naive", "lean", "fast")}
     base = weights + grads + optim + act
     total = {s: base + b for s, b in loss.items()}
     cap = GPUS[gpu]
@@ -120,7 +142,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
     elif not fits["naive"]:
         advice.append("fits with dft_kernels' fused loss (lean / fast) but not with materialised logits")
     return {"model": cfg.get("name"), "tokens": tokens, "k": k, "lora": lora, "optimizer": optimizer,
-            "kernels": kernels,
+            "kernels": kernels, "teacher": None if teacher is None else teacher.get("name"),
+            "teacher_params": teacher_params, "divergence": divergence if teacher is not None else None,
             "master_weights": bool(master), "optimizer_bytes_per_param": OPTIMIZER_BYTES[optimizer] + master,
             "grad_ckpt": grad_ckpt, "dtype": dtype, "gpu": gpu, "gpu_bytes": cap, "params": params,
             "trained_params": trained,
@@ -156,6 +179,9 @@ def plan_text(p: dict) -> str:
                 return f"{b / size:8.2f} {unit}"
     b = p["bytes"]
     k = f"K={p['k']}" if p["k"] else "K=0 (plain cross-entropy)"
+    if p.get("teacher"):
+        k = (f"dense {p['divergence']} from teacher {p['teacher']} ({count(p['teacher_params'])} parameters, "
+             "frozen, in the weights)")
     lines = [f"model {p['model']}: {count(p['params'])} parameters, {count(p['trained_params'])} trained"
              f"{' (LoRA r=' + str(p['lora']) + ')' if p['lora'] else ''}; {p['tokens']} tokens/step, {k}, "
              f"{p['dtype']}, {p['optimizer']}{', grad checkpointing' if p['grad_ckpt'] else ''}",

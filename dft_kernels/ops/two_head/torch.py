@@ -27,16 +27,10 @@ import math
 
 import torch
 
+from ...memory import FAST_CHUNK_ELEMS, TWO_HEAD_TILE_ELEMS, TWO_HEAD_TILE_VOCAB
 from ...validation import compute_dtype
 from .._common import DOUBLE_BACKWARD_ERROR, TwoHeadArgs
 from .._torch_common import head_logits
-
-#: fp32 elements of one lean [C, Cv] tile, per head.
-LEAN_TILE_ELEMS = 1 << 21
-#: Vocab columns of one lean tile.
-LEAN_TILE_VOCAB = 8192
-#: fp32 elements of one fast [C, V] chunk, per head.
-FAST_CHUNK_ELEMS = 1 << 23
 
 
 # --------------------------------------------------------------------------- two heads
@@ -105,8 +99,8 @@ def _grad_buffers(h, w, b, needs):
 
 
 def _tiles(N: int, V: int):
-    cv = min(V, LEAN_TILE_VOCAB)
-    cr = max(1, LEAN_TILE_ELEMS // max(cv, 1))
+    cv = min(V, TWO_HEAD_TILE_VOCAB)
+    cr = max(1, TWO_HEAD_TILE_ELEMS // max(cv, 1))
     for r0 in range(0, N, cr):
         yield slice(r0, min(N, r0 + cr)), [slice(c0, min(V, c0 + cv)) for c0 in range(0, V, cv)]
 
