@@ -38,7 +38,15 @@ class LowRankHead:
     def joined(self, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``([h | u], [W | B])``: one contraction whose logits equal the corrected head's
         (the reference's and the teacher's form; the fused losses never build it for W)."""
-        return torch.cat([h, self.activations(h)], -1), torch.cat([w, self.lora_B], -1)
+        return self.joined_hidden(h), self.joined_weight(w)
+
+    def joined_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """``[h | u]`` ([..., D + r])."""
+        return torch.cat([h, self.activations(h)], -1)
+
+    def joined_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``[W | B]`` ([V, D + r])."""
+        return torch.cat([w, self.lora_B], -1)
 
     def merged_weight(self, w: torch.Tensor) -> torch.Tensor:
         """``W + scaling * B @ A`` (the weight of the merged head)."""

@@ -13,11 +13,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import dft_kernels as dk  # noqa: E402
-from dft_kernels.hf import DFTConfig, DFTTrainer  # noqa: E402
 from dft_kernels.lm_head import Fallback, HeadParts, resolve_head  # noqa: E402
 
 from .test_hf import V, make_batch, reference_loss, tiny  # noqa: E402
-from .test_style_head import ShapeRecorder  # noqa: E402
+from .test_style_head import ShapeRecorder, two_step_trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,12 +133,7 @@ def test_dft_trainer_two_steps_with_a_lora_head(tmp_path):
     model = lora(tiny("llama", dtype=torch.float32))
     head_A = model.base_model.model.lm_head.lora_A["default"].weight
     before = head_A.detach().clone()
-    bt = make_batch(B=4, T=9, seed=10)
-    rows = [{k: v[i] for k, v in bt.items() if k != "attention_mask"} for i in range(4)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
-                                          disable_tqdm=True, max_steps=2, per_device_train_batch_size=2,
-                                          logging_steps=1, learning_rate=1e-2)
-    tr = DFTTrainer(model=model, args=args, train_dataset=rows, dft_config=DFTConfig(lam=0.3, impl="torch"))
+    tr = two_step_trainer(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)       # no fallback to the logits path
         tr.train()

@@ -126,15 +126,21 @@ def test_fused_equals_logits_path_and_no_vocab_sized_tensor():
                                    rtol=1e-6, atol=1e-10)
 
 
-def test_dft_trainer_trains_a_style_head(tmp_path):
-    model = tiny("llama", dtype=torch.float32)
-    dk.hf.add_style_head(model, rank=4)
+def two_step_trainer(model, tmp_path) -> DFTTrainer:
+    """A ``DFTTrainer`` of two steps (batch 2, lr 1e-2, lam 0.3, torch path) on 4 rows of
+    :func:`make_batch` (shared with tests/test_peft_head.py)."""
     bt = make_batch(B=4, T=9, seed=10)
     rows = [{k: v[i] for k, v in bt.items() if k != "attention_mask"} for i in range(4)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
                                           disable_tqdm=True, max_steps=2, per_device_train_batch_size=2,
                                           logging_steps=1, learning_rate=1e-2)
-    tr = DFTTrainer(model=model, args=args, train_dataset=rows, dft_config=DFTConfig(lam=0.3, impl="torch"))
+    return DFTTrainer(model=model, args=args, train_dataset=rows, dft_config=DFTConfig(lam=0.3, impl="torch"))
+
+
+def test_dft_trainer_trains_a_style_head(tmp_path):
+    model = tiny("llama", dtype=torch.float32)
+    dk.hf.add_style_head(model, rank=4)
+    tr = two_step_trainer(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         tr.train()

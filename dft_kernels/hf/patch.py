@@ -64,7 +64,8 @@ from typing import Any
 import torch
 
 from ..losses import dft_loss, fused_linear_dft_loss
-from ..lm_head import Fallback, HeadParts, logit_transforms, logits_bytes_message, resolve_head, run_capturing_hidden
+from ..lm_head import (Fallback, HeadParts, fold_logit_scale, logit_transforms, logits_bytes_message, resolve_head,
+                       run_capturing_hidden)
 from ..options import DFTLossOutput, check_options
 from .first_batch import check_first_batch, check_label_arguments
 
@@ -461,9 +462,7 @@ def _fused_loss(model, state, orig, head, parts: HeadParts, args, kwargs, shifte
         _verify(model, their_logits, h, weight, bias, scale, softcap, (lora_A, lora_B, parts.lora_scaling),
                 parts.what)
         state.checked = True
-    if not (isinstance(scale, float) and scale == 1.0):
-        h = h * scale                      # (s*h) @ W.T + s*b + c * (s*h) A.T B.T: the low-rank term scales too
-        bias = bias * scale if bias is not None else None
+    h, bias = fold_logit_scale(h, bias, scale)     # the low-rank term scales too
     dev = h.device.type
     ac_dtype = _autocast_dtype(dev)
     if ac_dtype is not None:           # do what autocast does to the lm_head's matmul, then switch it off
@@ -553,8 +552,7 @@ def _verify(model, their_logits, h, weight, bias, scale, softcap, low_rank=(None
     cls = type(model).__name__
     lora_A, lora_B, lora_scaling = low_rank
     with torch.no_grad():
-        h1 = h[(slice(0, 1),) * (h.dim() - 1)] * scale
-        b1 = bias * scale if bias is not None else None
+        h1, b1 = fold_logit_scale(h[(slice(0, 1),) * (h.dim() - 1)], bias, scale)
         if _autocast_dtype(h1.device.type) is None:     # outside autocast: what the loss does
             h1 = h1.to(weight.dtype)
             b1 = b1.to(weight.dtype) if b1 is not None else None

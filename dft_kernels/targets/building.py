@@ -126,7 +126,7 @@ class _Teacher:
             kw = parts.lora_kwargs(dropout=False)           # the teacher is in eval mode: no dropout
             with torch.no_grad():
                 self.lora = LowRankHead(kw["lora_A"].detach(), kw["lora_B"].detach(), kw["lora_scaling"], None)
-                self.weight = torch.cat([parts.weight.detach(), self.lora.lora_B], -1)
+                self.weight = self.lora.joined_weight(parts.weight.detach())
         # what the model's own forward does to lm_head's output, read as the student's patch reads it
         self.softcap, scale, _ = logit_transforms(model)
         self.scale = float(scale)
@@ -153,7 +153,7 @@ class _Teacher:
                                          fix="targets build needs a causal LM that applies its lm_head once")
         h = hidden[mask.to(hidden.device).bool()].to(self.weight.device)
         if self.lora is not None:
-            h = torch.cat([h, self.lora.activations(h.to(self.weight.dtype))], -1)     # [h | u]
+            h = self.lora.joined_hidden(h.to(self.weight.dtype))
         return h
 
     @torch.inference_mode()
