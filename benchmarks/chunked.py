@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dft_kernels.memory import LEAN_CHUNK_ELEMS as CHUNK_ELEMS  # fp32 logits per chunk, as the library's lean
+
 IGNORE_INDEX = -100
-CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk, as in dft_kernels.ops._torch_common
 
 
 def chunk_loss(h, w, idx, lp, lab, lam: float):

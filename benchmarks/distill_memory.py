@@ -68,8 +68,7 @@ def measure_triton_lean(divergence: str, N: int, D: int, Dt: int, V: int, dtype=
     with the GPU config of ``capability``; ``model`` is the loss's less the two gathered
     hidden states ``N*(D + Dt)*e`` it makes before the op (the op's inputs here)."""
     from dft_kernels import memory
-    from dft_kernels.ops._common import TwoHeadArgs
-    from dft_kernels.ops._triton_common import compile_target
+    from dft_kernels.ops import TwoHeadArgs, compile_target
     from dft_kernels.ops.two_head.triton import TwoHeadDivergenceTriton
     meta = dict(device="meta", dtype=dtype)
     h = torch.empty(N, D, **meta, requires_grad=True)

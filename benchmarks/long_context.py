@@ -150,9 +150,8 @@ def launches_skipped():
 
 def measured_lean(N: int, D: int, V: int, K: int, head_trains: bool = True, capability=(9, 0)) -> int:
     """Peak bytes beyond inputs and returned gradients of the Triton fused op, bf16, on ``meta``."""
-    from dft_kernels.ops import PrimitiveArgs
+    from dft_kernels.ops import PrimitiveArgs, compile_target
     from dft_kernels.ops.linear import triton as fused
-    from dft_kernels.ops._triton_common import compile_target
     meta = dict(device="meta", dtype=torch.bfloat16)
     h = torch.empty(N, D, **meta, requires_grad=True)
     w = torch.empty(V, D, **meta, requires_grad=head_trains)

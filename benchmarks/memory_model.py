@@ -6,7 +6,7 @@ single chunks. The check presets of the sweep put each prediction next to the
 measurement (``measured_over_predicted``), and results JSONs record the hashes of
 the sources they ran with. Which columns are gathered and at which temperatures
 comes from the library itself (``dft_kernels.losses.gather_plan``), the chunk size from
-``dft_kernels.ops._torch_common.chunk_rows``. Every number is bytes *beyond the
+``dft_kernels.memory.chunk_rows_for``. Every number is bytes *beyond the
 inputs and the returned gradients*.
 
 Notation: C = chunk rows = ``chunk_elems // V`` (``chunk_elems`` = 2**22 fp32
@@ -74,7 +74,7 @@ import math
 import torch
 from dft_kernels.losses import gather_plan
 from dft_kernels.memory import UPCAST_SLAB_ELEMS
-from dft_kernels.ops._torch_common import chunk_rows
+from dft_kernels.memory import chunk_rows_for
 from dft_kernels.options import LOSS_DEFAULTS, needs_student_tail
 
 from .harness import MiB
@@ -108,7 +108,7 @@ def predict_logits_torch(N: int, V: int, K: int, itemsize: int, *, lam: float = 
     through the backward): ``peak_bytes`` at allocator level (what
     ``torch.cuda.max_memory_allocated`` sees), ``rss_expected_bytes`` as peak RSS sees it
     (dx's pages count once written, chunk by chunk)."""
-    C = chunk_rows(V, chunk_elems)
+    C = chunk_rows_for("lean", V, None, chunk_elems)
     c32 = C * V * 4
     scales, M, R = _plan(K, lam, temperature, V)
     S, sc, cast = len(scales), int(any(s != 1.0 for s in scales)), int(itemsize != 4)
@@ -144,7 +144,7 @@ def predict_fused_torch(N: int, D: int, V: int, K: int, itemsize: int, *, lam: f
     """Peak memory beyond the inputs, minus the gradients dH and dW (G): the maximum
     over forward, loss math, each backward chunk (dH buffer + dW accumulator + the
     chunk's temporaries) and the final cast of a separate fp32 accumulator."""
-    C = chunk_rows(V, chunk_elems)
+    C = chunk_rows_for("lean", V, None, chunk_elems)
     c32, cd = C * V * 4, C * V * itemsize
     scales, M, R = _plan(K, lam, temperature, V)
     S, sc, cast = len(scales), int(any(s != 1.0 for s in scales)), int(itemsize != 4)

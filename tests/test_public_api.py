@@ -199,6 +199,18 @@ def test_layering():
     assert bad == []
 
 
+def test_benchmarks_import_no_private_name():
+    """The benchmarks use the library's public names only (no ``_module`` or ``_name`` of
+    dft_kernels): what they measure is what a user calls."""
+    bad = []
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for src, name in _imported_names(path, "benchmarks"):
+            if src.startswith("dft_kernels") and (name.startswith("_") or any(
+                    part.startswith("_") for part in src.split(".")[1:])):
+                bad.append(f"benchmarks/{path.name} imports {src}.{name}")
+    assert bad == []
+
+
 def test_layering_check_sees_a_violation(tmp_path):
     names = list(_imported_names(Path(__file__), "tests"))
     assert ("dft_kernels.hf.config", "DFTConfig") in names

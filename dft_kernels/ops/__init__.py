@@ -21,6 +21,14 @@ from .fallback import AUTO_TRITON, guarded  # noqa: F401 (impl="auto"'s first-ca
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def compile_target(capability: tuple[int, int]):
+    """A context manager: within it, launchers given ``meta`` tensors choose the GPU
+    configuration of ``capability`` (their launches are then recorded or skipped, never
+    run): what the compile gate and the memory benchmarks drive the kernels with."""
+    from ._triton_common import compile_target as target
+    return target(capability)
+
+
 def triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``."""
     if not HAS_TRITON:
