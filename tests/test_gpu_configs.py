@@ -212,6 +212,18 @@ def test_triton_32_halves_the_fp32_dz_tile_on_hopper(monkeypatch):
     assert fc.dz.BLOCK_V == 128
 
 
+def test_triton_32_halves_the_fp32_two_head_tiles_on_sm86_sm89(monkeypatch):
+    """Triton 3.2 on sm_86 / sm_89: the fp32 two-head tiles (64 x 128) spilled 8 B (stats)
+    and 32 B (dz); 64 x 64 there only -- not on sm_80, not in 16-bit, not under 3.6."""
+    for cap in ((8, 6), (8, 9)):
+        _, th, _ = _configs(monkeypatch, "3.2.0", cap, torch.float32)
+        assert (th.fwd.BLOCK_V, th.dz.BLOCK_V, th.dz.maxnreg) == (64, 64, 255), cap
+    for version, cap, dtype in (("3.2.0", (8, 0), torch.float32), ("3.2.0", (8, 6), torch.bfloat16),
+                                ("3.6.0", (8, 9), torch.float32), ("3.9.0", (8, 6), torch.float32)):
+        _, th, _ = _configs(monkeypatch, version, cap, dtype)
+        assert th.fwd.BLOCK_V == th.dz.BLOCK_V == 128, (version, cap, dtype)
+
+
 @pytest.mark.parametrize("version", ["3.2.0", "3.2.1"])
 @pytest.mark.parametrize("capability", [(10, 0), (10, 3), (12, 0)])
 def test_blackwell_needs_triton_33(version, capability):

@@ -123,6 +123,13 @@ RELEASE_CONFIG: tuple[ReleaseRule, ...] = (
     # needs 128 without a spill. TF32 (wgmma), 3.6 and 3.9 fit 64 x 128.
     ReleaseRule((3, 2), (3, 2), ("sm_90a",), ("fp32",), "_dz_tile_kernel",
                 "Triton 3.2.0: 32 B spill at 255 registers", (("BLOCK_V", 64),)),
+    # Triton 3.2.0 on sm_86 / sm_89 (not sm_80): the fp32 two-head tiles (64 x 128, two
+    # logits tiles live, cap 255) spill in their heaviest variant, 8 B in the stats pass and
+    # 32 B in the dz tile; 64 x 64 tiles do not. 3.6 and 3.9 fit 64 x 128.
+    ReleaseRule((3, 2), (3, 2), ("sm_86", "sm_89"), ("fp32",), "_two_head_stats_kernel",
+                "Triton 3.2.0: 8 B spill at 255 registers", (("BLOCK_V", 64),)),
+    ReleaseRule((3, 2), (3, 2), ("sm_86", "sm_89"), ("fp32",), "_two_head_dz_kernel",
+                "Triton 3.2.0: 32 B spill at 255 registers", (("BLOCK_V", 64),)),
 )
 
 #: (release, architecture, dtype, op) cells ``impl="auto"`` sends to the chunked PyTorch path
