@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 
 import torch
 
+from . import self_check
 from ._common import PrimitiveArgs, TwoHeadArgs, lse_columns, merge_duplicate_slots  # noqa: F401 (public to the losses)
 from .fallback import AUTO_TRITON, guarded  # noqa: F401 (impl="auto"'s first-call fallback, docs/design.md sec. 16)
 
@@ -49,6 +51,21 @@ def _check_triton(device: torch.device) -> None:
             "use impl='torch' otherwise")
 
 
+def _mirror_grads(small: tuple, call: tuple) -> None:
+    """The check's tensors need a gradient where the call's do (the same kernels run)."""
+    for s_, c in zip(small, call):
+        if s_ is not None:
+            s_.requires_grad_(c is not None and c.requires_grad)
+
+
+def _head_check_problem(h, w, b, u, lb, index) -> tuple[list, torch.Tensor]:
+    """The first-call check's ``[h, w, b, u, B]`` and index for a fused call (self_check.py)."""
+    small = self_check.head_problem(h.shape[1], w.shape[0], h.dtype, h.device, bias=b is not None,
+                                    rank=0 if u is None else u.shape[1])
+    _mirror_grads(small, (h, w, b, u, lb))
+    return list(small), self_check.problem_index(index.shape[1], w.shape[0], h.device).to(index.dtype)
+
+
 def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, ...],
                      softcap: float | None, impl: str, chunk_elems: int | None = None, *, tail_slots: int = 0):
     """The primitive on logits.
@@ -79,7 +96,15 @@ def lse_gather_apply(x: torch.Tensor, index: torch.Tensor, scales: tuple[float, 
         def run_triton(x):
             from .lse_gather.triton import LSEGatherTriton
             return LSEGatherTriton.apply(x, index, args)
-        return guarded("lse_gather", impl, x.device, x.dtype, run_triton, run_torch, (x,))
+
+        def check():
+            from .lse_gather.triton import LSEGatherTriton
+            idx = self_check.problem_index(index.shape[1], x.shape[-1], x.device).to(index.dtype)
+            return self_check.compare_paths(lambda x: LSEGatherTriton.apply(x, idx, args),
+                                            lambda x: LSEGatherTorch.apply(x, idx, args),
+                                            [self_check.logits_problem(x.shape[-1], x.dtype, x.device)], x.dtype,
+                                            ("lse", "gathered"))
+        return guarded("lse_gather", impl, x.device, x.dtype, run_triton, run_torch, (x,), check=check)
     return run_torch(x)
 
 
@@ -112,7 +137,15 @@ def linear_lse_gather_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
         def run_triton(h, w, b, u, lb):
             from .linear.triton import LinearLSEGatherTriton
             return LinearLSEGatherTriton.apply(h, w, b, index, args, u, lb)
-        return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b, u, lb))
+
+        def check():
+            from .linear.triton import LinearLSEGatherTriton
+            leaves, idx = _head_check_problem(h, w, b, u, lb, index)
+            return self_check.compare_paths(lambda *t: LinearLSEGatherTriton.apply(*t[:3], idx, args, *t[3:]),
+                                            lambda *t: LinearLSEGatherTorch.apply(*t[:3], idx, args, *t[3:]),
+                                            leaves, h.dtype, ("lse", "gathered"))
+        return guarded("linear_lse_gather", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b, u, lb),
+                       check=check)
     return run_torch(h, w, b, u, lb)
 
 
@@ -141,9 +174,23 @@ def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
 
     if impl == "triton":
         _check_triton(h.device)
+
+        def check():
+            leaves, idx = _head_check_problem(h, w, b, u, lb, index)
+            g = torch.Generator().manual_seed(2)
+            wl = torch.rand((self_check.ROWS, lse_columns(args.scales, args.tail_slots)), generator=g).to(h.device)
+            wg = torch.rand((self_check.ROWS, idx.shape[1]), generator=g).to(h.device)
+
+            def loss(lse, gathered, rows):
+                return (lse * wl[rows]).sum() + (gathered * wg[rows]).sum()
+            small = replace(args, chunk_rows=48)
+
+            def on(path):
+                return lambda *t: FastLinearLoss.apply(*t[:3], idx, small, loss, path, *t[3:])
+            return self_check.compare_paths(on("triton"), on("torch"), leaves, h.dtype, ("loss", "lse", "gathered"))
         # the gradients are formed in the forward: guarding the forward covers every kernel
         return guarded("linear_fast_loss", impl, h.device, h.dtype, run("triton"), run("torch"), (h, w, b, u, lb),
-                       differentiable=False)
+                       differentiable=False, check=check)
     return run(impl)(h, w, b, u, lb)
 
 
@@ -171,8 +218,18 @@ def teacher_topk_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             def run_triton(h, w, b):
                 from .teacher_topk.triton import teacher_topk_forward
                 return teacher_topk_forward(h, w, b, k, inv_temp, softcap)
+
+            def check():
+                from .teacher_topk.triton import teacher_topk_forward
+                hs, ws, bs, _, _ = self_check.head_problem(h.shape[1], w.shape[0], h.dtype, h.device,
+                                                           bias=b is not None)
+                kk = min(k, ws.shape[0])
+                return self_check.compare_paths(   # values and lse (near-ties may order ids differently)
+                    lambda *t: teacher_topk_forward(*t, kk, inv_temp, softcap)[1:],
+                    lambda *t: chunked_topk(*t, kk, inv_temp, softcap)[1:],
+                    [t.detach() if t is not None else None for t in (hs, ws, bs)], h.dtype, ("logprobs", "lse"))
             return guarded("teacher_topk", impl, h.device, h.dtype, run_triton, run_torch, (h, w, b),
-                           differentiable=False)
+                           differentiable=False, check=check)
         return run_torch(h, w, b)
 
 
@@ -205,6 +262,17 @@ def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, k
         def run_triton(*heads):
             from .two_head.triton import TwoHeadDivergenceTriton
             return TwoHeadDivergenceTriton.apply(*heads, args)
+
+        def check():
+            from .two_head.triton import TwoHeadDivergenceTriton
+            (h, w, b), (ht, wt, bt) = student[:3], teacher[:3]
+            hs, ws, bs, _, _ = self_check.head_problem(h.shape[1], w.shape[0], h.dtype, h.device, bias=b is not None)
+            _mirror_grads((hs, ws, bs), (h, w, b))
+            tt = self_check.head_problem(ht.shape[1], wt.shape[0], ht.dtype, ht.device, bias=bt is not None, seed=3)
+            teach = [None if t is None else t.detach() for t in tt[:3]]
+            return self_check.compare_paths(lambda *t: TwoHeadDivergenceTriton.apply(*t, args),
+                                            lambda *t: TwoHeadDivergenceLean.apply(*t, args),
+                                            [hs, ws, bs, *teach], h.dtype, ("divergence",))
         return guarded("two_head", impl, student[0].device, student[0].dtype, run_triton, run_torch,
-                       (*student[:3], *teacher[:3]))
+                       (*student[:3], *teacher[:3]), check=check)
     return run_torch(*student[:3], *teacher[:3])

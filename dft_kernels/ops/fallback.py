@@ -114,7 +114,8 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 
 def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton: Callable[..., Sequence],
-            run_torch: Callable[..., Sequence], inputs: Sequence, *, differentiable: bool = True):
+            run_torch: Callable[..., Sequence], inputs: Sequence, *, differentiable: bool = True,
+            check: Callable[[], str | None] | None = None):
     """``run_triton(*inputs)``, with the first-call fallback of ``impl="auto"``.
 
     Args:
@@ -126,6 +127,8 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
         inputs: the tensors (or None) the op differentiates with respect to, first to
             last; closures hold the rest.
         differentiable: whether the outputs carry gradients (False: no backward guard).
+        check: the first call's numerical check (``ops/self_check.py``): runs both paths on
+            a small problem shaped like the call, returns why they disagree or None.
     """
     if not is_auto(impl):
         return run_triton(*inputs)
@@ -139,6 +142,8 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
         reason = preflight(device, dtype, op)
     except Exception as exc:  # noqa: BLE001 - e.g. a triton that does not import
         reason = _cause(exc)
+    if reason is None and check is not None:
+        reason = _wrong_numbers(op, device, check)
     if reason is not None:
         _fail(key, device, op, reason)
         return run_torch(*inputs)
@@ -156,6 +161,21 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
     if not differentiable:
         _STATE[key] = "ok"
     return out
+
+
+def _wrong_numbers(op: str, device: torch.device, check: Callable[[], str | None]) -> str | None:
+    """Why the op's kernels cannot serve the device: a failure or a disagreement with the
+    PyTorch path on the check's small problem (None: they agree, or the check is off)."""
+    from .self_check import enabled
+    if not enabled(device):
+        return None
+    try:
+        why = check()
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails on the check fails the call too
+        if _is_memory_error(exc):
+            raise
+        return f"{_kernel_name(exc, op)}: {_cause(exc)}"
+    return None if why is None else f"wrong numbers on a small problem shaped like the call: {why}"
 
 
 def _first_call_with_backward(key, device, run_triton, run_torch, inputs):
