@@ -12,6 +12,9 @@ import torch
 import dft_kernels as dk
 from dft_kernels.ops import fallback, self_check
 
+from .test_fallback import _loss_and_grads as _fused
+from .test_fallback import _problem
+
 pytest.importorskip("triton")
 
 
@@ -22,25 +25,6 @@ def auto_picks_triton_and_checks(monkeypatch):
     fallback.reset()
     yield
     fallback.reset()
-
-
-def _problem(seed=0, N=11, D=24, V=67, K=3):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g)
-    w = torch.randn(V, D, generator=g) * 0.3
-    lp, idx = torch.log_softmax(torch.randn(N, V, generator=g) * 2, -1).topk(K, dim=-1)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[2] = -100
-    return h, w, dict(target_index=idx, target_logprobs=lp, labels=labels)
-
-
-def _fused(impl, strategy="lean"):
-    h, w, targets = _problem()
-    h.requires_grad_(True)
-    w.requires_grad_(True)
-    loss = dk.fused_linear_dft_loss(h, w, **targets, impl=impl, strategy=strategy)
-    loss.backward()
-    return loss.detach(), h.grad, w.grad
 
 
 def _count_checks(monkeypatch) -> list:
