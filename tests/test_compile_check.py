@@ -261,6 +261,13 @@ def test_matrix_table(tmp_path):
     text = out.read_text()
     assert "| 3.9.0 | sm_80 | bf16 | 1 | 1 | 0 | 0 | 120 | 65536 | 0 | mma.sync |" in text
     assert "3.1.0" in text and "gate did not run: ImportError: no knobs" in text
+    interp = tmp_path / "i.json"    # tools/compile_matrix.sh's interpreter-test record of a release
+    interp.write_text(json.dumps(dict(triton="3.2.0", interpreter_tests="tests/test_op_references.py", rc=1,
+                                      summary="1 failed, 51 passed in 90.0s")))
+    assert cc.main(["--matrix", str(out), str(good), str(interp)]) == 0
+    text = out.read_text()
+    assert "- 3.2.0: `tests/test_op_references.py`: 1 failed, 51 passed in 90.0s (exit 1)" in text
+    assert "| 3.2.0 |" not in text      # not a row of the gate's table
 
 
 # --------------------------------------------------------------------------- tl.dot patterns

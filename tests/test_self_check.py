@@ -47,8 +47,13 @@ def _close(got, want):
 def test_the_check_passes_on_correct_kernels(monkeypatch, strategy):
     """Correct kernels: the check runs once per op, nothing warns, Triton serves the op."""
     ran = _count_checks(monkeypatch)
+    h, w, targets = _problem()
     with warnings.catch_warnings():
         warnings.simplefilter("error", fallback.TritonFallbackWarning)
+        if strategy == "lean":        # calls without grad first: the check (forward and backward) runs once
+            with torch.no_grad():
+                dk.fused_linear_dft_loss(h, w, **targets, impl="auto")
+                dk.fused_linear_dft_loss(h, w, **targets, impl="auto")
         got = _fused("auto", strategy)
         _fused("auto", strategy)                     # the second call runs no check
     assert len(ran) == 1
@@ -102,6 +107,18 @@ def test_a_wrong_backward_falls_back(monkeypatch):
     with pytest.warns(fallback.TritonFallbackWarning, match="wrong numbers.*gradient 0 differs"):
         got = _fused("auto")
     _close(got, _fused("torch"))
+
+
+def test_a_wrong_backward_is_caught_under_inference_mode(monkeypatch):
+    """An evaluation under ``torch.inference_mode()`` still checks the backward kernels
+    (the op's state is per process: a later training step would use them)."""
+    from dft_kernels.ops.linear import triton as fused
+    real = fused.linear_lse_gather_backward
+    monkeypatch.setattr(fused, "linear_lse_gather_backward",
+                        lambda *a, **k: (lambda r: (r[0] * 1.5, *r[1:]))(real(*a, **k)))
+    h, w, targets = _problem()
+    with torch.inference_mode(), pytest.warns(fallback.TritonFallbackWarning, match="gradient 0 differs"):
+        dk.fused_linear_dft_loss(h, w, **targets, impl="auto")
 
 
 def test_wrong_teacher_topk_falls_back(monkeypatch):

@@ -18,6 +18,9 @@
 # cells impl="auto" sends to PyTorch under a release (linear_config.TRITON_UNSUPPORTED,
 # e.g. Triton 3.2 on Blackwell) are listed, not compiled (GATE_ARGS=--include-unsupported
 # compiles them).
+# Under each release the kernels' interpreter tests run too (INTERP_TESTS, default the
+# float64 references of every op and the GPU-faithful tests; INTERP_TESTS="" skips them):
+# their summary line is a row of the table's second section.
 # The matrix of benchmarks/results/compile_matrix.md:
 #   GATE_ARGS="--dtype bf16 --dtype fp16 --dtype fp32 --dtype tf32" tools/compile_matrix.sh 3.2.0 3.6.0 3.9.0
 set -euo pipefail
@@ -30,6 +33,7 @@ OUT=${OUT:-benchmarks/results/compile_matrix.md}
 MATRIX_DIR=${MATRIX_DIR:-build/compile_matrix}
 TRITON_VERSIONS=${TRITON_VERSIONS:-"3.2.0 3.6.0 3.9.0"}
 ARCHS=${ARCHS:-"sm_75 sm_80 sm_86 sm_89 sm_90a sm_100a sm_120a"}
+INTERP_TESTS=${INTERP_TESTS-"tests/test_op_references.py tests/test_gpu_faithful.py"}
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && read -r -a versions <<< "$TRITON_VERSIONS"
 
@@ -49,6 +53,9 @@ for v in "${versions[@]}"; do
         # the project's packages after this environment's own (its triton wins)
         echo "$sites" > "$env_site/zz_project.pth"
         "$PYTHON" -m pip --python "$env_dir/bin/python" install -q --no-deps "triton==$v"
+        # the interpreters of Triton 3.2-3.6 call int() on 1-element arrays, which numpy 2.4
+        # refuses ("only 0-dimensional arrays can be converted"); 3.8 and 3.9 run with it
+        case "$v" in 3.[0-7].*) "$PYTHON" -m pip --python "$env_dir/bin/python" install -q --no-deps "numpy<2.4" ;; esac
     fi
     got=$("$env_dir/bin/python" -c "import triton; print(triton.__version__)")
     # one gate per architecture: an older Triton may abort on an architecture it does not
@@ -77,6 +84,24 @@ json.dump({"triton": version, "arch": arch, "error": why, "summary": []}, open(o
 PY
         logs+=("$log")
     done
+    if [ -n "$INTERP_TESTS" ]; then
+        echo "== triton $got interpreter tests" >&2
+        log="$MATRIX_DIR/interp-$v.json"
+        set +e
+        # shellcheck disable=SC2086
+        TRITON_INTERPRET=1 "$env_dir/bin/python" -m pytest -q -p no:cacheprovider $INTERP_TESTS \
+            > "$MATRIX_DIR/interp-$v.log" 2>&1
+        rc=$?
+        set -e
+        "$PYTHON" - "$got" "$rc" "$MATRIX_DIR/interp-$v.log" "$log" "$INTERP_TESTS" <<'PY'
+import json, sys
+version, rc, text, out, tests = sys.argv[1:]
+lines = [ln for ln in open(text, errors="replace").read().splitlines() if ln.strip()]
+json.dump({"triton": version, "interpreter_tests": tests, "rc": int(rc), "summary": lines[-1] if lines else ""},
+          open(out, "w"))
+PY
+        logs+=("$log")
+    fi
 done
 "$PYTHON" -m dft_kernels.tools.compile_check --matrix "$OUT" "${logs[@]}"
 echo "wrote $OUT" >&2

@@ -51,18 +51,11 @@ def _check_triton(device: torch.device) -> None:
             "use impl='torch' otherwise")
 
 
-def _mirror_grads(small: tuple, call: tuple) -> None:
-    """The check's tensors need a gradient where the call's do (the same kernels run)."""
-    for s_, c in zip(small, call):
-        if s_ is not None:
-            s_.requires_grad_(c is not None and c.requires_grad)
-
-
 def _head_check_problem(h, w, b, u, lb, index) -> tuple[list, torch.Tensor]:
-    """The first-call check's ``[h, w, b, u, B]`` and index for a fused call (self_check.py)."""
+    """The first-call check's ``[h, w, b, u, B]`` (every one needing a gradient: the check
+    covers the backward kernels once, whatever the call needs) and index for a fused call."""
     small = self_check.head_problem(h.shape[1], w.shape[0], h.dtype, h.device, bias=b is not None,
                                     rank=0 if u is None else u.shape[1])
-    _mirror_grads(small, (h, w, b, u, lb))
     return list(small), self_check.problem_index(index.shape[1], w.shape[0], h.device).to(index.dtype)
 
 
@@ -267,7 +260,6 @@ def two_head_divergence_apply(student: tuple, teacher: tuple, inv_temp: float, k
             from .two_head.triton import TwoHeadDivergenceTriton
             (h, w, b), (ht, wt, bt) = student[:3], teacher[:3]
             hs, ws, bs, _, _ = self_check.head_problem(h.shape[1], w.shape[0], h.dtype, h.device, bias=b is not None)
-            _mirror_grads((hs, ws, bs), (h, w, b))
             tt = self_check.head_problem(ht.shape[1], wt.shape[0], ht.dtype, ht.device, bias=bt is not None, seed=3)
             teach = [None if t is None else t.detach() for t in tt[:3]]
             return self_check.compare_paths(lambda *t: TwoHeadDivergenceTriton.apply(*t, args),

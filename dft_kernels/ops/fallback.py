@@ -38,11 +38,14 @@ class TritonFallbackWarning(RuntimeWarning):
 
 #: (op, device, dtype) -> "ok" (Triton proven, forward and backward) | "failed"
 _STATE: dict[tuple[str, str, str], str] = {}
+#: (op, device, dtype) whose numerical check passed (it runs once, forward and backward)
+_CHECKED: set[tuple[str, str, str]] = set()
 
 
 def reset() -> None:
     """Forget every first-call outcome (tests)."""
     _STATE.clear()
+    _CHECKED.clear()
 
 
 def is_auto(impl) -> bool:
@@ -142,8 +145,10 @@ def guarded(op: str, impl, device: torch.device, dtype: torch.dtype, run_triton:
         reason = preflight(device, dtype, op)
     except Exception as exc:  # noqa: BLE001 - e.g. a triton that does not import
         reason = _cause(exc)
-    if reason is None and check is not None:
+    if reason is None and check is not None and key not in _CHECKED:
         reason = _wrong_numbers(op, device, check)
+        if reason is None:
+            _CHECKED.add(key)
     if reason is not None:
         _fail(key, device, op, reason)
         return run_torch(*inputs)
@@ -170,7 +175,8 @@ def _wrong_numbers(op: str, device: torch.device, check: Callable[[], str | None
     if not enabled(device):
         return None
     try:
-        why = check()
+        with torch.inference_mode(False):       # the check's backward runs inside inference_mode too
+            why = check()
     except Exception as exc:  # noqa: BLE001 - a kernel that fails on the check fails the call too
         if _is_memory_error(exc):
             raise

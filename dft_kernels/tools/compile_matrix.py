@@ -80,10 +80,11 @@ def _coverage(args: list[str]) -> str:
 
 def write_matrix(out: str, paths: list[str]) -> None:
     """Merge the ``--json`` files of several Triton releases into one markdown table."""
-    results = []
+    results, interp = [], []
     for path in paths:
         with open(path) as f:
-            results.append(json.load(f))
+            res = json.load(f)
+        (interp if "interpreter_tests" in res else results).append(res)
     text = ["# Compile gate x Triton release", "",
             "`tools/compile_matrix.sh`: `python -m dft_kernels.tools.compile_check` under each Triton release; per "
             "release x architecture x dtype the kernels pooled: compiles, failing compiles (spill, shared memory, "
@@ -109,5 +110,11 @@ def write_matrix(out: str, paths: list[str]) -> None:
     if probes:
         text += ["\"wgmma serialized\" rule on a kernel known to serialise on sm_90a (`--wgmma-probe`): "
                  + "; ".join(f"{v}: {probes[v]}" for v in sorted(probes)), ""]
+    if interp:
+        text += ["Interpreter tests under each release (`TRITON_INTERPRET=1`, the same kernels run on the CPU; "
+                 "pytest's summary line):", ""]
+        text += [f"- {r['triton']}: `{r['interpreter_tests']}`: {r['summary']}" + ("" if r["rc"] == 0 else
+                                                                                   f" (exit {r['rc']})")
+                 for r in sorted(interp, key=lambda r: r["triton"])] + [""]
     with open(out, "w") as f:
         f.write("\n".join(text))
