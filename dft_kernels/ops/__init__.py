@@ -171,12 +171,13 @@ def linear_fast_loss_apply(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
         def check():
             leaves, idx = _head_check_problem(h, w, b, u, lb, index)
             g = torch.Generator().manual_seed(2)
-            wl = torch.rand((self_check.ROWS, lse_columns(args.scales, args.tail_slots)), generator=g).to(h.device)
-            wg = torch.rand((self_check.ROWS, idx.shape[1]), generator=g).to(h.device)
+            n = self_check.rows(h.device)
+            wl = torch.rand((n, lse_columns(args.scales, args.tail_slots)), generator=g).to(h.device)
+            wg = torch.rand((n, idx.shape[1]), generator=g).to(h.device)
 
             def loss(lse, gathered, rows):
                 return (lse * wl[rows]).sum() + (gathered * wg[rows]).sum()
-            small = replace(args, chunk_rows=48)
+            small = replace(args, chunk_rows=max(1, n * 3 // 5))      # two chunks
 
             def on(path):
                 return lambda *t: FastLinearLoss.apply(*t[:3], idx, small, loss, path, *t[3:])

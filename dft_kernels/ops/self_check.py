@@ -21,8 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-#: rows of the check's problem: one full row tile of the GPU configs and a partial one
+#: rows of the check's problem on a GPU: one full row tile of the GPU configs and a partial
+#: one (under the interpreter, whose tiles are 16 rows: :data:`INTERPRETER_ROWS`)
 ROWS = 80
+INTERPRETER_ROWS = 21
 #: the largest difference allowed, relative to the largest magnitude of the PyTorch path's tensor
 TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
@@ -35,8 +37,16 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _vocab(V: int) -> int:
-    """A small vocab with ``V``'s divisibility by 16 (Triton specialises on it)."""
+def rows(device) -> int:
+    """Rows of the check's problem on ``device``."""
+    return ROWS if torch.device(device).type == "cuda" else INTERPRETER_ROWS
+
+
+def _vocab(V: int, device) -> int:
+    """A small vocab with ``V``'s divisibility by 16 (Triton specialises on it): over 8 GPU
+    vocab tiles, or 2-3 of the interpreter's."""
+    if torch.device(device).type != "cuda":
+        return 144 if V % 16 == 0 else 141
     return 1040 if V % 16 == 0 else 1037
 
 
@@ -96,23 +106,24 @@ def compare_paths(run_triton: Callable, run_torch: Callable, leaves: list, dtype
 
 
 def head_problem(D: int, V: int, dtype: torch.dtype, device, *, bias: bool, rank: int = 0, seed: int = 0):
-    """``(h [ROWS, D], w [V', D], b [V'] | None, u [ROWS, r] | None, B [V', r] | None)`` with
-    gradients required, logits of std ~2 (V' = :func:`_vocab`)."""
+    """``(h [n, D], w [V', D], b [V'] | None, u [n, r] | None, B [V', r] | None)`` with
+    gradients required, logits of std ~2 (n = :func:`rows`, V' = :func:`_vocab`)."""
     g = torch.Generator().manual_seed(seed)
-    v = _vocab(V)
-    h = _randn((ROWS, D), dtype, device, g).requires_grad_(True)
+    v, n = _vocab(V, device), rows(device)
+    h = _randn((n, D), dtype, device, g).requires_grad_(True)
     w = _randn((v, D), dtype, device, g, 2.0 / D ** 0.5).requires_grad_(True)
     b = _randn((v,), dtype, device, g, 0.5).requires_grad_(True) if bias else None
-    u = _randn((ROWS, rank), dtype, device, g).requires_grad_(True) if rank else None
+    u = _randn((n, rank), dtype, device, g).requires_grad_(True) if rank else None
     lb = _randn((v, rank), dtype, device, g, 0.1).requires_grad_(True) if rank else None
     return h, w, b, u, lb
 
 
 def problem_index(M: int, V: int, device, seed: int = 1) -> torch.Tensor:
-    """[ROWS, M] ids for :func:`head_problem`'s vocab (every 7th row ignored)."""
-    return _index(ROWS, M, _vocab(V), device, torch.Generator().manual_seed(seed))
+    """[n, M] ids for :func:`head_problem`'s vocab (every 7th row ignored)."""
+    return _index(rows(device), M, _vocab(V, device), device, torch.Generator().manual_seed(seed))
 
 
 def logits_problem(V: int, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
-    """[ROWS, V'] logits of std 2 that require grad."""
-    return _randn((ROWS, _vocab(V)), dtype, device, torch.Generator().manual_seed(seed), 2.0).requires_grad_(True)
+    """[n, V'] logits of std 2 that require grad."""
+    return _randn((rows(device), _vocab(V, device)), dtype, device, torch.Generator().manual_seed(seed),
+                  2.0).requires_grad_(True)
