@@ -9,7 +9,7 @@
 #   PYTHON=.venv/bin/python JOBS=1 GATE_ARGS="--op fused --dtype bf16" tools/compile_matrix.sh 3.2.0
 #
 # Environment: PYTHON (the project's interpreter, default .venv/bin/python), ARCHS
-# (default every architecture of the gate, one gate run each), JOBS
+# (default every architecture of the gate, one gate run each; ARCHS="": interpreter tests only), JOBS
 # (compile processes, default 1), GATE_ARGS (extra arguments of the gate, e.g. --arch,
 # --dtype, --op), OUT (the summary, default benchmarks/results/compile_matrix.md),
 # MATRIX_DIR (where the environments live, default build/compile_matrix).
@@ -32,7 +32,7 @@ GATE_ARGS=${GATE_ARGS:-}
 OUT=${OUT:-benchmarks/results/compile_matrix.md}
 MATRIX_DIR=${MATRIX_DIR:-build/compile_matrix}
 TRITON_VERSIONS=${TRITON_VERSIONS:-"3.2.0 3.6.0 3.9.0"}
-ARCHS=${ARCHS:-"sm_75 sm_80 sm_86 sm_89 sm_90a sm_100a sm_120a"}
+ARCHS=${ARCHS-"sm_75 sm_80 sm_86 sm_89 sm_90a sm_100a sm_120a"}
 INTERP_TESTS=${INTERP_TESTS-"tests/test_op_references.py tests/test_gpu_faithful.py"}
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && read -r -a versions <<< "$TRITON_VERSIONS"
