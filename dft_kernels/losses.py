@@ -538,7 +538,7 @@ def choose_strategy(strategy: str, memory_budget, *, reduction: str, vocab_paral
     if strategy == "fast":
         return "fast"
     weight = tensors[1]
-    if weight.is_cuda:
+    if weight.is_cuda and teacher_hidden is None:     # the doctor times the sparse-target loss only
         from .doctor.cache import cached_choice
         if cached_choice("strategy", weight.device) == "lean":
             return "lean"     # measured faster here by `dft-kernels doctor --save` (docs/design.md sec. 16)
