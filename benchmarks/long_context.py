@@ -130,8 +130,9 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def launches_skipped():
-    """Kernel launches (compiled or interpreted) do nothing within the block."""
+def launches_skipped(record=None):
+    """Kernel launches (``kernel[grid](...)``, compiled or interpreted, under any Triton
+    release) do nothing within the block; ``record(kernel, grid, kwargs)`` sees each one."""
     import contextlib
 
     from triton.runtime.interpreter import InterpretedFunction
@@ -139,12 +140,24 @@ def launches_skipped():
 
     @contextlib.contextmanager
     def ctx():
-        originals = JITFunction.run, InterpretedFunction.run
-        JITFunction.run = InterpretedFunction.run = lambda self, *a, **k: None
+        classes = (JITFunction, InterpretedFunction)
+        originals = [cls.__dict__.get("__getitem__") for cls in classes]
+
+        def getitem(kernel, grid):
+            def launch(*args, **kwargs):
+                if record is not None:
+                    record(kernel, grid, kwargs)
+            return launch
+        for cls in classes:
+            cls.__getitem__ = getitem
         try:
             yield
         finally:
-            JITFunction.run, InterpretedFunction.run = originals
+            for cls, original in zip(classes, originals):
+                if original is None:
+                    del cls.__getitem__
+                else:
+                    cls.__getitem__ = original
     return ctx()
 
 

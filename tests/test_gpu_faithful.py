@@ -486,20 +486,15 @@ def test_merge_duplicate_slots_keeps_single_slots_bit_for_bit():
 def recorded_grids():
     """Within the block kernel launches (compiled or interpreted) are recorded as
     ``(kernel name, grid)``, not run: launchers can be driven on ``meta`` tensors."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+    from benchmarks.long_context import launches_skipped
     grids: list[tuple[str, tuple]] = []
 
-    def record(self, *args, grid, warmup, **kwargs):
+    def record(kernel, grid, kwargs):
         g = grid(kwargs) if callable(grid) else grid
-        grids.append((self.__name__, tuple(g)))
+        grids.append((kernel.__name__, tuple(g)))
 
-    originals = JITFunction.run, InterpretedFunction.run
-    JITFunction.run = InterpretedFunction.run = record
-    try:
+    with launches_skipped(record):
         yield grids
-    finally:
-        JITFunction.run, InterpretedFunction.run = originals
 
 
 def test_every_launch_grid_is_one_dimensional_at_1m_tokens(monkeypatch):
