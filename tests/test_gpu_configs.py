@@ -224,6 +224,17 @@ def test_triton_32_halves_the_fp32_two_head_tiles_on_sm86_sm89(monkeypatch):
         assert th.fwd.BLOCK_V == th.dz.BLOCK_V == 128, (version, cap, dtype)
 
 
+def test_triton_34_halves_the_fp32_two_head_dz_tile_on_hopper(monkeypatch):
+    """Triton 3.4 on sm_90a: the fp32 two-head dz tile spilled 8 B at 64 x 128; 64 x 64 for
+    3.3-3.5 there, the forward tile unchanged; 3.2, 3.6 and 16-bit keep 64 x 128."""
+    for version in ("3.3.1", "3.4.0", "3.5.1"):
+        _, th, _ = _configs(monkeypatch, version, (9, 0), torch.float32)
+        assert (th.fwd.BLOCK_V, th.dz.BLOCK_V) == (128, 64), version
+    for version, dtype in (("3.2.0", torch.float32), ("3.6.0", torch.float32), ("3.4.0", torch.bfloat16)):
+        _, th, _ = _configs(monkeypatch, version, (9, 0), dtype)
+        assert th.dz.BLOCK_V == 128, (version, dtype)
+
+
 @pytest.mark.parametrize("version", ["3.2.0", "3.2.1"])
 @pytest.mark.parametrize("capability", [(10, 0), (10, 3), (12, 0)])
 def test_blackwell_needs_triton_33(version, capability):

@@ -218,7 +218,7 @@ def two_head_config(capability: tuple[int, int] | None, dtype: torch.dtype,
     bd = 16 if dtype == torch.float32 else 32
     maxnreg = register_cap(capability)
     tile = TileConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=bd, GROUP=8, num_warps=8, num_stages=4, maxnreg=maxnreg)
-    # per-Triton-release cells: linear.config.RELEASE_CONFIG (Triton 3.2 fp32 on sm_86 / sm_89)
+    # per-Triton-release cells: linear.config.RELEASE_CONFIG (fp32: Triton 3.2 on sm_86 / sm_89, 3.3-3.5 on sm_90a)
     return TwoHeadConfig(fwd=with_release_overrides(tile, capability, dtype, "_two_head_stats_kernel",
                                                     "_two_head_jsd_kernel"),
                          dz=with_release_overrides(tile, capability, dtype, "_two_head_dz_kernel"),
