@@ -146,3 +146,12 @@ def test_compare_reports_the_first_disagreement():
     assert "x differs" in self_check._compare([a * 1.02], [b], torch.float32, ["x"])
     assert self_check._compare([a * 1.02], [b], torch.bfloat16, ["x"]) is None     # within 16-bit tolerance
     assert "not finite" in self_check._compare([torch.tensor([float("nan")])], [torch.ones(1)], torch.float32, ["y"])
+
+
+def test_the_problem_keeps_the_call_s_slot_count():
+    """More slots than the check's vocab: the index keeps the call's width (-1 past the vocab)."""
+    idx = self_check.problem_index(300, 3001, "cpu")
+    assert idx.shape == (self_check.INTERPRETER_ROWS, 300)
+    assert (idx[:, 141:] == -1).all() and (idx[1, :141] >= 0).all() and (idx[0] == -1).all()
+    assert self_check.logits_problem(3001, torch.float32, "cpu").shape[1] == 141
+    assert self_check.logits_problem(4096, torch.float32, "cpu").shape[1] == 144

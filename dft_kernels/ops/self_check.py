@@ -51,8 +51,12 @@ def _vocab(V: int, device) -> int:
 
 
 def _index(n: int, m: int, v: int, device, g: torch.Generator) -> torch.Tensor:
-    """[n, m] distinct ids per row in [0, v), every 7th row all -1 (ignored)."""
-    idx = torch.stack([torch.randperm(v, generator=g)[:m] for _ in range(n)])
+    """[n, m] distinct ids per row in [0, v) (-1 past v when m > v), every 7th row all -1
+    (ignored)."""
+    idx = torch.full((n, m), -1, dtype=torch.int64)
+    for r in range(n):
+        ids = torch.randperm(v, generator=g)[:m]
+        idx[r, :len(ids)] = ids
     idx[::7] = -1
     return idx.to(device)
 
