@@ -141,7 +141,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
         advice.append(f"fewer --tokens per step (now {tokens}; use gradient accumulation)")
     elif not fits["naive"]:
         advice.append("fits with dft_kernels' fused loss (lean / fast) but not with materialised logits")
-    return {"model": cfg.get("name"), "tokens": tokens, "k": k, "lora": lora, "optimizer": optimizer,
+    return {"model": cfg.get("name"), "tokens": tokens, "k": k if teacher is None else None, "lora": lora,
+            "optimizer": optimizer,
             "kernels": kernels, "teacher": None if teacher is None else teacher.get("name"),
             "teacher_params": teacher_params, "divergence": divergence if teacher is not None else None,
             "master_weights": bool(master), "optimizer_bytes_per_param": OPTIMIZER_BYTES[optimizer] + master,
