@@ -57,8 +57,8 @@ def load_config(model: str, flag: str = "--model") -> dict:
     return dict(cfg, name=str(p))
 
 
-def _params(cfg: dict) -> tuple[int, int, list]:
-    """``(parameters, parameters of one decoder layer, its linears as (in, out))``."""
+def _params(cfg: dict) -> tuple[int, list]:
+    """``(parameters, one decoder layer's linears as (in, out): q, k, v, o, gate, up, down)``."""
     V, D, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     H = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or D // H
@@ -67,7 +67,7 @@ def _params(cfg: dict) -> tuple[int, int, list]:
     layer_linears = [(D, q), (D, kv), (D, kv), (q, D), (D, I), (D, I), (I, D)]   # (in, out)
     per_layer = sum(i * o for i, o in layer_linears) + 2 * D
     head = 0 if cfg.get("tie_word_embeddings") else V * D
-    return L * per_layer + V * D + head + D, per_layer, layer_linears
+    return L * per_layer + V * D + head + D, layer_linears
 
 
 def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None, optimizer: str = "adamw",
@@ -103,11 +103,8 @@ def memory_plan(cfg: dict, *, tokens: int, k: int = 32, lora: int | None = None,
         raise UsageError(f"--k {k} is larger than the vocab size {cfg['vocab_size']} of --model")
     e = DTYPE_BYTES[dtype]
     V, D, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    H = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or D // H
-    kv = (cfg.get("num_key_value_heads") or H) * hd
-    q = H * hd
-    params, per_layer, layer_linears = _params(cfg)
+    params, layer_linears = _params(cfg)
+    q, kv = layer_linears[0][1], layer_linears[1][1]      # the q and k projections' widths
     trained = L * sum(lora * (i + o) for i, o in layer_linears) if lora else params
     teacher_params = _params(teacher)[0] if teacher is not None else 0
     weights = params * e + (trained * e if lora else 0) + teacher_params * e
