@@ -287,15 +287,7 @@ def test_cli_train_and_eval_a_style_head(tmp_path, capsys):
     from dft_kernels.cli import main
     from dft_kernels.workflow.presets import set_preset
 
-    def llama(seed, path, scale=1.0):
-        torch.manual_seed(seed)
-        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, max_position_embeddings=64)
-        m = transformers.LlamaForCausalLM(cfg)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(scale)
-        m.save_pretrained(path)
-        return path
+    from .test_workflow import _llama as llama       # vocab 64, 16 hidden, one layer, saved to path
 
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 64, (8,), generator=g).tolist() for _ in range(8)]
